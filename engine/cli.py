@@ -1,0 +1,320 @@
+"""The ``hl7bridge`` command: thin commands over the library, in the manner of sqlite-utils.
+
+Exit codes mean the same everywhere:
+  0  everything asked for was done (every message sent was accepted)
+  1  the command ran but something was not accepted or not found
+  2  bad usage or a bad input file (click's own usage errors are 2 as well)
+  3  a connection or I/O failure (the engine is not reachable, the journal cannot be opened)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import BatchError, ConfigError, FramingError
+
+EXIT_OK, EXIT_NOT_ACCEPTED, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+class Failure(click.ClickException):
+    """An error with an exit code of our choosing."""
+
+    def __init__(self, message, exit_code=EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text.")(fn)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="hl7bridge")
+def cli():
+    """hl7bridge: HL7 v2 (MLLP) in, SQLite journal, FHIR and ERP out.
+
+    Example: hl7bridge serve
+    """
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--listen", "listen", multiple=True, metavar="ENDPOINT",
+              help="Twisted endpoint to listen on, repeatable (default tcp:2575:interface=127.0.0.1). "
+                   "TLS: ssl:PORT:privateKey=KEY:certKey=CERT.")
+@click.option("--config", "config_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory with hl7bridge.yaml, routes/ and mappings/ (default: embedded defaults).")
+@click.option("--journal", "journal_path", type=click.Path(dir_okay=False), help="Journal file (default var/journal.db).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warn", "error"]), help="Log level (default info).")
+def serve(listen, config_dir, journal_path, log_level):
+    """Run the engine: listen for MLLP, journal every message, ACK after the commit.
+
+    Example: hl7bridge serve --listen tcp:2575:interface=127.0.0.1 --journal var/journal.db
+    """
+    from dataclasses import replace
+
+    from .config import load_settings, with_overrides
+    from .serve import run
+
+    try:
+        settings = with_overrides(load_settings(config_dir), listen, journal_path)
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    if log_level:
+        settings = replace(settings, log_level=log_level)
+    sys.exit(run(settings))
+
+
+# -- send -------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("address", metavar="HOST:PORT")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--keep-line-endings", is_flag=True,
+              help="Send each message's bytes exactly as in the file (default: segments end with CR).")
+@click.option("--whole-file", is_flag=True,
+              help="Send each file as one frame, unsplit and unchecked (to test how the engine rejects it).")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each ACK.")
+@click.option("--conditional-wait", default=2.0, show_default=True,
+              help="Seconds to wait for an ACK that MSH-15 ER or SU may not send.")
+@click.option("--tls", is_flag=True, help="Connect with TLS.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate(s) to verify the server.")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Client certificate, for mutual TLS.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Client private key, for mutual TLS.")
+@click.option("--insecure", is_flag=True, help="With --tls, do not verify the server's certificate.")
+@click.option("--quiet", "-q", is_flag=True, help="Print one line per message, not the whole ACK.")
+@json_option
+def send(address, files, keep_line_endings, whole_file, timeout, conditional_wait, tls, ca, cert, key, insecure, quiet, as_json):
+    """Send HL7 messages over MLLP and print each ACK.
+
+    A file may hold one message, many, or FHS/BHS batches (sent one message per frame). The exit
+    code is 0 when every message was accepted (AA/CA), 1 when any was not, 3 when the engine
+    cannot be reached.
+
+    Example: hl7bridge send 127.0.0.1:2575 examples/siu_s12.hl7 examples/dft_p03.hl7
+    """
+    from .batch import split_messages
+    from .client import MLLPClient, TlsClientOptions, parse_address
+    from .sending import send_all
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    messages = []
+    for path in files:
+        if whole_file:
+            messages.append((str(path), path.read_bytes()))
+            continue
+        try:
+            for found in split_messages(path.read_bytes(), keep_line_endings=keep_line_endings):
+                messages.append((f"{path}:{found.line}", found.data))
+        except BatchError as exc:
+            raise Failure(f"{path}: {exc}") from None
+    tls_options = None
+    if tls or ca or cert:
+        tls_options = TlsClientOptions(ca=ca, certificate=cert, key=key, verify=not insecure)
+    try:
+        client = MLLPClient(host, port, timeout=timeout, tls=tls_options)
+    except OSError as exc:
+        raise Failure(f"cannot connect to {host}:{port}: {exc.strerror or exc}", EXIT_CONNECTION) from None
+    results = []
+    with client:
+        try:
+            for result in send_all(client, messages, conditional_wait):
+                results.append(result)
+                if not as_json:
+                    click.echo(result.describe(full=not quiet))
+        except (OSError, FramingError) as exc:
+            raise Failure(f"connection to {host}:{port} failed: {exc}", EXIT_CONNECTION) from None
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    if not all(r.accepted for r in results):
+        sys.exit(EXIT_NOT_ACCEPTED)
+
+
+# -- journal ----------------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def journal():
+    """Search and read the message journal.
+
+    Example: hl7bridge journal search --patient 100234
+    """
+
+
+def journal_option(fn):
+    return click.option(
+        "--journal", "journal_path", default="var/journal.db", show_default=True,
+        type=click.Path(dir_okay=False), help="Journal file.",
+    )(fn)
+
+
+def open_journal(path):
+    from .journal import Journal
+
+    try:
+        return Journal(path, create=False)
+    except (FileNotFoundError, OSError) as exc:
+        raise Failure(f"cannot open journal {path}: {exc}", EXIT_CONNECTION) from None
+
+
+def parse_since(value: str, now: datetime | None = None) -> str:
+    """'2h', '30m', '7d', '45s' ago, or an ISO date/time, as a journal timestamp."""
+    from .ingest import iso
+
+    now = now or datetime.now(timezone.utc)
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if value and value[-1] in units and value[:-1].isdigit():
+        return iso(now - timedelta(**{units[value[-1]]: int(value[:-1])}))
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time like 2026-11-24T06:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return iso(moment)
+
+
+STATUSES = ("accepted", "rejected", "duplicate", "error")
+
+
+@journal.command("search", context_settings=CONTEXT)
+@journal_option
+@click.option("--patient", help="Patient identifier (any repetition of PID-3).")
+@click.option("--control-id", help="Message control ID (MSH-10).")
+@click.option("--appointment", help="Appointment ID (SCH-1 placer or SCH-2 filler).")
+@click.option("--transaction", help="Financial transaction ID (FT1-2).")
+@click.option("--type", "message_type", help="Message type, optionally with trigger: SIU or SIU^S12.")
+@click.option("--facility", help="Sending facility (MSH-4).")
+@click.option("--status", type=click.Choice(STATUSES), help="Ingest status.")
+@click.option("--since", help="Received at or after: 30m, 2h, 7d, or an ISO time.")
+@click.option("--until", help="Received before: an ISO time, or 30m, 2h, 7d ago.")
+@click.option("--text", help="Free text anywhere in the message.")
+@click.option("--limit", default=50, show_default=True, help="Most rows to show, newest first.")
+@click.option("--raw", is_flag=True, help="Print the messages themselves (one per line block), for piping.")
+@json_option
+def journal_search(journal_path, patient, control_id, appointment, transaction, message_type, facility,
+                   status, since, until, text, limit, raw, as_json):
+    """Find messages by identifier, type, status, time or free text.
+
+    Example: hl7bridge journal search --type SIU^S12 --since 2h --status rejected
+    """
+    from .journal import SearchQuery
+
+    query = SearchQuery(
+        patient=patient, control_id=control_id, appointment=appointment, transaction=transaction,
+        message_type=message_type, sending_facility=facility, status=status,
+        since=parse_since(since) if since else None, until=parse_since(until) if until else None,
+        text=text, limit=limit,
+    )
+    with_journal = open_journal(journal_path)
+    try:
+        rows = with_journal.search(query)
+        if raw:
+            for row in rows:
+                record = with_journal.get(row["id"])
+                sys.stdout.buffer.write(record["raw"].rstrip(b"\r\n") + b"\r\n")
+            sys.stdout.flush()
+        elif as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            click.echo(format_table(rows, ["id", "received_at", "control_id", "message_type", "trigger_event",
+                                           "sending_facility", "patient_id", "status", "ack_code"]))
+    finally:
+        with_journal.close()
+    if not rows:
+        sys.exit(EXIT_NOT_ACCEPTED)
+
+
+@journal.command("show", context_settings=CONTEXT)
+@journal_option
+@click.argument("message_id", type=int)
+@click.option("--raw", is_flag=True, help="Print only the message bytes as received.")
+@click.option("--validate", is_flag=True, help="Also check the structure against the standard (hl7apy).")
+@json_option
+def journal_show(journal_path, message_id, raw, validate, as_json):
+    """Show one message: what was received, its fields by name, and the ACK sent.
+
+    Example: hl7bridge journal show 42
+    """
+    from .detail import describe_message
+
+    with_journal = open_journal(journal_path)
+    try:
+        record = with_journal.get(message_id)
+    finally:
+        with_journal.close()
+    if record is None:
+        raise Failure(f"no message {message_id} in {journal_path}", EXIT_NOT_ACCEPTED)
+    if raw:
+        sys.stdout.buffer.write(record["raw"])
+        sys.stdout.flush()
+        return
+    detail = describe_message(record, validate=validate)
+    if as_json:
+        click.echo(json.dumps(detail, indent=2, ensure_ascii=False))
+    else:
+        click.echo(detail_text(detail))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table, like sqlite-utils' default output."""
+    if not rows:
+        return "(no messages)"
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines)
+
+
+def detail_text(detail: dict) -> str:
+    lines = []
+    summary = detail["summary"]
+    for key, value in summary.items():
+        if value not in (None, "", []):
+            lines.append(f"{key + ':':24}{value}")
+    if detail["identifiers"]:
+        lines.append("identifiers:")
+        for ident in detail["identifiers"]:
+            authority = f" ({ident['authority']})" if ident.get("authority") else ""
+            lines.append(f"  {ident['kind']:22}{ident['value']}{authority}")
+    lines.append("")
+    lines.append("message:")
+    for segment in detail["segments"]:
+        lines.append(f"  {segment['segment']}")
+        for fld in segment["fields"]:
+            name = f" {fld['name']}" if fld["name"] else ""
+            lines.append(f"    {fld['path']:10}{name}: {fld['value']}")
+    if detail.get("validation"):
+        report = detail["validation"]
+        lines.append("")
+        lines.append(f"validation: {len(report['errors'])} errors, {len(report['warnings'])} warnings")
+        lines += [f"  error: {e}" for e in report["errors"]]
+        lines += [f"  warning: {w}" for w in report["warnings"]]
+    lines.append("")
+    lines.append("ack:")
+    lines += [f"  {segment}" for segment in (detail["ack"] or "(none)").split("\r") if segment]
+    return "\n".join(lines)
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,191 @@
+"""Engine settings: embedded defaults, overridden by ``hl7bridge.yaml`` in the config directory.
+
+Every key is documented in ``docs/configuration.md``; unknown keys are rejected with the file, the
+line and the closest known key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .ack import Identity
+from .charset import codec_for
+from .errors import ConfigError
+from .ingest import SUPPORTED_VERSIONS, AcceptPolicy
+from .journal import SYNCHRONOUS_MODES
+from .yamlconf import Section, load_yaml
+
+CONFIG_FILE = "hl7bridge.yaml"
+DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS for a ``tcp:`` endpoint; ``client_ca`` turns on mutual TLS (client certificates required)."""
+
+    certificate: Path
+    private_key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """One MLLP listener and its limits."""
+
+    name: str = "mllp"
+    endpoint: str = DEFAULT_ENDPOINT
+    max_frame_bytes: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    max_connections: int = 64
+    allow_peers: tuple = ()  # ip_network objects; empty allows everyone
+    tls: TlsSettings | None = None
+    processing_ids: tuple = ("P", "T", "D")
+    message_types: tuple = ()  # empty accepts every type
+
+    def peer_allowed(self, host: str) -> bool:
+        if not self.allow_peers:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.allow_peers)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``serve`` needs. ``base`` is the directory relative paths are read from."""
+
+    base: Path = Path(".")
+    listeners: tuple = (ListenerSettings(),)
+    journal_path: Path = Path("var/journal.db")
+    journal_synchronous: str = "full"
+    identity: Identity = Identity()
+    default_charset: str = "utf-8"
+    log_level: str = "info"
+    source: Path | None = None  # the file the settings came from, if any
+
+    def policy(self, listener: ListenerSettings) -> AcceptPolicy:
+        """The ingest policy of one listener."""
+        return AcceptPolicy(
+            processing_ids=frozenset(listener.processing_ids),
+            versions=SUPPORTED_VERSIONS,
+            message_types=frozenset(listener.message_types) or None,
+            default_charset=self.default_charset,
+            identity=self.identity,
+        )
+
+
+def load_settings(config_dir: str | Path | None = None) -> Settings:
+    """Settings from ``config_dir/hl7bridge.yaml`` when it exists, else the embedded defaults."""
+    if config_dir is None:
+        return Settings()
+    base = Path(config_dir)
+    if not base.is_dir():
+        raise ConfigError(f"config directory {base} does not exist")
+    path = base / CONFIG_FILE
+    if not path.exists():
+        return Settings(base=base)
+    data = load_yaml(path)
+    top = Section(data, path, "settings", {"listeners", "journal", "identity", "charset", "logging"})
+    journal = Section(top.data.get("journal"), path, "journal", {"path", "synchronous"}, top.line("journal"))
+    identity = Section(top.data.get("identity"), path, "identity", {"application", "facility"}, top.line("identity"))
+    charset = Section(top.data.get("charset"), path, "charset", {"default"}, top.line("charset"))
+    logging = Section(top.data.get("logging"), path, "logging", {"level"}, top.line("logging"))
+
+    default_charset = charset.get("default", str, "utf-8")
+    if codec_for(default_charset) is None:
+        raise charset.error("default", f"{default_charset!r} is not a known HL7 character set",
+                            "use a table 0211 value such as UNICODE UTF-8, 8859/1 or ASCII")
+    listeners_data = top.get("listeners", list, None)
+    listeners = (ListenerSettings(),)
+    if listeners_data is not None:
+        listeners = tuple(_listener(item, path, base, i) for i, item in enumerate(listeners_data, 1))
+        if not listeners:
+            raise top.error("listeners", "needs at least one listener")
+        names = [listener.name for listener in listeners]
+        if len(set(names)) != len(names):
+            raise top.error("listeners", "listener names must be unique")
+    return Settings(
+        base=base,
+        listeners=listeners,
+        journal_path=base / journal.get("path", str, "var/journal.db"),
+        journal_synchronous=journal.choice("synchronous", SYNCHRONOUS_MODES, "full"),
+        identity=Identity(
+            identity.get("application", str, "HL7BRIDGE"), identity.get("facility", str, "HL7BRIDGE")
+        ),
+        default_charset=codec_for(default_charset),
+        log_level=logging.choice("level", LOG_LEVELS, "info"),
+        source=path,
+    )
+
+
+_LISTENER_KEYS = {
+    "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
+    "processing_ids", "message_types",
+}
+
+
+def _listener(data, path, base: Path, number: int) -> ListenerSettings:
+    line = data.line if hasattr(data, "line") else 0
+    section = Section(data, path, f"listeners[{number}]", _LISTENER_KEYS, line)
+    endpoint = section.get("endpoint", str, DEFAULT_ENDPOINT)
+    networks = []
+    for item in section.strings("allow_peers", []):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise section.error("allow_peers", f"{item!r} is not an IP address or network",
+                                "write 127.0.0.1 or 10.0.0.0/8") from None
+    tls = None
+    if section.data.get("tls") is not None:
+        tls_section = Section(section.data["tls"], path, f"listeners[{number}].tls",
+                              {"certificate", "private_key", "client_ca"}, section.line("tls"))
+        if not endpoint.startswith("tcp:"):
+            raise section.error("tls", "goes with a tcp: endpoint",
+                                "use endpoint tcp:PORT with tls:, or an ssl: endpoint without it")
+        files = {}
+        for key in ("certificate", "private_key", "client_ca"):
+            value = tls_section.get(key, str, None)
+            if value is None:
+                if key != "client_ca":
+                    raise tls_section.error(key, "is required")
+                continue
+            file = base / value
+            if not file.exists():
+                raise tls_section.error(key, f"file {file} does not exist")
+            files[key] = file
+        tls = TlsSettings(**files)
+    processing_ids = section.strings("processing_ids", ["P", "T", "D"])
+    for value in processing_ids:
+        if value not in ("P", "T", "D"):
+            raise section.error("processing_ids", f"{value!r} is not in HL7 table 0103", "use P, T or D")
+    return ListenerSettings(
+        name=section.get("name", str, f"listener-{number}"),
+        endpoint=endpoint,
+        max_frame_bytes=section.positive("max_frame_bytes", int, 1024 * 1024),
+        idle_timeout=section.positive("idle_timeout", float, 300.0),
+        max_connections=section.positive("max_connections", int, 64),
+        allow_peers=tuple(networks),
+        tls=tls,
+        processing_ids=tuple(processing_ids),
+        message_types=tuple(section.strings("message_types", [])),
+    )
+
+
+def with_overrides(settings: Settings, listen: tuple = (), journal: str | None = None) -> Settings:
+    """Apply command-line options: ``--listen`` replaces the endpoints, ``--journal`` the path."""
+    if listen:
+        template = settings.listeners[0]
+        listeners = tuple(
+            replace(template, name=f"listen-{i}" if len(listen) > 1 else template.name, endpoint=endpoint, tls=None)
+            for i, endpoint in enumerate(listen, 1)
+        )
+        settings = replace(settings, listeners=listeners)
+    if journal:
+        settings = replace(settings, journal_path=Path(journal))
+    return settings
+

@@ -1,0 +1,279 @@
+"""From received frame to journal row and ACK: plain Python, no sockets, no reactor.
+
+``assess`` reads one frame and decides what it is (accepted, or rejected and why).
+``Ingestor.ingest`` takes a batch of frames, detects duplicates, builds each ACK, and journals the
+whole batch in one transaction (group commit). Only after that commit does the caller get the ACKs
+to send, so an ACK never promises a message the journal does not hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from . import charset as charsets
+from .ack import ACCEPT, ERROR, REJECT, AckError, Identity, ack_code, ack_wanted, build_ack, version_tuple
+from .er7 import Message, parse, unescape
+from .errors import ParseError
+from .header import Header, read_header
+from .journal import ID_KINDS, Entry, Journal
+
+# Statuses a journal row can have after ingest.
+ACCEPTED, REJECTED, DUPLICATE, FAILED = "accepted", "rejected", "duplicate", "error"
+SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
+
+
+@dataclass(frozen=True)
+class AcceptPolicy:
+    """What the engine accepts at ingest. Everything else is answered AR/CR with the reason."""
+
+    processing_ids: frozenset = frozenset({"P", "T", "D"})
+    versions: tuple = SUPPORTED_VERSIONS
+    message_types: frozenset | None = None  # None accepts any type; routes decide later
+    default_charset: str = charsets.DEFAULT_CHARSET
+    identity: Identity = Identity()
+
+
+@dataclass
+class Frame:
+    """A frame as it came off the wire, with where it came from."""
+
+    raw: bytes
+    listener: str = ""
+    peer: str = ""
+    truncated: bool = False  # an oversized frame, cut at the limit
+    policy: AcceptPolicy | None = None  # the listener's; the ingestor's own when None
+
+
+@dataclass
+class Assessment:
+    """What ``assess`` found: the outcome, the error if any, and what could be read."""
+
+    outcome: str  # ACCEPT, ERROR or REJECT (see engine.ack)
+    decoded: charsets.Decoded
+    header: Header | None = None
+    message: Message | None = None
+    error: AckError | None = None
+
+
+@dataclass
+class Outcome:
+    """The result for one frame: its journal row, status and the ACK bytes to send (or None)."""
+
+    message_id: int
+    status: str
+    ack_code: str
+    ack: bytes | None
+    control_id: str = ""
+    message_code: str = ""
+    entry: Entry = field(repr=False, default=None)
+
+
+def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
+    """Read a frame and decide whether it is acceptable HL7 v2. Never raises for bad input."""
+    decoded = charsets.decode(raw, policy.default_charset)
+    try:
+        message = parse(decoded.text)
+    except ParseError as exc:
+        code = 100 if str(exc.location or "").startswith("segment") else 102
+        # With a readable MSH line the reject can still be addressed to the sender.
+        header = _header_only(decoded.text)
+        return Assessment(REJECT, decoded, header, None, AckError(code, str(exc), exc.location))
+    header = read_header(message)
+    error = _check_header(header, policy)
+    if error is not None:
+        return Assessment(REJECT, decoded, header, message, error)
+    return Assessment(ACCEPT, decoded, header, message)
+
+
+def _header_only(text: str) -> Header | None:
+    first = text.split("\r", 1)[0].split("\n", 1)[0]
+    try:
+        return read_header(parse(first))
+    except ParseError:
+        return None
+
+
+def _check_header(header: Header, policy: AcceptPolicy) -> AckError | None:
+    if not header.message_type:
+        return AckError(101, "MSH-9 message type is missing", "MSH-9")
+    if not header.control_id.strip():
+        return AckError(101, "MSH-10 message control ID is missing", "MSH-10")
+    if not header.processing_id:
+        return AckError(101, "MSH-11 processing ID is missing", "MSH-11")
+    if not header.version:
+        return AckError(101, "MSH-12 version ID is missing", "MSH-12")
+    if header.version not in policy.versions:
+        return AckError(203, f"HL7 version {header.version} is not supported", "MSH-12")
+    if header.processing_id not in policy.processing_ids:
+        return AckError(
+            202, f"processing ID {header.processing_id} is not accepted by this listener", "MSH-11"
+        )
+    if policy.message_types is not None and header.message_type not in policy.message_types:
+        return AckError(200, f"message type {header.message_type} is not accepted", "MSH-9")
+    if header.message_type not in ("ACK",) and not header.trigger_event and version_tuple(header.version) >= (2, 3):
+        return AckError(201, "MSH-9 has no trigger event", "MSH-9.2")
+    if header.accept_ack_type and header.accept_ack_type not in ("AL", "NE", "ER", "SU"):
+        return AckError(103, f"MSH-15 {header.accept_ack_type} is not in HL7 table 0155", "MSH-15")
+    return None
+
+
+def identifiers(message: Message) -> list[tuple[str, str, str]]:
+    """The searchable identifiers of a message: (kind, value, assigning authority)."""
+    found = []
+    seps = message.seps
+    for kind, path in ID_KINDS.items():
+        if kind == "patient":
+            for cx in message.raw_values("PID-3[*]"):
+                parts = cx.split(seps.component)
+                value = unescape(parts[0], seps).strip()
+                if value:
+                    authority = parts[3].split(seps.subcomponent)[0] if len(parts) > 3 else ""
+                    found.append((kind, value, unescape(authority, seps).strip()))
+            continue
+        for value in message.values(path):
+            found.append((kind, value, ""))
+    return found
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    """Journal timestamps: ISO 8601 in UTC with microseconds, so text order is time order."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def control_id_factory(prefix: str = "HB") -> Callable[[], str]:
+    """Unique ACK control IDs across restarts: prefix, start time in base 36, a counter."""
+    start = _base36(int(time.time() * 1000))
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{start}{next(counter):06d}"
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while number:
+        number, rem = divmod(number, 36)
+        out = digits[rem] + out
+    return out or "0"
+
+
+class Ingestor:
+    """Journals frames and builds their ACKs. The clock and the ACK control IDs are injected."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        policy: AcceptPolicy = AcceptPolicy(),
+        clock: Callable[[], datetime] = utc_now,
+        next_control_id: Callable[[], str] | None = None,
+    ):
+        self.journal = journal
+        self.policy = policy
+        self.clock = clock
+        self.next_control_id = next_control_id or control_id_factory()
+
+    def ingest(self, frames: list[Frame]) -> list[Outcome]:
+        """Journal a batch of frames in one transaction and return each one's outcome and ACK.
+
+        If the journal cannot be written, the exception propagates and no ACK is produced: the
+        caller answers with an error ACK that tells the sender to resend.
+        """
+        outcomes = []
+        seen_in_batch: dict[tuple[str, str], Outcome] = {}
+        with self.journal.transaction():
+            for frame in frames:
+                entry, dedupe_key = self._entry(frame)
+                original = None
+                if dedupe_key is not None:
+                    original = seen_in_batch.get(dedupe_key)
+                    if original is not None:
+                        original = (original.message_id, original.entry.ack, original.ack_code)
+                    else:
+                        original = self.journal.find_accepted(*dedupe_key)
+                if original is not None:
+                    entry.status = DUPLICATE
+                    # A resend gets the very ACK the original got.
+                    entry.duplicate_of, entry.ack, entry.ack_code = original
+                    if frame.raw != self._raw_of(original[0], seen_in_batch):
+                        entry.warning = "resend differs from the original message"
+                message_id = self.journal.insert(entry)
+                outcome = Outcome(
+                    message_id,
+                    entry.status,
+                    entry.ack_code,
+                    entry.ack if entry.ack_sent else None,
+                    entry.control_id,
+                    f"{entry.message_type}^{entry.trigger_event}".rstrip("^"),
+                    entry,
+                )
+                outcomes.append(outcome)
+                if dedupe_key is not None and entry.status == ACCEPTED:
+                    seen_in_batch[dedupe_key] = outcome
+        return outcomes
+
+    def _raw_of(self, message_id: int, seen_in_batch) -> bytes | None:
+        for outcome in seen_in_batch.values():
+            if outcome.message_id == message_id:
+                return outcome.entry.raw
+        row = self.journal.conn.execute("SELECT raw FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return row[0] if row else None
+
+    def _entry(self, frame: Frame) -> tuple[Entry, tuple[str, str] | None]:
+        now = self.clock()
+        policy = frame.policy or self.policy
+        if frame.truncated:
+            assessment = Assessment(
+                REJECT,
+                charsets.decode(frame.raw, policy.default_charset),
+                error=AckError(207, "frame exceeded the listener's size limit and was cut off"),
+            )
+        else:
+            assessment = assess(frame.raw, policy)
+        header, decoded = assessment.header, assessment.decoded
+        code = ack_code(assessment.outcome, header)
+        error = assessment.error
+        ack_text = build_ack(
+            header, code, now=now, control_id=self.next_control_id(), error=error,
+            identity=policy.identity,
+        )
+        status = {ACCEPT: ACCEPTED, ERROR: FAILED, REJECT: REJECTED}[assessment.outcome]
+        entry = Entry(
+            received_at=iso(now),
+            raw=frame.raw,
+            status=status,
+            listener=frame.listener,
+            peer=frame.peer,
+            charset=decoded.charset,
+            warning=decoded.warning,
+            truncated=frame.truncated,
+            ack_code=code,
+            ack=charsets.encode(ack_text, decoded.charset),
+            ack_sent=ack_wanted(code, header) and not frame.truncated,
+            text=decoded.text,
+        )
+        if error is not None:
+            entry.error, entry.error_code, entry.error_location = error.text, error.code, error.location
+        dedupe_key = None
+        if header is not None:
+            entry.control_id = header.control_id.strip()
+            entry.message_type = header.message_type
+            entry.trigger_event = header.trigger_event
+            entry.message_structure = header.message_structure
+            entry.version = header.version
+            entry.processing_id = header.processing_id
+            entry.sending_application = header.sending_application
+            entry.sending_facility = header.sending_facility
+            entry.receiving_application = header.receiving_application
+            entry.receiving_facility = header.receiving_facility
+        if assessment.message is not None:
+            entry.ids = identifiers(assessment.message)
+            if status == ACCEPTED:
+                dedupe_key = (entry.sending_facility, entry.control_id)
+        return entry, dedupe_key

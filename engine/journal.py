@@ -1,0 +1,318 @@
+"""The message journal: every frame received, verbatim, in SQLite (WAL mode).
+
+One row per received frame in ``messages``, with the exact bytes and the fields operators search by
+in real, indexed columns. Identifiers that repeat (patient IDs in PID-3, one transaction ID per FT1)
+live in ``message_ids`` so a search by any of them uses an index. Free text goes to a contentless
+FTS5 index: the text is not stored twice, and it is rebuilt from the raw bytes when rows are deleted.
+
+Later stages hang off ``messages.id``: transformation results, outbox deliveries and their attempts
+reference it, so one message's whole story is one join away.
+
+Only plain Python and SQL here: the listener decides when to commit (group commit) and the CLI
+reads through the same class.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+# Kinds of identifier kept in message_ids, with the HL7 path each is read from.
+ID_KINDS = {
+    "patient": "PID-3[*].1",
+    "account": "PID-18.1",
+    "visit": "PV1-19.1",
+    "placer_appointment": "SCH-1.1",
+    "filler_appointment": "SCH-2.1",
+    "transaction": "FT1[*]-2.1",
+}
+
+SYNCHRONOUS_MODES = ("full", "normal", "extra")
+
+
+@dataclass
+class Entry:
+    """One received frame, ready to be journaled."""
+
+    received_at: str
+    raw: bytes
+    status: str
+    listener: str = ""
+    peer: str = ""
+    control_id: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    message_structure: str = ""
+    version: str = ""
+    processing_id: str = ""
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    charset: str = ""
+    error: str | None = None
+    error_code: int | None = None
+    error_location: str | None = None
+    warning: str | None = None
+    duplicate_of: int | None = None
+    truncated: bool = False
+    ack_code: str | None = None
+    ack: bytes | None = None
+    ack_sent: bool = False
+    ids: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, authority)
+    text: str = ""  # decoded text for the free-text index
+
+    @property
+    def patient_id(self) -> str | None:
+        return next((value for kind, value, _ in self.ids if kind == "patient"), None)
+
+    def first_id(self, kind: str) -> str | None:
+        return next((value for k, value, _ in self.ids if k == kind), None)
+
+
+_INSERT_COLUMNS = (
+    "received_at", "listener", "peer", "control_id", "message_type", "trigger_event",
+    "message_structure", "version", "processing_id", "sending_application", "sending_facility",
+    "receiving_application", "receiving_facility", "patient_id", "placer_appointment_id",
+    "filler_appointment_id", "transaction_id", "status", "error", "error_code", "error_location",
+    "warning", "duplicate_of", "charset", "size", "truncated", "ack_code", "ack", "ack_sent", "raw",
+)
+_INSERT_SQL = (
+    f"INSERT INTO messages ({', '.join(_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
+)
+
+
+class Journal:
+    """The SQLite journal. One writer (the engine) and any number of readers (the CLI)."""
+
+    def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True):
+        self.path = Path(path)
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise FileNotFoundError(f"no journal at {self.path}")
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if create:
+            # auto_vacuum must be chosen before the first table exists; it lets prune give space back.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if create:
+            self._migrate()
+
+    def close(self):
+        self.conn.close()
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def _migrate(self):
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
+            )
+        if version < 1:
+            with self.transaction():
+                self._create_v1()
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _create_v1(self):
+        db = self.db
+        db["messages"].create(
+            {
+                "id": int, "received_at": str, "listener": str, "peer": str,
+                "control_id": str, "message_type": str, "trigger_event": str,
+                "message_structure": str, "version": str, "processing_id": str,
+                "sending_application": str, "sending_facility": str,
+                "receiving_application": str, "receiving_facility": str,
+                "patient_id": str, "placer_appointment_id": str, "filler_appointment_id": str,
+                "transaction_id": str,
+                "status": str, "error": str, "error_code": int, "error_location": str,
+                "warning": str, "duplicate_of": int, "charset": str, "size": int,
+                "truncated": int, "ack_code": str, "ack": bytes, "ack_sent": int, "raw": bytes,
+            },
+            pk="id",
+            not_null={"received_at", "status", "raw"},
+            foreign_keys=[("duplicate_of", "messages", "id")],
+        )
+        db["message_ids"].create(
+            {"message_id": int, "kind": str, "value": str, "authority": str},
+            foreign_keys=[("message_id", "messages", "id")],
+            not_null={"message_id", "kind", "value"},
+        )
+        messages = db["messages"]
+        messages.create_index(["received_at"])
+        messages.create_index(["control_id"])
+        messages.create_index(["sending_facility", "control_id"])
+        messages.create_index(["status", "received_at"])
+        messages.create_index(["message_type", "trigger_event", "received_at"])
+        db["message_ids"].create_index(["kind", "value"])
+        db["message_ids"].create_index(["message_id"])
+        # Contentless: the text is derived from messages.raw, so it is not stored a second time.
+        self.conn.execute("CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='')")
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self):
+        """One write transaction; committed (and, with synchronous=full, on disk) when it exits."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def find_accepted(self, sending_facility: str, control_id: str):
+        """The first accepted message with this (sending facility, control ID): (id, ack) or None."""
+        return self.conn.execute(
+            "SELECT id, ack, ack_code FROM messages WHERE sending_facility = ? AND control_id = ? "
+            "AND ack_code IN ('AA', 'CA') ORDER BY id LIMIT 1",
+            (sending_facility, control_id),
+        ).fetchone()
+
+    def insert(self, entry: Entry) -> int:
+        """Insert one entry inside the current transaction; returns its message ID."""
+        row = (
+            entry.received_at, entry.listener, entry.peer, entry.control_id, entry.message_type,
+            entry.trigger_event, entry.message_structure, entry.version, entry.processing_id,
+            entry.sending_application, entry.sending_facility, entry.receiving_application,
+            entry.receiving_facility, entry.patient_id, entry.first_id("placer_appointment"),
+            entry.first_id("filler_appointment"), entry.first_id("transaction"), entry.status,
+            entry.error, entry.error_code, entry.error_location, entry.warning, entry.duplicate_of,
+            entry.charset, len(entry.raw), int(entry.truncated), entry.ack_code, entry.ack,
+            int(entry.ack_sent), entry.raw,
+        )
+        cursor = self.conn.execute(_INSERT_SQL, row)
+        message_id = cursor.lastrowid
+        if entry.ids:
+            self.conn.executemany(
+                "INSERT INTO message_ids (message_id, kind, value, authority) VALUES (?, ?, ?, ?)",
+                [(message_id, kind, value, authority) for kind, value, authority in entry.ids],
+            )
+        if entry.text:
+            self.conn.execute("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", (message_id, entry.text))
+        return message_id
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, message_id: int) -> dict | None:
+        """One message row as a dict (raw and ack as bytes), with its identifiers, or None."""
+        cursor = self.conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        record = dict(zip([d[0] for d in cursor.description], row))
+        record["ids"] = [
+            {"kind": kind, "value": value, "authority": authority}
+            for kind, value, authority in self.conn.execute(
+                "SELECT kind, value, authority FROM message_ids WHERE message_id = ? ORDER BY rowid",
+                (message_id,),
+            )
+        ]
+        return record
+
+    def count(self, status: str | None = None) -> int:
+        if status is None:
+            return self.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM messages WHERE status = ?", (status,)).fetchone()[0]
+
+    def search(self, query: "SearchQuery") -> list[dict]:
+        """Messages matching every given filter, newest first (no raw bytes; see ``get``)."""
+        sql, params = query.to_sql()
+        cursor = self.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+
+SUMMARY_COLUMNS = (
+    "id", "received_at", "listener", "peer", "control_id", "message_type", "trigger_event",
+    "sending_application", "sending_facility", "patient_id", "placer_appointment_id",
+    "filler_appointment_id", "transaction_id", "status", "ack_code", "error", "size",
+)
+
+
+@dataclass
+class SearchQuery:
+    """Filters for ``Journal.search``. Keyed filters use indexes; ``text`` uses the FTS index."""
+
+    patient: str | None = None
+    control_id: str | None = None
+    appointment: str | None = None
+    transaction: str | None = None
+    message_type: str | None = None  # "SIU" or "SIU^S12"
+    sending_facility: str | None = None
+    status: str | None = None
+    since: str | None = None  # ISO timestamp, inclusive
+    until: str | None = None  # ISO timestamp, exclusive
+    text: str | None = None
+    limit: int = 50
+
+    def to_sql(self) -> tuple[str, list]:
+        where, params = [], []
+
+        def by_id(kinds, value):
+            marks = ", ".join("?" for _ in kinds)
+            where.append(
+                f"m.id IN (SELECT message_id FROM message_ids WHERE kind IN ({marks}) AND value = ?)"
+            )
+            params.extend([*kinds, value])
+
+        if self.patient:
+            by_id(["patient"], self.patient)
+        if self.appointment:
+            by_id(["placer_appointment", "filler_appointment"], self.appointment)
+        if self.transaction:
+            by_id(["transaction"], self.transaction)
+        if self.control_id:
+            where.append("m.control_id = ?")
+            params.append(self.control_id)
+        if self.message_type:
+            mtype, _, trigger = self.message_type.partition("^")
+            where.append("m.message_type = ?")
+            params.append(mtype)
+            if trigger:
+                where.append("m.trigger_event = ?")
+                params.append(trigger)
+        if self.sending_facility:
+            where.append("m.sending_facility = ?")
+            params.append(self.sending_facility)
+        if self.status:
+            where.append("m.status = ?")
+            params.append(self.status)
+        if self.since:
+            where.append("m.received_at >= ?")
+            params.append(self.since)
+        if self.until:
+            where.append("m.received_at < ?")
+            params.append(self.until)
+        if self.text:
+            where.append("m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)")
+            params.append(fts_query(self.text))
+        columns = ", ".join(f"m.{c}" for c in SUMMARY_COLUMNS)
+        sql = f"SELECT {columns} FROM messages m"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.id DESC LIMIT ?"
+        params.append(int(self.limit))
+        return sql, params
+
+
+def fts_query(text: str) -> str:
+    """Quote each word so user text is matched literally, not read as FTS5 syntax."""
+    words = [w.replace('"', '""') for w in text.split()]
+    return " ".join(f'"{w}"' for w in words)

@@ -1,0 +1,219 @@
+"""The MLLP listener: Twisted protocol and factory, connection limits, and group commit.
+
+The protocol frames bytes (``engine.framing``), keeps one message in flight per connection, and
+writes each ACK only when the journal has committed the message. ``GroupCommit`` batches the frames
+that arrive in one turn of the reactor, from any number of connections, into one journal
+transaction: with eight busy connections one fsync covers eight messages.
+
+Logs carry control IDs, message types, peers, statuses and counts; never message content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from .ack import AckError, ack_code, ack_wanted, build_ack
+from .charset import encode
+from .config import ListenerSettings
+from .framing import MLLPFraming
+from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, assess
+
+log = Logger(namespace="hl7bridge.listener")
+
+
+@dataclass
+class Counters:
+    """Running totals for the periodic log line (and, later, metrics)."""
+
+    connections: int = 0
+    frames: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    journal_failures: int = 0
+    discarded_bytes: int = 0
+    refused_connections: int = 0
+
+    def count(self, outcome: Outcome):
+        self.frames += 1
+        if outcome.status == "accepted":
+            self.accepted += 1
+        elif outcome.status == "duplicate":
+            self.duplicates += 1
+        else:
+            self.rejected += 1
+
+
+class GroupCommit:
+    """Collects frames and journals them together, one transaction per turn of the reactor.
+
+    ``submit`` returns a Deferred that fires with the frame's ``Outcome`` after the commit. If the
+    journal write fails, every frame of that batch gets an error ACK (AE/CE, table 0357 code 207)
+    so its sender resends it, and nothing is claimed to be stored.
+    """
+
+    def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None):
+        self.ingestor = ingestor
+        self.clock = clock
+        self.counters = counters or Counters()
+        self._pending: list[tuple[Frame, defer.Deferred]] = []
+        self._scheduled = None
+
+    def submit(self, frame: Frame) -> defer.Deferred:
+        d = defer.Deferred()
+        self._pending.append((frame, d))
+        if self._scheduled is None:
+            self._scheduled = self.clock.callLater(0, self._flush)
+        return d
+
+    def flush_now(self):
+        """Commit whatever is pending immediately (used at shutdown)."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._flush()
+
+    def _flush(self):
+        self._scheduled = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            outcomes = self.ingestor.ingest([frame for frame, _ in batch])
+        except Exception:
+            self.counters.journal_failures += len(batch)
+            log.failure("journal write failed; {count} message(s) answered with an error ACK", count=len(batch))
+            outcomes = [self._failure_outcome(frame) for frame, _ in batch]
+        for (frame, d), outcome in zip(batch, outcomes):
+            self.counters.count(outcome)
+            d.callback(outcome)
+
+    def _failure_outcome(self, frame: Frame) -> Outcome:
+        policy = frame.policy or self.ingestor.policy
+        assessment = assess(frame.raw, policy)
+        header = assessment.header
+        code = ack_code(ERROR, header)
+        text = build_ack(
+            header, code, now=self.ingestor.clock(), control_id=self.ingestor.next_control_id(),
+            error=AckError(207, "message could not be stored; send it again"),
+            identity=policy.identity,
+        )
+        ack = encode(text, assessment.decoded.charset) if ack_wanted(code, header) else None
+        control_id = header.control_id.strip() if header else ""
+        return Outcome(0, "error", code, ack, control_id, header.message_code if header else "")
+
+
+class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
+    """One MLLP connection: frames in, one message at a time, ACKs out in order."""
+
+    peer = "?"
+    _open = False
+
+    def connectionMade(self):
+        factory = self.factory
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.MAX_LENGTH = factory.settings.max_frame_bytes
+        host = getattr(peer, "host", "")
+        if not factory.settings.peer_allowed(host):
+            factory.counters.refused_connections += 1
+            log.warn("listener {listener}: refused {peer}: not in allow_peers", listener=factory.name, peer=self.peer)
+            self.transport.abortConnection()
+            return
+        if factory.open_connections >= factory.settings.max_connections:
+            factory.counters.refused_connections += 1
+            log.warn(
+                "listener {listener}: refused {peer}: {limit} connections already open",
+                listener=factory.name, peer=self.peer, limit=factory.settings.max_connections,
+            )
+            self.transport.abortConnection()
+            return
+        self._open = True
+        factory.open_connections += 1
+        factory.counters.connections += 1
+        self.setTimeout(factory.settings.idle_timeout)
+        log.info("listener {listener}: connection from {peer}", listener=factory.name, peer=self.peer)
+
+    def dataReceived(self, data: bytes):
+        if not self._open:
+            return
+        self.resetTimeout()
+        MLLPFraming.dataReceived(self, data)
+
+    def frameReceived(self, payload: bytes):
+        self.pauseFraming()
+        frame = Frame(payload, listener=self.factory.name, peer=self.peer)
+        self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
+
+    def _reply(self, outcome: Outcome):
+        if outcome.status != "accepted":
+            log.warn(
+                "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}",
+                listener=self.factory.name, status=outcome.status, message_code=outcome.message_code or "-",
+                control_id=outcome.control_id or "-", peer=self.peer, ack_code=outcome.ack_code,
+            )
+        else:
+            log.debug(
+                "listener {listener}: accepted {message_code} control ID {control_id}: ACK {ack_code}",
+                listener=self.factory.name, message_code=outcome.message_code,
+                control_id=outcome.control_id, ack_code=outcome.ack_code,
+            )
+        if self.transport.disconnecting:
+            return
+        if outcome.ack is not None:
+            self.sendFrame(outcome.ack)
+        self.resetTimeout()
+        self.resumeFraming()
+
+    def _crashed(self, failure: Failure):
+        log.failure("listener {listener}: unexpected error; closing {peer}", failure,
+                    listener=self.factory.name, peer=self.peer)
+        self.transport.abortConnection()
+
+    def frameLengthExceeded(self, partial: bytes):
+        log.warn(
+            "listener {listener}: frame from {peer} exceeds {limit} bytes; journaled cut off, disconnecting",
+            listener=self.factory.name, peer=self.peer, limit=self.MAX_LENGTH,
+        )
+        self.factory.submit(Frame(partial, listener=self.factory.name, peer=self.peer, truncated=True))
+        self.transport.loseConnection()
+
+    def timeoutConnection(self):
+        log.info("listener {listener}: {peer} idle for {seconds}s, disconnecting",
+                 listener=self.factory.name, peer=self.peer, seconds=self.factory.settings.idle_timeout)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        if not self._open:
+            return
+        self._open = False
+        self.factory.open_connections -= 1
+        if self.discardedBytes:
+            self.factory.counters.discarded_bytes += self.discardedBytes
+            log.info("listener {listener}: {count} bytes outside MLLP frames discarded from {peer}",
+                     listener=self.factory.name, count=self.discardedBytes, peer=self.peer)
+        log.info("listener {listener}: {peer} disconnected", listener=self.factory.name, peer=self.peer)
+
+
+class MLLPServerFactory(protocol.Factory):
+    """Builds one protocol per connection and hands each the listener's settings and the committer."""
+
+    protocol = MLLPServerProtocol
+    noisy = False
+
+    def __init__(self, settings: ListenerSettings, committer: GroupCommit, policy: AcceptPolicy):
+        self.settings = settings
+        self.name = settings.name
+        self.committer = committer
+        self.policy = policy
+        self.counters = committer.counters
+        self.open_connections = 0
+
+    def submit(self, frame: Frame) -> defer.Deferred:
+        frame.policy = self.policy
+        return self.committer.submit(frame)

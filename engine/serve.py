@@ -1,0 +1,160 @@
+"""``hl7bridge serve``: wires settings, journal, listeners and logging to the reactor.
+
+This is the edge where the global reactor is used; everything below takes a clock or a reactor
+as a parameter.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from twisted.internet import defer, ssl, task
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .config import ListenerSettings, Settings, TlsSettings
+from .ingest import Ingestor
+from .journal import Journal
+from .listener import Counters, GroupCommit, MLLPServerFactory
+
+log = Logger(namespace="hl7bridge.serve")
+STATS_INTERVAL = 60.0
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
+    """Server TLS options; with ``client_ca`` the peer must present a certificate that CA signed."""
+    certs = _PEM_CERT.findall(tls.certificate.read_bytes())
+    if not certs:
+        raise ValueError(f"{tls.certificate} holds no PEM certificate")
+    key = ssl.KeyPair.load(tls.private_key.read_bytes(), ssl.FILETYPE_PEM)
+    leaf = ssl.PrivateCertificate.load(certs[0], key, ssl.FILETYPE_PEM)
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in certs[1:]]
+    kwargs = {}
+    if tls.client_ca is not None:
+        cas = [ssl.Certificate.loadPEM(pem).original for pem in _PEM_CERT.findall(tls.client_ca.read_bytes())]
+        if not cas:
+            raise ValueError(f"{tls.client_ca} holds no PEM certificate")
+        kwargs = {"verify": True, "caCerts": cas, "requireCertificate": True}
+    return ssl.CertificateOptions(
+        privateKey=leaf.privateKey.original,
+        certificate=leaf.original,
+        extraCertChain=chain or None,
+        **kwargs,
+    )
+
+
+class Engine:
+    """The running engine: one journal, one group committer, any number of MLLP listeners."""
+
+    def __init__(self, settings: Settings, reactor, journal: Journal | None = None):
+        self.settings = settings
+        self.reactor = reactor
+        self.journal = journal or Journal(settings.journal_path, settings.journal_synchronous)
+        self.ingestor = Ingestor(self.journal)
+        self.counters = Counters()
+        self.committer = GroupCommit(self.ingestor, reactor, self.counters)
+        self.ports = []
+        self._stats = task.LoopingCall(self._log_stats)
+        self._stats.clock = reactor
+        self._last_frames = 0
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Listen on every configured endpoint; fires with [(name, host, port)] or fails clearly."""
+        bound = []
+        for listener in self.settings.listeners:
+            port = yield self._listen(listener)
+            self.ports.append(port)
+            address = port.getHost()
+            bound.append((listener.name, address.host, address.port))
+            log.info(
+                "listener {name} on {host}:{port} ({kind})",
+                name=listener.name, host=address.host, port=address.port,
+                kind="mutual TLS" if listener.tls and listener.tls.client_ca else
+                "TLS" if listener.tls or listener.endpoint.startswith("ssl:") else "plain TCP",
+            )
+        self._stats.start(STATS_INTERVAL, now=False)
+        return bound
+
+    def _listen(self, listener: ListenerSettings):
+        factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
+        try:
+            endpoint = serverFromString(self.reactor, listener.endpoint)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            return defer.fail(ValueError(f"listener {listener.name}: bad endpoint {listener.endpoint!r}: {exc}"))
+        if listener.tls is not None:
+            factory = TLSMemoryBIOFactory(tls_options(listener.tls), False, factory)
+        d = endpoint.listen(factory)
+
+        def explain(failure):
+            raise RuntimeError(
+                f"listener {listener.name}: cannot listen on {listener.endpoint}: {failure.getErrorMessage()}"
+            )
+
+        return d.addErrback(explain)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop listening, commit what is pending, close the journal."""
+        if self._stats.running:
+            self._stats.stop()
+        for port in self.ports:
+            yield port.stopListening()
+        self.committer.flush_now()
+        self._log_stats()
+        self.journal.close()
+
+    def _log_stats(self):
+        c = self.counters
+        if c.frames == self._last_frames:
+            return
+        self._last_frames = c.frames
+        log.info(
+            "{frames} frames: {accepted} accepted, {rejected} rejected, {duplicates} duplicates, "
+            "{failures} journal failures, {discarded} bytes outside frames",
+            frames=c.frames, accepted=c.accepted, rejected=c.rejected, duplicates=c.duplicates,
+            failures=c.journal_failures, discarded=c.discarded_bytes,
+        )
+
+
+def start_logging(level: str, stream=None):
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(stream or sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def run(settings: Settings) -> int:
+    """Run the engine until SIGINT/SIGTERM. Returns the process exit code."""
+    from twisted.internet import reactor
+
+    start_logging(settings.log_level)
+    engine = Engine(settings, reactor)
+    exit_code = [0]
+
+    def started(bound):
+        for name, host, port in bound:
+            # One line per listener on stdout, so scripts and tests can find the port.
+            print(f"hl7bridge: listener {name} ready on {host}:{port}", flush=True)
+        reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
+
+    def failed(failure):
+        print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        exit_code[0] = 1
+        for port in engine.ports:
+            port.stopListening()
+        engine.journal.close()
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
+    reactor.run()
+    return exit_code[0]
