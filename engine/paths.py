@@ -5,7 +5,8 @@
 ``PID-3`` is the first repetition of PID-3 in the first PID; ``PID-3[2].1`` the first component
 of its second repetition; ``FT1[2]-11.1`` a component of the second FT1; ``[*]`` selects every
 occurrence or repetition (``FT1[*]-2``, ``PID-3[*].1``); a bare ``NTE[*]`` selects whole segments.
-Indexes are 1-based, as in the standard.
+Indexes are 1-based, as in the standard. A path that stops at a field gives the whole field,
+components and all (``MSH-9`` is ``SIU^S12^SIU_S12``); name the component to get one (``MSH-9.1``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,112 @@
+"""Shared fixtures: the example and corpus messages, and a real engine process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CORPUS = ROOT.parent / "shared" / "corpus"
+HL7BRIDGE = [sys.executable, "-m", "engine.cli"]
+
+
+def corpus_dir() -> Path:
+    """The third-party corpus; tests that need it skip on a clone that has no ../shared."""
+    if not CORPUS.is_dir():
+        pytest.skip("../shared/corpus is not beside this clone (third-party messages are not shipped)")
+    return CORPUS
+
+
+def corpus_files() -> list[Path]:
+    if not CORPUS.is_dir():
+        return []
+    return sorted(p for p in CORPUS.rglob("*.hl7"))
+
+
+@pytest.fixture
+def examples() -> Path:
+    return EXAMPLES
+
+
+class EngineProcess:
+    """``hl7bridge serve`` in a subprocess, listening on a free port."""
+
+    def __init__(self, tmp_path: Path, extra_args=(), listen=("tcp:0:interface=127.0.0.1",), config=None):
+        self.journal = tmp_path / "journal.db"
+        self.stderr_path = tmp_path / "engine.stderr"
+        args = [*HL7BRIDGE, "serve", "--journal", str(self.journal)]
+        for endpoint in listen:
+            args += ["--listen", endpoint]
+        if config is not None:
+            args += ["--config", str(config)]
+        args += list(extra_args)
+        self.args = args
+        self.ports: dict[str, int] = {}
+        self.start()
+
+    def start(self):
+        self._stderr = open(self.stderr_path, "ab")
+        self.process = subprocess.Popen(
+            self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 20
+        self.ports = {}
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"engine exited: {self.stderr_path.read_text()}")
+            match = re.search(r"listener (\S+) ready on [\d.]+:(\d+)", line)
+            if match:
+                self.ports[match.group(1)] = int(match.group(2))
+                if len(self.ports) == self.expected_listeners:
+                    return
+        raise RuntimeError("engine did not start in 20 s")
+
+    expected_listeners = 1
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self._stderr.close()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._stderr.close()
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def engine(tmp_path):
+    proc = EngineProcess(tmp_path)
+    yield proc
+    proc.stop()
+
+
+def run_cli(*args, input=None, timeout=60):
+    """Run the real console command (for end-to-end tests); returns CompletedProcess."""
+    return subprocess.run([*HL7BRIDGE, *map(str, args)], cwd=ROOT, capture_output=True, input=input, timeout=timeout)

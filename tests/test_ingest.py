@@ -1,0 +1,198 @@
+"""Frame -> journal row + ACK, against a real SQLite file (no sockets)."""
+
+import itertools
+import sqlite3
+from datetime import datetime, timezone
+
+import pytest
+
+from conftest import EXAMPLES
+from engine import charset
+from engine.ingest import AcceptPolicy, Frame, Ingestor, assess
+from engine.journal import Journal, SearchQuery
+
+NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
+SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "journal.db")
+    yield j
+    j.close()
+
+
+@pytest.fixture
+def ingestor(journal):
+    counter = itertools.count(1)
+    return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}")
+
+
+def test_accepted_message_is_journaled_verbatim_with_indexed_fields(ingestor, journal):
+    [outcome] = ingestor.ingest([Frame(SIU, listener="mllp", peer="127.0.0.1:5000")])
+    assert (outcome.status, outcome.ack_code) == ("accepted", "AA")
+    row = journal.get(outcome.message_id)
+    assert row["raw"] == SIU
+    assert row["ack"] == outcome.ack
+    assert outcome.ack.startswith(b"MSH|^~\\&|HL7BRIDGE|FINANCE|NORTHSCHED|NORTHCLINIC|20261124060000+0000||ACK^S12^ACK|ACK1|P|2.5.1\r")
+    assert (row["message_type"], row["trigger_event"], row["message_structure"]) == ("SIU", "S12", "SIU_S12")
+    assert (row["sending_facility"], row["control_id"], row["version"]) == ("NORTHCLINIC", "NC000123", "2.5.1")
+    assert row["received_at"] == "2026-11-24T06:00:00.000000Z"
+    assert (row["listener"], row["peer"]) == ("mllp", "127.0.0.1:5000")
+    kinds = {(i["kind"], i["value"]) for i in row["ids"]}
+    assert ("patient", "100234") in kinds
+    assert ("placer_appointment", row["placer_appointment_id"]) in kinds
+    assert row["patient_id"] == "100234"
+
+
+def test_dft_transaction_ids_of_every_ft1_are_searchable(ingestor, journal):
+    raw = (EXAMPLES / "dft_p03.hl7").read_bytes()
+    [outcome] = ingestor.ingest([Frame(raw)])
+    transactions = [i["value"] for i in journal.get(outcome.message_id)["ids"] if i["kind"] == "transaction"]
+    assert len(transactions) == 4
+    for tx in transactions:
+        assert [r["id"] for r in journal.search(SearchQuery(transaction=tx))] == [outcome.message_id]
+
+
+def test_duplicate_gets_the_same_ack_and_is_recorded_not_processed(ingestor, journal):
+    [first] = ingestor.ingest([Frame(SIU)])
+    [second] = ingestor.ingest([Frame(SIU)])
+    assert second.status == "duplicate"
+    assert second.ack == first.ack
+    row = journal.get(second.message_id)
+    assert row["duplicate_of"] == first.message_id
+    assert row["warning"] is None
+    assert journal.count("accepted") == 1 and journal.count("duplicate") == 1
+
+
+def test_duplicates_inside_one_group_commit_are_caught(ingestor, journal):
+    outcomes = ingestor.ingest([Frame(SIU), Frame(SIU), Frame(SIU)])
+    assert [o.status for o in outcomes] == ["accepted", "duplicate", "duplicate"]
+    assert outcomes[1].ack == outcomes[0].ack == outcomes[2].ack
+
+
+def test_resend_with_different_content_is_flagged(ingestor, journal):
+    ingestor.ingest([Frame(SIU)])
+    changed = SIU.replace(b"DOE", b"ROE", 1)
+    assert changed != SIU
+    [outcome] = ingestor.ingest([Frame(changed)])
+    assert outcome.status == "duplicate"
+    assert journal.get(outcome.message_id)["warning"] == "resend differs from the original message"
+
+
+def test_same_control_id_from_another_facility_is_not_a_duplicate(ingestor):
+    other = SIU.replace(b"|NORTHCLINIC|", b"|EASTCLINIC|", 1)
+    outcomes = ingestor.ingest([Frame(SIU), Frame(other)])
+    assert [o.status for o in outcomes] == ["accepted", "accepted"]
+
+
+def test_a_rejected_message_may_be_resent_fixed(ingestor):
+    bad = SIU.replace(b"|2.5.1", b"|9.9", 1)
+    [rejected] = ingestor.ingest([Frame(bad)])
+    [fixed] = ingestor.ingest([Frame(SIU)])
+    assert (rejected.status, rejected.ack_code) == ("rejected", "AR")
+    assert fixed.status == "accepted"
+
+
+def test_not_hl7_is_rejected_and_still_journaled(ingestor, journal):
+    raw = (EXAMPLES / "not_hl7.txt").read_bytes()
+    [outcome] = ingestor.ingest([Frame(raw)])
+    assert (outcome.status, outcome.ack_code) == ("rejected", "AR")
+    assert b"MSA|AR||" in outcome.ack and b"ERR|||100^" in outcome.ack
+    row = journal.get(outcome.message_id)
+    assert row["raw"] == raw
+    assert row["error_code"] == 100
+
+
+def test_missing_msh_fields_are_rejected_with_101(ingestor, journal):
+    raw = (EXAMPLES / "bad_msh.hl7").read_bytes()
+    [outcome] = ingestor.ingest([Frame(raw)])
+    row = journal.get(outcome.message_id)
+    assert (row["status"], row["error_code"], row["error_location"]) == ("rejected", 101, "MSH-9")
+    assert b"ERR||MSH^1^9^1|101^Required field missing^HL70357|E|" in outcome.ack
+
+
+@pytest.mark.parametrize(
+    "change, code, location",
+    [
+        ((b"|P|2.5.1", b"|X|2.5.1"), 202, "MSH-11"),
+        ((b"|2.5.1", b"|3.0"), 203, "MSH-12"),
+        ((b"SIU^S12^SIU_S12", b"SIU"), 201, "MSH-9.2"),
+    ],
+)
+def test_header_rejections(ingestor, journal, change, code, location):
+    [outcome] = ingestor.ingest([Frame(SIU.replace(*change, 1))])
+    row = journal.get(outcome.message_id)
+    assert (row["status"], row["error_code"], row["error_location"]) == ("rejected", code, location)
+
+
+def test_listener_policy_limits_message_types(ingestor, journal):
+    policy = AcceptPolicy(message_types=frozenset({"DFT"}))
+    [outcome] = ingestor.ingest([Frame(SIU, policy=policy)])
+    assert journal.get(outcome.message_id)["error_code"] == 200
+
+
+def test_enhanced_mode_never_ack_is_journaled_but_not_sent(ingestor, journal):
+    raw = SIU.replace(b"|P|2.5.1", b"|P|2.5.1|||NE|AL", 1)
+    [outcome] = ingestor.ingest([Frame(raw)])
+    assert outcome.ack is None
+    row = journal.get(outcome.message_id)
+    assert (row["ack_code"], row["ack_sent"]) == ("CA", 0)
+
+
+def test_truncated_frame_is_journaled_as_rejected_without_ack(ingestor, journal):
+    [outcome] = ingestor.ingest([Frame(SIU[:100], truncated=True)])
+    row = journal.get(outcome.message_id)
+    assert (row["status"], row["truncated"], outcome.ack) == ("rejected", 1, None)
+
+
+def test_latin1_message_is_decoded_per_msh18_and_stored_as_bytes(ingestor, journal):
+    raw = (EXAMPLES / "dft_p03_latin1.hl7").read_bytes()
+    [outcome] = ingestor.ingest([Frame(raw)])
+    row = journal.get(outcome.message_id)
+    assert row["raw"] == raw and row["charset"] == "latin-1" and row["warning"] is None
+    assert outcome.ack.split(b"\r")[0].endswith(b"|8859/1")
+    assert [r["id"] for r in journal.search(SearchQuery(text="Müller"))] == [outcome.message_id]
+
+
+def test_free_text_search_and_keyed_filters(ingestor, journal):
+    outcomes = ingestor.ingest([Frame((EXAMPLES / name).read_bytes()) for name in ("siu_s12.hl7", "siu_s15.hl7", "dft_p03.hl7")])
+    ids = [o.message_id for o in outcomes]
+    assert [r["id"] for r in journal.search(SearchQuery(message_type="SIU"))] == [ids[1], ids[0]]
+    assert [r["id"] for r in journal.search(SearchQuery(message_type="SIU^S15"))] == [ids[1]]
+    assert [r["id"] for r in journal.search(SearchQuery(control_id="NC000123"))] == [ids[0]]
+    assert journal.search(SearchQuery(text='no"such OR word')) == []
+
+
+def test_keyed_searches_use_indexes(ingestor, journal):
+    ingestor.ingest([Frame(SIU)])
+    for query in (SearchQuery(patient="100234"), SearchQuery(control_id="X"), SearchQuery(transaction="T")):
+        sql, params = query.to_sql()
+        plan = " ".join(row[3] for row in journal.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "SCAN m" not in plan.replace("SCAN m USING INTEGER PRIMARY KEY", ""), plan
+
+
+def test_journal_is_wal_and_survives_reopen(tmp_path):
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    Ingestor(j).ingest([Frame(SIU)])
+    j.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    reopened = Journal(path, create=False)
+    assert reopened.count() == 1
+    reopened.close()
+
+
+def test_assess_never_raises_on_garbage():
+    for raw in (b"", b"\x00\xff\xfe", b"MSH", b"MSH|", b"MSH|^~\\&", "MSH|^~\\&|é".encode("utf-16")):
+        assert assess(raw).outcome == "reject"
+
+
+def test_charset_fallback_and_declared_mismatch():
+    assert charset.decode(b"MSH|^~\\&|\xe9").charset == "latin-1"
+    msh = b"MSH|^~\\&" + b"|" * 16  # up to MSH-18
+    decoded = charset.decode(msh + b"UNICODE UTF-8\r\xe9")
+    assert decoded.charset == "utf-8" and "do not match" in decoded.warning
+    assert charset.decode(msh + b"KLINGON\r").warning.startswith("MSH-18 character set 'KLINGON'")
