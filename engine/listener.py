@@ -133,6 +133,7 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
             self.transport.abortConnection()
             return
         self._open = True
+        self.callLater = factory.clock.callLater  # TimeoutMixin's timer runs on the factory's clock
         factory.open_connections += 1
         factory.counters.connections += 1
         self.setTimeout(factory.settings.idle_timeout)
@@ -212,6 +213,7 @@ class MLLPServerFactory(protocol.Factory):
         self.committer = committer
         self.policy = policy
         self.counters = committer.counters
+        self.clock = committer.clock
         self.open_connections = 0
 
     def submit(self, frame: Frame) -> defer.Deferred:

@@ -36,8 +36,7 @@ def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
     certs = _PEM_CERT.findall(tls.certificate.read_bytes())
     if not certs:
         raise ValueError(f"{tls.certificate} holds no PEM certificate")
-    key = ssl.KeyPair.load(tls.private_key.read_bytes(), ssl.FILETYPE_PEM)
-    leaf = ssl.PrivateCertificate.load(certs[0], key, ssl.FILETYPE_PEM)
+    leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + tls.private_key.read_bytes())
     chain = [ssl.Certificate.loadPEM(pem).original for pem in certs[1:]]
     kwargs = {}
     if tls.client_ca is not None:

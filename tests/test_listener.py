@@ -1,0 +1,162 @@
+"""The MLLP server protocol with StringTransport, task.Clock and a real SQLite journal."""
+
+import itertools
+import sqlite3
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from conftest import EXAMPLES
+from engine.config import ListenerSettings, Settings
+from engine.framing import frame
+from engine.ingest import Ingestor
+from engine.journal import Journal
+from engine.listener import GroupCommit, MLLPServerFactory
+
+NOW = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
+SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
+DFT = (EXAMPLES / "dft_p03.hl7").read_bytes()
+
+
+def acks(transport):
+    """The ACK payloads written so far."""
+    data = transport.value()
+    return [chunk.split(b"\x1c\r")[0] for chunk in data.split(b"\x0b")[1:]]
+
+
+class ListenerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.journal = Journal(self.mktemp() + ".db")
+        self.addCleanup(self.journal.close)
+        counter = itertools.count(1)
+        self.ingestor = Ingestor(self.journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}")
+        self.committer = GroupCommit(self.ingestor, self.clock)
+        self.settings = ListenerSettings(name="test", idle_timeout=30, max_connections=2, max_frame_bytes=64 * 1024)
+        self.factory = self.make_factory(self.settings)
+
+    def make_factory(self, settings):
+        return MLLPServerFactory(settings, self.committer, Settings().policy(settings))
+
+    def connect(self, factory=None, host="127.0.0.1", port=40000):
+        factory = factory or self.factory
+        proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_ack_is_sent_only_after_the_commit(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(SIU))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.journal.count(), 0)
+        self.clock.advance(0)
+        self.assertEqual(self.journal.count(), 1)
+        [ack] = acks(transport)
+        self.assertIn(b"MSA|AA|NC000123\r", ack)
+
+    def test_one_message_in_flight_and_acks_in_order(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(SIU) + frame(DFT))
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(len(self.committer._pending), 1)  # the second waits for the first's ACK
+        self.clock.advance(0)
+        first, second = acks(transport)
+        self.assertIn(b"MSA|AA|NC000123", first)
+        self.assertIn(b"MSA|AA|EC000501", second)
+        self.assertEqual(transport.producerState, "producing")
+        rows = self.journal.conn.execute("SELECT control_id FROM messages ORDER BY id").fetchall()
+        self.assertEqual(rows, [("NC000123",), ("EC000501",)])
+
+    def test_frames_from_several_connections_share_one_commit(self):
+        (p1, t1), (p2, t2) = self.connect(port=1), self.connect(port=2)
+        p1.dataReceived(frame(SIU))
+        p2.dataReceived(frame(DFT))
+        commits = []
+        self.journal.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        self.clock.advance(0)
+        self.assertEqual(len(commits), 1)
+        self.assertEqual((len(acks(t1)), len(acks(t2))), (1, 1))
+
+    def test_garbage_frame_gets_a_reject_and_a_row(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(b"\x00\x01 not hl7 \xff"))
+        self.clock.advance(0)
+        [ack] = acks(transport)
+        self.assertIn(b"MSA|AR||", ack)
+        self.assertEqual(self.journal.count("rejected"), 1)
+
+    def test_oversize_frame_is_journaled_cut_off_and_the_peer_disconnected(self):
+        factory = self.make_factory(replace(self.settings, max_frame_bytes=100))
+        proto, transport = self.connect(factory)
+        proto.dataReceived(frame(SIU))
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(0)
+        row = self.journal.conn.execute("SELECT status, truncated, length(raw) FROM messages").fetchone()
+        self.assertEqual(row, ("rejected", 1, 100))
+        self.assertEqual(transport.value(), b"")
+
+    def test_idle_connection_is_closed(self):
+        proto, transport = self.connect()
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"\r\n")
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_limit(self):
+        self.connect(port=1)
+        _, t2 = self.connect(port=2)
+        proto3, t3 = self.connect(port=3)
+        self.assertFalse(t2.disconnecting)
+        self.assertTrue(t3.disconnecting)
+        self.assertEqual(self.factory.counters.refused_connections, 1)
+        proto3.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        self.assertEqual(self.journal.count(), 0)
+
+    def test_closed_connections_free_their_slot(self):
+        proto, _ = self.connect(port=1)
+        self.connect(port=2)
+        proto.connectionLost(None)
+        _, t3 = self.connect(port=3)
+        self.assertFalse(t3.disconnecting)
+
+    def test_allowlist(self):
+        settings = replace(self.settings, allow_peers=(__import__("ipaddress").ip_network("10.0.0.0/8"),))
+        factory = self.make_factory(settings)
+        _, refused = self.connect(factory, host="127.0.0.1")
+        _, allowed = self.connect(factory, host="10.1.2.3")
+        self.assertTrue(refused.disconnecting)
+        self.assertFalse(allowed.disconnecting)
+
+    def test_journal_failure_answers_error_ack_and_keeps_serving(self):
+        proto, transport = self.connect()
+        self.journal.conn.execute("CREATE TRIGGER fail BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        proto.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        [ack] = acks(transport)
+        self.assertIn(b"MSA|AE|NC000123|message could not be stored; send it again\r", ack)
+        self.assertIn(b"207^Application internal error^HL70357", ack)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.IntegrityError)), 1)
+        self.journal.conn.execute("DROP TRIGGER fail")
+        proto.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        self.assertIn(b"MSA|AA|NC000123", acks(transport)[1])
+        self.assertEqual(self.journal.count(), 1)
+
+    def test_duplicate_resend_gets_the_same_ack_bytes(self):
+        proto, transport = self.connect()
+        proto.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        proto.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        first, second = acks(transport)
+        self.assertEqual(first, second)
+        self.assertEqual(self.journal.count("duplicate"), 1)
