@@ -43,10 +43,9 @@ def _version(version: str) -> str:
     return version if version in SUPPORTED else DEFAULT_VERSION
 
 
-def _title(constant: str) -> str:
-    return " ".join(word.capitalize() if word not in ("ID",) else word for word in constant.split("_")).replace(
-        " Id", " ID"
-    )
+def _title(constant: str, segment: str) -> str:
+    """PATIENT_IDENTIFIER_LIST -> Patient Identifier List; SET_ID_PID -> Set ID PID."""
+    return " ".join(word if word in ("ID", segment) else word.capitalize() for word in constant.split("_"))
 
 
 @lru_cache(maxsize=512)
@@ -62,7 +61,7 @@ def segment_fields(segment: str, version: str = DEFAULT_VERSION) -> tuple[FieldI
         fields.append(
             FieldInfo(
                 number=number,
-                name=_title(child[3] or child_name),
+                name=_title(child[3] or child_name, segment),
                 datatype=child[2] or "",
                 table=child[4],
                 required=minimum > 0,

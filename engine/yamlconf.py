@@ -95,6 +95,7 @@ class Section:
         for key in data:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                close = close or [k for k in sorted(allowed) if k.startswith(str(key)) or str(key).startswith(k)][:1]
                 hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(allowed))}"
                 raise ConfigError(f"unknown key {key!r} in {what}", path, self.line(key), hint)
 

@@ -1,0 +1,93 @@
+"""Engine settings: defaults, overrides, and errors that name the file, the line and the fix."""
+
+import pytest
+
+from engine.config import DEFAULT_ENDPOINT, load_settings, with_overrides
+from engine.errors import ConfigError
+
+
+def write(tmp_path, text):
+    (tmp_path / "hl7bridge.yaml").write_text(text)
+    return tmp_path
+
+
+def test_embedded_defaults():
+    settings = load_settings(None)
+    [listener] = settings.listeners
+    assert listener.endpoint == DEFAULT_ENDPOINT == "tcp:2575:interface=127.0.0.1"
+    assert (listener.max_frame_bytes, listener.max_connections, listener.idle_timeout) == (1048576, 64, 300.0)
+    assert str(settings.journal_path) == "var/journal.db"
+    assert settings.journal_synchronous == "full"
+
+
+def test_directory_without_a_settings_file_uses_defaults(tmp_path):
+    assert load_settings(tmp_path).listeners == load_settings(None).listeners
+
+
+def test_full_file(tmp_path):
+    write(tmp_path, """
+listeners:
+  - name: north
+    endpoint: tcp:6661:interface=127.0.0.1
+    max_frame_bytes: 2048
+    idle_timeout: 5
+    max_connections: 3
+    allow_peers: [127.0.0.1, 10.0.0.0/8]
+    processing_ids: [P]
+    message_types: [SIU, DFT]
+journal:
+  path: data/j.db
+  synchronous: normal
+identity: {application: BRIDGE, facility: HOSP}
+charset: {default: 8859/1}
+logging: {level: debug}
+""")
+    s = load_settings(tmp_path)
+    [north] = s.listeners
+    assert north.name == "north" and north.max_frame_bytes == 2048 and north.idle_timeout == 5.0
+    assert north.peer_allowed("10.2.3.4") and north.peer_allowed("127.0.0.1") and not north.peer_allowed("192.168.1.1")
+    assert s.journal_path == tmp_path / "data/j.db" and s.journal_synchronous == "normal"
+    assert s.default_charset == "latin-1" and s.log_level == "debug"
+    policy = s.policy(north)
+    assert policy.processing_ids == {"P"} and policy.message_types == {"SIU", "DFT"}
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ("listeners:\n  - name: a\n    max_frame_byte: 10\n", 3, "unknown key 'max_frame_byte' in listeners[1] (did you mean 'max_frame_bytes'?)"),
+        ("journal:\n  synchronous: sometimes\n", 2, "journal.synchronous: 'sometimes' is not one of full, normal, extra"),
+        ("listeners:\n  - max_connections: 0\n", 2, "must be greater than 0"),
+        ("listeners:\n  - idle_timeout: soon\n", 2, "must be a number, not 'soon'"),
+        ("listeners:\n  - allow_peers: [not-an-ip]\n", 2, "'not-an-ip' is not an IP address or network"),
+        ("listeners:\n  - processing_ids: [Q]\n", 2, "'Q' is not in HL7 table 0103"),
+        ("journal:\n  path: a\n  path: b\n", 3, "key 'path' appears twice"),
+        ("listeners: [\n", 2, "YAML syntax error"),
+        ("charset: {default: KLINGON}\n", 1, "'KLINGON' is not a known HL7 character set"),
+        ("listeners:\n  - endpoint: ssl:1\n    tls: {certificate: a, private_key: b}\n", 3, "goes with a tcp: endpoint"),
+        ("listeners:\n  - tls: {certificate: missing.pem, private_key: k}\n", 2, "missing.pem does not exist"),
+        ("listeners:\n  - name: a\n  - name: a\n", 1, "listener names must be unique"),
+        ("colour: blue\n", 1, "unknown key 'colour' in settings"),
+    ],
+)
+def test_errors_name_file_line_and_fix(tmp_path, text, line, fragment):
+    write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'hl7bridge.yaml'}:{line}: "), message
+    assert fragment in message
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope")
+
+
+def test_command_line_overrides_keep_the_limits(tmp_path):
+    write(tmp_path, "listeners:\n  - name: main\n    max_connections: 5\n")
+    s = with_overrides(load_settings(tmp_path), ("tcp:1:interface=127.0.0.1", "tcp:2"), "other.db")
+    assert [l.endpoint for l in s.listeners] == ["tcp:1:interface=127.0.0.1", "tcp:2"]
+    assert [l.max_connections for l in s.listeners] == [5, 5]
+    assert [l.name for l in s.listeners] == ["listen-1", "listen-2"]
+    assert str(s.journal_path) == "other.db"
