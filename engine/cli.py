@@ -312,9 +312,9 @@ def detail_text(detail: dict) -> str:
 
 
 def main():
-    cli()
+    cli(prog_name="hl7bridge")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m engine.cli, as the tests run it
     main()
 

@@ -79,6 +79,21 @@ class Settings:
         )
 
 
+# Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
+KEYS = {
+    "settings": {"listeners", "journal", "identity", "charset", "logging"},
+    "listener": {
+        "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
+        "processing_ids", "message_types",
+    },
+    "tls": {"certificate", "private_key", "client_ca"},
+    "journal": {"path", "synchronous"},
+    "identity": {"application", "facility"},
+    "charset": {"default"},
+    "logging": {"level"},
+}
+
+
 def load_settings(config_dir: str | Path | None = None) -> Settings:
     """Settings from ``config_dir/hl7bridge.yaml`` when it exists, else the embedded defaults."""
     if config_dir is None:
@@ -90,11 +105,12 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     if not path.exists():
         return Settings(base=base)
     data = load_yaml(path)
-    top = Section(data, path, "settings", {"listeners", "journal", "identity", "charset", "logging"})
-    journal = Section(top.data.get("journal"), path, "journal", {"path", "synchronous"}, top.line("journal"))
-    identity = Section(top.data.get("identity"), path, "identity", {"application", "facility"}, top.line("identity"))
-    charset = Section(top.data.get("charset"), path, "charset", {"default"}, top.line("charset"))
-    logging = Section(top.data.get("logging"), path, "logging", {"level"}, top.line("logging"))
+    top = Section(data, path, "settings", KEYS["settings"])
+
+    def section(name):
+        return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
+
+    journal, identity, charset, logging = (section(n) for n in ("journal", "identity", "charset", "logging"))
 
     default_charset = charset.get("default", str, "utf-8")
     if codec_for(default_charset) is None:
@@ -123,15 +139,9 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     )
 
 
-_LISTENER_KEYS = {
-    "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
-    "processing_ids", "message_types",
-}
-
-
 def _listener(data, path, base: Path, number: int) -> ListenerSettings:
     line = data.line if hasattr(data, "line") else 0
-    section = Section(data, path, f"listeners[{number}]", _LISTENER_KEYS, line)
+    section = Section(data, path, f"listeners[{number}]", KEYS["listener"], line)
     endpoint = section.get("endpoint", str, DEFAULT_ENDPOINT)
     networks = []
     for item in section.strings("allow_peers", []):
@@ -143,7 +153,7 @@ def _listener(data, path, base: Path, number: int) -> ListenerSettings:
     tls = None
     if section.data.get("tls") is not None:
         tls_section = Section(section.data["tls"], path, f"listeners[{number}].tls",
-                              {"certificate", "private_key", "client_ca"}, section.line("tls"))
+                              KEYS["tls"], section.line("tls"))
         if not endpoint.startswith("tcp:"):
             raise section.error("tls", "goes with a tcp: endpoint",
                                 "use endpoint tcp:PORT with tls:, or an ssl: endpoint without it")

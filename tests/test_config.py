@@ -91,3 +91,11 @@ def test_command_line_overrides_keep_the_limits(tmp_path):
     assert [l.max_connections for l in s.listeners] == [5, 5]
     assert [l.name for l in s.listeners] == ["listen-1", "listen-2"]
     assert str(s.journal_path) == "other.db"
+
+
+def test_the_shipped_example_loads():
+    from conftest import EXAMPLES
+
+    settings = load_settings(EXAMPLES)
+    assert [l.name for l in settings.listeners] == ["mllp"]
+    assert settings.journal_path == EXAMPLES / "../var/journal.db"

@@ -1,0 +1,31 @@
+"""The documentation is tested: the CLI reference is current and every option and config key is documented."""
+
+from pathlib import Path
+
+import click
+
+from engine.cli import cli
+from engine.clidoc import commands, render
+from engine.config import KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cli_reference_is_current():
+    assert (ROOT / "docs/cli.md").read_text() == render(), "run `make docs` to regenerate docs/cli.md"
+
+
+def test_every_command_and_option_is_in_the_readme_or_docs():
+    text = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    for path, command in commands(cli, []):
+        assert " ".join(["hl7bridge", *path]) in text
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for opt in param.opts:
+                    assert opt in text, (path, opt)
+
+
+def test_every_config_key_is_documented():
+    text = (ROOT / "docs/configuration.md").read_text()
+    for key in sorted(set().union(*KEYS.values())):
+        assert f"`{key}`" in text, key
