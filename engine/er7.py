@@ -140,16 +140,13 @@ def escape(value: str, seps: Separators = DEFAULT_SEPARATORS) -> str:
 class Segment:
     """One segment. Fields are split on first access; ``fields[n]`` is field n (MSH too)."""
 
-    __slots__ = ("line", "seps", "_fields")
+    __slots__ = ("line", "seps", "name", "_fields")
 
     def __init__(self, line: str, seps: Separators):
         self.line = line
         self.seps = seps
+        self.name = line[:3]
         self._fields = None
-
-    @property
-    def name(self) -> str:
-        return self.line[:3]
 
     @property
     def fields(self) -> list[str]:
@@ -264,7 +261,8 @@ class Message:
 
 def split_segments(text: str) -> list[str]:
     """Split message text into segment lines, accepting CR, LF or CRLF and skipping blank lines."""
-    return [line for line in _LINE_BREAKS.split(text) if line.strip()]
+    lines = text.split("\r") if "\n" not in text else _LINE_BREAKS.split(text)
+    return [line for line in lines if line and not line.isspace()]
 
 
 def parse(text: str) -> Message:
@@ -285,8 +283,8 @@ def parse(text: str) -> Message:
     field_sep = seps.field
     segments = []
     for number, line in enumerate(lines, start=1):
-        seg_id = line.split(field_sep, 1)[0]
-        if not SEGMENT_ID.match(seg_id):
+        # A segment ID is three upper-case letters or digits, then the field separator or the end.
+        if not (line[3:4] in (field_sep, "") and SEGMENT_ID.match(line[:3])):
             # The offending text is not quoted: a broken line may hold patient data.
             raise ParseError(f"segment {number} does not start with a valid segment ID", f"segment {number}")
         segments.append(Segment(line, seps))

@@ -256,7 +256,6 @@ class Ingestor:
             ack_code=code,
             ack=charsets.encode(ack_text, decoded.charset),
             ack_sent=ack_wanted(code, header) and not frame.truncated,
-            text=decoded.text,
         )
         if error is not None:
             entry.error, entry.error_code, entry.error_location = error.text, error.code, error.location

@@ -2,8 +2,13 @@
 
 One row per received frame in ``messages``, with the exact bytes and the fields operators search by
 in real, indexed columns. Identifiers that repeat (patient IDs in PID-3, one transaction ID per FT1)
-live in ``message_ids`` so a search by any of them uses an index. Free text goes to a contentless
-FTS5 index: the text is not stored twice, and it is rebuilt from the raw bytes when rows are deleted.
+live in ``message_ids`` so a search by any of them uses an index.
+
+Free text is indexed apart, in a contentless FTS5 index in a second file beside the journal
+(``journal-text.db``), filled by ``TextIndex.catch_up`` a moment after the commit. Why apart:
+tokenizing 3.5 KB and flushing FTS segments cost more than the rest of the commit together, and
+the ACK must not wait for a search index. The text index holds no data of its own (it is derived
+from ``messages.raw``), so it can be deleted and rebuilt at any time.
 
 Later stages hang off ``messages.id``: transformation results, outbox deliveries and their attempts
 reference it, so one message's whole story is one join away.
@@ -66,7 +71,6 @@ class Entry:
     ack: bytes | None = None
     ack_sent: bool = False
     ids: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, authority)
-    text: str = ""  # decoded text for the free-text index
 
     @property
     def patient_id(self) -> str | None:
@@ -92,7 +96,8 @@ _INSERT_SQL = (
 class Journal:
     """The SQLite journal. One writer (the engine) and any number of readers (the CLI)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True):
+    def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
+                 background_checkpoints: bool = False):
         self.path = Path(path)
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
@@ -110,8 +115,13 @@ class Journal:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
+        if background_checkpoints:
+            # The engine checkpoints from another thread (JournalMaintenance), so a commit on the
+            # ACK path never pays for copying the WAL back into the database.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         if create:
             self._migrate()
+        self._text_attached = False
 
     def close(self):
         self.conn.close()
@@ -155,14 +165,12 @@ class Journal:
         )
         messages = db["messages"]
         messages.create_index(["received_at"])
-        messages.create_index(["control_id"])
-        messages.create_index(["sending_facility", "control_id"])
+        # Serves both duplicate detection (facility + control ID) and search by control ID alone.
+        messages.create_index(["control_id", "sending_facility"])
         messages.create_index(["status", "received_at"])
         messages.create_index(["message_type", "trigger_event", "received_at"])
         db["message_ids"].create_index(["kind", "value"])
         db["message_ids"].create_index(["message_id"])
-        # Contentless: the text is derived from messages.raw, so it is not stored a second time.
-        self.conn.execute("CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='')")
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -204,8 +212,6 @@ class Journal:
                 "INSERT INTO message_ids (message_id, kind, value, authority) VALUES (?, ?, ?, ?)",
                 [(message_id, kind, value, authority) for kind, value, authority in entry.ids],
             )
-        if entry.text:
-            self.conn.execute("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", (message_id, entry.text))
         return message_id
 
     # -- reading ----------------------------------------------------------------------------------
@@ -232,7 +238,16 @@ class Journal:
         return self.conn.execute("SELECT count(*) FROM messages WHERE status = ?", (status,)).fetchone()[0]
 
     def search(self, query: "SearchQuery") -> list[dict]:
-        """Messages matching every given filter, newest first (no raw bytes; see ``get``)."""
+        """Messages matching every given filter, newest first (no raw bytes; see ``get``).
+
+        A free-text query first brings the text index up to date, so it finds what was just received.
+        """
+        if query.text:
+            with TextIndex(self.path) as index:
+                index.catch_up_all()
+            if not self._text_attached:
+                self.conn.execute("ATTACH DATABASE ? AS text", (str(text_index_path(self.path)),))
+                self._text_attached = True
         sql, params = query.to_sql()
         cursor = self.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
@@ -301,7 +316,7 @@ class SearchQuery:
             where.append("m.received_at < ?")
             params.append(self.until)
         if self.text:
-            where.append("m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)")
+            where.append("m.id IN (SELECT rowid FROM text.messages_fts WHERE messages_fts MATCH ?)")
             params.append(fts_query(self.text))
         columns = ", ".join(f"m.{c}" for c in SUMMARY_COLUMNS)
         sql = f"SELECT {columns} FROM messages m"
@@ -316,3 +331,103 @@ def fts_query(text: str) -> str:
     """Quote each word so user text is matched literally, not read as FTS5 syntax."""
     words = [w.replace('"', '""') for w in text.split()]
     return " ".join(f'"{w}"' for w in words)
+
+
+def text_index_path(journal_path: str | Path) -> Path:
+    """``var/journal.db`` -> ``var/journal-text.db``."""
+    path = Path(journal_path)
+    return path.with_name(f"{path.stem}-text{path.suffix or '.db'}")
+
+
+def searchable_text(raw: bytes, charset: str | None) -> str:
+    """The text that free-text search sees for a message: its bytes decoded as they were at ingest."""
+    return raw.decode(charset or "utf-8", errors="replace")
+
+
+class TextIndex:
+    """The free-text index of a journal, in its own file, filled from ``messages.raw``.
+
+    ``catch_up`` indexes the rows committed since the last call. It writes only to the text file,
+    so it never holds the journal's write lock and runs beside the engine (a background thread of
+    ``serve``, or a CLI search).
+    """
+
+    def __init__(self, journal_path: str | Path):
+        self.path = text_index_path(journal_path)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # derived data: rebuilt after a power cut
+        conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='')")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        conn.execute("ATTACH DATABASE ? AS journal", (str(journal_path),))
+        self.conn = conn
+
+    def indexed_through(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'indexed_through'").fetchone()
+        return row[0] if row else 0
+
+    def catch_up(self, batch: int = 500) -> int:
+        """Index up to ``batch`` rows not yet indexed; returns how many were indexed."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            start = self.indexed_through()
+            rows = conn.execute(
+                "SELECT id, raw, charset FROM journal.messages WHERE id > ? ORDER BY id LIMIT ?", (start, batch)
+            ).fetchall()
+            if rows:
+                conn.executemany(
+                    "INSERT INTO messages_fts (rowid, text) VALUES (?, ?)",
+                    [(message_id, searchable_text(raw, charset)) for message_id, raw, charset in rows],
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?)", (rows[-1][0],)
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return len(rows)
+
+    def catch_up_all(self, batch: int = 500) -> int:
+        """Index everything committed so far."""
+        total = 0
+        while True:
+            done = self.catch_up(batch)
+            total += done
+            if done < batch:
+                return total
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class JournalMaintenance:
+    """Work the engine does off the ACK path, in a background thread: WAL checkpoints and text indexing.
+
+    Uses its own connections, so it runs beside the writer; SQLite releases the GIL while it
+    works, so on a two-core machine this really runs on the other core.
+    """
+
+    def __init__(self, journal_path: str | Path):
+        self.journal_path = Path(journal_path)
+        self.checkpoint_conn = sqlite3.connect(str(self.journal_path), isolation_level=None, check_same_thread=False)
+        self.checkpoint_conn.execute("PRAGMA busy_timeout = 10000")
+        self.text = TextIndex(self.journal_path)
+
+    def run_once(self) -> int:
+        """Index new rows, then copy committed WAL frames back into the database (PASSIVE: never blocks the writer)."""
+        indexed = self.text.catch_up_all()
+        self.checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return indexed
+
+    def close(self):
+        self.text.close()
+        self.checkpoint_conn.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, ssl, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
@@ -20,14 +20,16 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
-from .journal import Journal
+from .journal import Journal, JournalMaintenance
 from .listener import Counters, GroupCommit, MLLPServerFactory
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
+MAINTENANCE_INTERVAL = 0.5  # how stale free-text search and the WAL may get, in seconds
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -58,7 +60,14 @@ class Engine:
     def __init__(self, settings: Settings, reactor, journal: Journal | None = None):
         self.settings = settings
         self.reactor = reactor
-        self.journal = journal or Journal(settings.journal_path, settings.journal_synchronous)
+        self.journal = journal or Journal(
+            settings.journal_path, settings.journal_synchronous, background_checkpoints=True
+        )
+        self.maintenance = JournalMaintenance(self.journal.path)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-maintenance")
+        self._maintaining = None
+        self._maintenance_loop = task.LoopingCall(self._maintain)
+        self._maintenance_loop.clock = reactor
         self.ingestor = Ingestor(self.journal)
         self.counters = Counters()
         self.committer = GroupCommit(self.ingestor, reactor, self.counters)
@@ -83,7 +92,23 @@ class Engine:
                 "TLS" if listener.tls or listener.endpoint.startswith("ssl:") else "plain TCP",
             )
         self._stats.start(STATS_INTERVAL, now=False)
+        self._pool.start()
+        self._maintenance_loop.start(MAINTENANCE_INTERVAL, now=True)
         return bound
+
+    def _maintain(self):
+        """Checkpoint the WAL and index new text in the background thread, one run at a time."""
+        if self._maintaining is not None:
+            return
+        d = threads.deferToThreadPool(self.reactor, self._pool, self.maintenance.run_once)
+
+        def done(result):
+            self._maintaining = None
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda failure: log.failure("journal maintenance failed; will try again", failure))
+        self._maintaining = d
 
     def _listen(self, listener: ListenerSettings):
         factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
@@ -107,9 +132,17 @@ class Engine:
         """Stop listening, commit what is pending, close the journal."""
         if self._stats.running:
             self._stats.stop()
+        if self._maintenance_loop.running:
+            self._maintenance_loop.stop()
         for port in self.ports:
             yield port.stopListening()
         self.committer.flush_now()
+        if self._maintaining is not None:
+            yield self._maintaining
+        if self._pool.started:
+            self._pool.stop()
+        self.maintenance.run_once()
+        self.maintenance.close()
         self._log_stats()
         self.journal.close()
 
@@ -151,6 +184,9 @@ def run(settings: Settings) -> int:
         exit_code[0] = 1
         for port in engine.ports:
             port.stopListening()
+        if engine._pool.started:
+            engine._pool.stop()
+        engine.maintenance.close()
         engine.journal.close()
         reactor.stop()
 

@@ -1,7 +1,9 @@
 """The MLLP server protocol with StringTransport, task.Clock and a real SQLite journal."""
 
 import itertools
+import shutil
 import sqlite3
+import tempfile
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -31,7 +33,9 @@ def acks(transport):
 class ListenerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.journal = Journal(self.mktemp() + ".db")
+        directory = tempfile.mkdtemp(prefix="hl7bridge-test-")
+        self.addCleanup(shutil.rmtree, directory)
+        self.journal = Journal(f"{directory}/journal.db")
         self.addCleanup(self.journal.close)
         counter = itertools.count(1)
         self.ingestor = Ingestor(self.journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}")
