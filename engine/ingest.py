@@ -19,7 +19,7 @@ from .ack import ACCEPT, ERROR, REJECT, AckError, Identity, ack_code, ack_wanted
 from .er7 import Message, parse, unescape
 from .errors import ParseError
 from .header import Header, read_header
-from .journal import ID_KINDS, Entry, Journal
+from .journal import Entry, Journal
 
 # Statuses a journal row can have after ingest.
 ACCEPTED, REJECTED, DUPLICATE, FAILED = "accepted", "rejected", "duplicate", "error"
@@ -122,20 +122,41 @@ def _check_header(header: Header, policy: AcceptPolicy) -> AckError | None:
 
 
 def identifiers(message: Message) -> list[tuple[str, str, str]]:
-    """The searchable identifiers of a message: (kind, value, assigning authority)."""
-    found = []
+    """The searchable identifiers of a message: (kind, value, assigning authority).
+
+    Reads the fields named in ``engine.journal.ID_KINDS`` directly (this runs for every message;
+    a test checks it against the generic path reader).
+    """
     seps = message.seps
-    for kind, path in ID_KINDS.items():
-        if kind == "patient":
-            for cx in message.raw_values("PID-3[*]"):
-                parts = cx.split(seps.component)
-                value = unescape(parts[0], seps).strip()
-                if value:
-                    authority = parts[3].split(seps.subcomponent)[0] if len(parts) > 3 else ""
-                    found.append((kind, value, unescape(authority, seps).strip()))
-            continue
-        for value in message.values(path):
+    comp, sub = seps.component, seps.subcomponent
+    found = []
+
+    def first(segment, number):
+        reps = segment.repetitions(number) if segment is not None else []
+        value = reps[0].split(comp, 1)[0] if reps else ""
+        return unescape(value, seps).strip() if value else ""
+
+    pid = message.segment("PID")
+    if pid is not None:
+        for cx in pid.repetitions(3):
+            parts = cx.split(comp)
+            value = unescape(parts[0], seps).strip()
+            if value:
+                authority = parts[3].split(sub, 1)[0] if len(parts) > 3 else ""
+                found.append(("patient", value, unescape(authority, seps).strip()))
+    for kind, segment, number in (
+        ("account", pid, 18),
+        ("visit", message.segment("PV1"), 19),
+        ("placer_appointment", message.segment("SCH"), 1),
+        ("filler_appointment", message.segment("SCH"), 2),
+    ):
+        value = first(segment, number)
+        if value:
             found.append((kind, value, ""))
+    for ft1 in message.all("FT1"):
+        value = first(ft1, 2)
+        if value:
+            found.append(("transaction", value, ""))
     return found
 
 

@@ -354,8 +354,8 @@ class TextIndex:
     """The free-text index of a journal, in its own file, filled from ``messages.raw``.
 
     ``catch_up`` indexes the rows committed since the last call. It writes only to the text file,
-    so it never holds the journal's write lock and runs beside the engine (a background thread of
-    ``serve``, or a CLI search).
+    and reads the journal through its own read-only connection, so it never holds the journal's
+    write lock and runs beside the engine (a background thread of ``serve``, or a CLI search).
     """
 
     def __init__(self, journal_path: str | Path):
@@ -366,8 +366,14 @@ class TextIndex:
         conn.execute("PRAGMA synchronous = NORMAL")  # derived data: rebuilt after a power cut
         conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='')")
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-        conn.execute("ATTACH DATABASE ? AS journal", (str(journal_path),))
         self.conn = conn
+        # A separate, read-only connection to the journal: a transaction here must never take
+        # the journal's write lock (BEGIN IMMEDIATE on a connection with the journal ATTACHed
+        # would, and the engine's commits would wait behind it).
+        self.source = sqlite3.connect(
+            f"file:{Path(journal_path)}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        self.source.execute("PRAGMA busy_timeout = 10000")
 
     def indexed_through(self) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'indexed_through'").fetchone()
@@ -375,21 +381,21 @@ class TextIndex:
 
     def catch_up(self, batch: int = 500) -> int:
         """Index up to ``batch`` rows not yet indexed; returns how many were indexed."""
+        start = self.indexed_through()
+        rows = self.source.execute(
+            "SELECT id, raw, charset FROM messages WHERE id > ? ORDER BY id LIMIT ?", (start, batch)
+        ).fetchall()
+        if not rows:
+            return 0
+        texts = [(message_id, searchable_text(raw, charset)) for message_id, raw, charset in rows]
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")  # the text file only
         try:
-            start = self.indexed_through()
-            rows = conn.execute(
-                "SELECT id, raw, charset FROM journal.messages WHERE id > ? ORDER BY id LIMIT ?", (start, batch)
-            ).fetchall()
-            if rows:
-                conn.executemany(
-                    "INSERT INTO messages_fts (rowid, text) VALUES (?, ?)",
-                    [(message_id, searchable_text(raw, charset)) for message_id, raw, charset in rows],
-                )
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?)", (rows[-1][0],)
-                )
+            if self.indexed_through() != start:  # another process indexed meanwhile
+                conn.execute("ROLLBACK")
+                return 0
+            conn.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", texts)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?)", (rows[-1][0],))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -407,6 +413,7 @@ class TextIndex:
 
     def close(self):
         self.conn.close()
+        self.source.close()
 
     def __enter__(self):
         return self

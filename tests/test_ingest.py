@@ -196,3 +196,23 @@ def test_charset_fallback_and_declared_mismatch():
     decoded = charset.decode(msh + b"UNICODE UTF-8\r\xe9")
     assert decoded.charset == "utf-8" and "do not match" in decoded.warning
     assert charset.decode(msh + b"KLINGON\r").warning.startswith("MSH-18 character set 'KLINGON'")
+
+
+def test_fast_identifier_reader_agrees_with_the_documented_paths():
+    from conftest import corpus_files
+    from engine.er7 import parse
+    from engine.ingest import identifiers
+    from engine.journal import ID_KINDS
+
+    for path in [*sorted(EXAMPLES.glob("*.hl7")), *corpus_files()]:
+        if path.name in ("bad_msh.hl7",):
+            continue
+        for chunk in path.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\rMSH")[:1]:
+            try:
+                message = parse(chunk.decode("latin-1"))
+            except Exception:
+                continue
+            expected = []
+            for kind, hl7_path in ID_KINDS.items():
+                expected += [(kind, v.strip()) for v in message.values(hl7_path) if v.strip()]
+            assert sorted((k, v) for k, v, _ in identifiers(message)) == sorted(expected), path.name
