@@ -72,6 +72,15 @@ class Outcome:
     entry: Entry = field(repr=False, default=None)
 
 
+@dataclass
+class Prepared:
+    """A frame read and answered in memory, waiting to be journaled."""
+
+    frame: Frame
+    entry: Entry
+    dedupe_key: tuple[str, str] | None
+
+
 def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
     """Read a frame and decide whether it is acceptable HL7 v2. Never raises for bad input."""
     decoded = charsets.decode(raw, policy.default_charset)
@@ -201,7 +210,20 @@ class Ingestor:
         self.next_control_id = next_control_id or control_id_factory()
 
     def ingest(self, frames: list[Frame]) -> list[Outcome]:
-        """Journal a batch of frames in one transaction and return each one's outcome and ACK.
+        """Journal a batch of frames in one transaction and return each one's outcome and ACK."""
+        return self.record([self.prepare(frame) for frame in frames])
+
+    def prepare(self, frame: Frame) -> Prepared:
+        """Everything that needs no database: read the frame, build its journal row and its ACK.
+
+        The engine runs this in the reactor thread as each frame arrives, so that the journal
+        writer thread spends its time in SQLite (which releases the GIL) and not in Python.
+        """
+        entry, dedupe_key = self._entry(frame)
+        return Prepared(frame, entry, dedupe_key)
+
+    def record(self, batch: list[Prepared]) -> list[Outcome]:
+        """Journal prepared frames in one transaction, detecting duplicates; returns their outcomes.
 
         If the journal cannot be written, the exception propagates and no ACK is produced: the
         caller answers with an error ACK that tells the sender to resend.
@@ -209,20 +231,20 @@ class Ingestor:
         outcomes = []
         seen_in_batch: dict[tuple[str, str], Outcome] = {}
         with self.journal.transaction():
-            for frame in frames:
-                entry, dedupe_key = self._entry(frame)
+            for prepared in batch:
+                entry, dedupe_key = prepared.entry, prepared.dedupe_key
                 original = None
                 if dedupe_key is not None:
-                    original = seen_in_batch.get(dedupe_key)
-                    if original is not None:
-                        original = (original.message_id, original.entry.ack, original.ack_code)
+                    first = seen_in_batch.get(dedupe_key)
+                    if first is not None:
+                        original = (first.message_id, first.entry.ack, first.ack_code)
                     else:
                         original = self.journal.find_accepted(*dedupe_key)
                 if original is not None:
                     entry.status = DUPLICATE
                     # A resend gets the very ACK the original got.
                     entry.duplicate_of, entry.ack, entry.ack_code = original
-                    if frame.raw != self._raw_of(original[0], seen_in_batch):
+                    if entry.raw != self._raw_of(original[0], seen_in_batch):
                         entry.warning = "resend differs from the original message"
                 message_id = self.journal.insert(entry)
                 outcome = Outcome(

@@ -97,7 +97,7 @@ class Journal:
     """The SQLite journal. One writer (the engine) and any number of readers (the CLI)."""
 
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
-                 background_checkpoints: bool = False):
+                 manual_checkpoints: bool = False):
         self.path = Path(path)
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
@@ -115,9 +115,9 @@ class Journal:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
-        if background_checkpoints:
-            # The engine checkpoints from another thread (JournalMaintenance), so a commit on the
-            # ACK path never pays for copying the WAL back into the database.
+        if manual_checkpoints:
+            # The engine calls checkpoint() itself between batches, after their ACKs are out, so
+            # no commit on the ACK path pays for copying the WAL back into the database.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         if create:
             self._migrate()
@@ -189,6 +189,15 @@ class Journal:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL back into the database (PASSIVE); returns (busy, WAL frames, copied).
+
+        Run by the writer between transactions, so it usually completes and the next commit
+        starts the WAL again from its beginning: overwriting a WAL is much cheaper to fsync
+        than appending to an ever longer one (measured here: about 290 against 490 us a commit).
+        """
+        return self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def find_accepted(self, sending_facility: str, control_id: str):
         """The first accepted message with this (sending facility, control ID): (id, ack) or None."""
@@ -423,24 +432,18 @@ class TextIndex:
 
 
 class JournalMaintenance:
-    """Work the engine does off the ACK path, in a background thread: WAL checkpoints and text indexing.
+    """Work the engine does off the ACK path, in a background thread: free-text indexing.
 
     Uses its own connections, so it runs beside the writer; SQLite releases the GIL while it
     works, so on a two-core machine this really runs on the other core.
     """
 
     def __init__(self, journal_path: str | Path):
-        self.journal_path = Path(journal_path)
-        self.checkpoint_conn = sqlite3.connect(str(self.journal_path), isolation_level=None, check_same_thread=False)
-        self.checkpoint_conn.execute("PRAGMA busy_timeout = 10000")
-        self.text = TextIndex(self.journal_path)
+        self.text = TextIndex(journal_path)
 
     def run_once(self) -> int:
-        """Index new rows, then copy committed WAL frames back into the database (PASSIVE: never blocks the writer)."""
-        indexed = self.text.catch_up_all()
-        self.checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return indexed
+        """Index the rows committed since the last run; returns how many."""
+        return self.text.catch_up_all()
 
     def close(self):
         self.text.close()
-        self.checkpoint_conn.close()

@@ -21,7 +21,7 @@ from .ack import AckError, ack_code, ack_wanted, build_ack
 from .charset import encode
 from .config import ListenerSettings
 from .framing import MLLPFraming
-from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, assess
+from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, Prepared, assess
 
 log = Logger(namespace="hl7bridge.listener")
 
@@ -50,49 +50,99 @@ class Counters:
 
 
 class GroupCommit:
-    """Collects frames and journals them together, one transaction per turn of the reactor.
+    """Collects frames from every connection and journals them together, one transaction a batch.
 
-    ``submit`` returns a Deferred that fires with the frame's ``Outcome`` after the commit. If the
-    journal write fails, every frame of that batch gets an error ACK (AE/CE, table 0357 code 207)
-    so its sender resends it, and nothing is claimed to be stored.
+    ``submit`` reads the frame and builds its ACK at once (in the caller's thread), then returns a
+    Deferred that fires with the frame's ``Outcome`` after the commit. Commits run through
+    ``run_commit`` (in ``serve``, a dedicated writer thread): while one batch is being committed
+    (and fsynced), the next one fills up, so with many busy connections each fsync covers many
+    messages. If the journal write fails, every frame of that batch gets an error ACK (AE/CE,
+    table 0357 code 207) so its sender resends it, and nothing is claimed to be stored.
     """
 
-    def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None):
+    def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None, run_commit=None,
+                 checkpoint_interval: float | None = None):
         self.ingestor = ingestor
         self.clock = clock
         self.counters = counters or Counters()
-        self._pending: list[tuple[Frame, defer.Deferred]] = []
+        # How a batch is committed: synchronously by default (tests), in a thread in serve.
+        self.run_commit = run_commit or (lambda fn, *args: defer.maybeDeferred(fn, *args))
+        self._pending: list[tuple[Prepared, defer.Deferred]] = []
         self._scheduled = None
+        self._committing = None  # the Deferred of the batch being committed
+        # With a journal opened with manual_checkpoints, how often (seconds) to checkpoint.
+        self.checkpoint_interval = checkpoint_interval
+        self._last_checkpoint = clock.seconds()
 
     def submit(self, frame: Frame) -> defer.Deferred:
         d = defer.Deferred()
-        self._pending.append((frame, d))
-        if self._scheduled is None:
+        self._pending.append((self.ingestor.prepare(frame), d))
+        if self._scheduled is None and self._committing is None:
+            # Wait for the rest of this turn of the reactor: frames from other connections join.
             self._scheduled = self.clock.callLater(0, self._flush)
         return d
 
-    def flush_now(self):
-        """Commit whatever is pending immediately (used at shutdown)."""
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._flush()
+    @defer.inlineCallbacks
+    def drain(self):
+        """Commit everything pending, then fire (used at shutdown)."""
+        while self._pending or self._committing is not None:
+            if self._committing is not None:
+                yield self._committing
+            else:
+                self._flush()
 
     def _flush(self):
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
         self._scheduled = None
-        batch, self._pending = self._pending, []
-        if not batch:
+        if self._committing is not None or not self._pending:
             return
-        try:
-            outcomes = self.ingestor.ingest([frame for frame, _ in batch])
-        except Exception:
-            self.counters.journal_failures += len(batch)
-            log.failure("journal write failed; {count} message(s) answered with an error ACK", count=len(batch))
-            outcomes = [self._failure_outcome(frame) for frame, _ in batch]
-        for (frame, d), outcome in zip(batch, outcomes):
+        batch, self._pending = self._pending, []
+        # The commit may finish synchronously (and start the next one from _committed), so mark
+        # this one with a token and keep its Deferred only if it is still the one running.
+        token = object()
+        self._committing = token
+        d = self.run_commit(self.ingestor.record, [prepared for prepared, _ in batch])
+        d.addErrback(self._failed, batch)
+        d.addCallback(self._committed, batch)
+        if self._committing is token:
+            self._committing = d
+
+    def _failed(self, failure, batch):
+        self.counters.journal_failures += len(batch)
+        log.failure("journal write failed; {count} message(s) answered with an error ACK", failure, count=len(batch))
+        return [self._failure_outcome(prepared) for prepared, _ in batch]
+
+    def _committed(self, outcomes, batch):
+        self._committing = None
+        for (_, d), outcome in zip(batch, outcomes):
             self.counters.count(outcome)
             d.callback(outcome)
+        if self.checkpoint_interval is not None and self._committing is None:
+            now = self.clock.seconds()
+            if now - self._last_checkpoint >= self.checkpoint_interval:
+                # The ACKs above are out; the next batch waits for this checkpoint instead.
+                self._last_checkpoint = now
+                self._checkpoint()
+                return
+        # Frames that arrived during the commit go next, at once.
+        self._flush()
 
-    def _failure_outcome(self, frame: Frame) -> Outcome:
+    def _checkpoint(self):
+        token = object()
+        self._committing = token
+        d = self.run_commit(self.ingestor.journal.checkpoint)
+        d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
+        d.addBoth(self._checkpointed)
+        if self._committing is token:
+            self._committing = d
+
+    def _checkpointed(self, _):
+        self._committing = None
+        self._flush()
+
+    def _failure_outcome(self, prepared: Prepared) -> Outcome:
+        frame = prepared.frame
         policy = frame.policy or self.ingestor.policy
         assessment = assess(frame.raw, policy)
         header = assessment.header

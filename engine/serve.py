@@ -29,7 +29,8 @@ from .listener import Counters, GroupCommit, MLLPServerFactory
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
-MAINTENANCE_INTERVAL = 0.5  # how stale free-text search and the WAL may get, in seconds
+MAINTENANCE_INTERVAL = 0.5  # how stale free-text search may get, in seconds
+CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -61,7 +62,7 @@ class Engine:
         self.settings = settings
         self.reactor = reactor
         self.journal = journal or Journal(
-            settings.journal_path, settings.journal_synchronous, background_checkpoints=True
+            settings.journal_path, settings.journal_synchronous, manual_checkpoints=True
         )
         self.maintenance = JournalMaintenance(self.journal.path)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-maintenance")
@@ -70,7 +71,14 @@ class Engine:
         self._maintenance_loop.clock = reactor
         self.ingestor = Ingestor(self.journal)
         self.counters = Counters()
-        self.committer = GroupCommit(self.ingestor, reactor, self.counters)
+        # One writer thread owns the journal connection: the reactor keeps reading and parsing
+        # while a commit waits for the disk.
+        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-journal-writer")
+        self.committer = GroupCommit(
+            self.ingestor, reactor, self.counters,
+            run_commit=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
+            checkpoint_interval=CHECKPOINT_INTERVAL,
+        )
         self.ports = []
         self._stats = task.LoopingCall(self._log_stats)
         self._stats.clock = reactor
@@ -93,11 +101,12 @@ class Engine:
             )
         self._stats.start(STATS_INTERVAL, now=False)
         self._pool.start()
+        self._writer.start()
         self._maintenance_loop.start(MAINTENANCE_INTERVAL, now=True)
         return bound
 
     def _maintain(self):
-        """Checkpoint the WAL and index new text in the background thread, one run at a time."""
+        """Index new text in the background thread, one run at a time."""
         if self._maintaining is not None:
             return
         d = threads.deferToThreadPool(self.reactor, self._pool, self.maintenance.run_once)
@@ -136,7 +145,9 @@ class Engine:
             self._maintenance_loop.stop()
         for port in self.ports:
             yield port.stopListening()
-        self.committer.flush_now()
+        yield self.committer.drain()
+        if self._writer.started:
+            self._writer.stop()
         if self._maintaining is not None:
             yield self._maintaining
         if self._pool.started:
@@ -184,8 +195,9 @@ def run(settings: Settings) -> int:
         exit_code[0] = 1
         for port in engine.ports:
             port.stopListening()
-        if engine._pool.started:
-            engine._pool.stop()
+        for pool in (engine._pool, engine._writer):
+            if pool.started:
+                pool.stop()
         engine.maintenance.close()
         engine.journal.close()
         reactor.stop()

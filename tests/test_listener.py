@@ -164,3 +164,14 @@ class ListenerTests(SynchronousTestCase):
         first, second = acks(transport)
         self.assertEqual(first, second)
         self.assertEqual(self.journal.count("duplicate"), 1)
+
+    def test_frames_fed_byte_by_byte_all_reach_the_journal(self):
+        # Found by the fuzz test: a commit that finishes synchronously starts the next one from
+        # its own callback; the outer flush must not then mistake itself for the running commit.
+        proto, transport = self.connect()
+        stream = frame(b"") + frame(b"") + frame(SIU)
+        for i in range(len(stream)):
+            proto.dataReceived(stream[i : i + 1])
+            self.clock.advance(0)
+        self.assertEqual(self.journal.count(), 3)
+        self.assertEqual(len(acks(transport)), 3)
