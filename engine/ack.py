@@ -191,4 +191,9 @@ def _location_parts(location: str | None):
 
 def format_ts(moment: datetime) -> str:
     """An HL7 DTM with seconds and UTC offset: 20261124055413+0000."""
-    return moment.strftime("%Y%m%d%H%M%S%z")
+    offset = moment.utcoffset()
+    minutes = int(offset.total_seconds()) // 60 if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    hours, mins = divmod(abs(minutes), 60)
+    return (f"{moment.year:04d}{moment.month:02d}{moment.day:02d}{moment.hour:02d}{moment.minute:02d}"
+            f"{moment.second:02d}{sign}{hours:02d}{mins:02d}")

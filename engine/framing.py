@@ -3,8 +3,8 @@
 Shaped like Twisted's ``basic.LineReceiver``: one byte buffer, a ``MAX_LENGTH`` class attribute
 that is checked on the unfinished frame too (a peer that never sends the end marker cannot grow
 memory without bound), a ``frameReceived`` hook for subclasses and a ``frameLengthExceeded`` limit
-hook that disconnects by default. ``pauseFraming`` holds back complete frames (and stops reading
-from the socket) until ``resumeFraming``, which is how a server keeps one message in flight per
+hook that disconnects by default. ``pauseFraming`` holds back complete frames (and, once more than
+``MAX_LENGTH`` bytes wait, stops reading from the socket) until ``resumeFraming``, which is how a server keeps one message in flight per
 connection and its ACKs in order.
 """
 
@@ -36,12 +36,19 @@ class MLLPFraming(protocol.Protocol):
     _buffer = b""
     _scanned = 0  # how much of the open frame has been searched for FRAME_END already
     _framingPaused = False
+    _readingPaused = False
     discardedBytes = 0
 
     def dataReceived(self, data: bytes):
         self._buffer += data
         if not self._framingPaused:
             self._deliverFrames()
+        elif not self._readingPaused and len(self._buffer) > self.MAX_LENGTH:
+            # Held frames are piling up: stop reading until the ones in the buffer are handled.
+            # (Not on every pause: a sender that waits for each ACK never gets here, and pausing
+            # the socket costs two system calls per message.)
+            self._readingPaused = True
+            self.transport.pauseProducing()
 
     def _deliverFrames(self):
         while not self._framingPaused and not self.transport.disconnecting:
@@ -78,15 +85,16 @@ class MLLPFraming(protocol.Protocol):
             self.frameReceived(payload)
 
     def pauseFraming(self):
-        """Hold complete frames in the buffer and stop reading from the peer."""
+        """Hold complete frames in the buffer; reading from the peer stops if it grows past MAX_LENGTH."""
         self._framingPaused = True
-        self.transport.pauseProducing()
 
     def resumeFraming(self):
-        """Deliver held frames, then read from the peer again."""
+        """Deliver held frames, and read from the peer again if that was stopped."""
         self._framingPaused = False
         if not self.transport.disconnecting:
-            self.transport.resumeProducing()
+            if self._readingPaused:
+                self._readingPaused = False
+                self.transport.resumeProducing()
             self._deliverFrames()
 
     def frameReceived(self, payload: bytes):

@@ -175,7 +175,8 @@ def utc_now() -> datetime:
 
 def iso(moment: datetime) -> str:
     """Journal timestamps: ISO 8601 in UTC with microseconds, so text order is time order."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    m = moment.astimezone(timezone.utc)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
 
 
 def control_id_factory(prefix: str = "HB") -> Callable[[], str]:

@@ -94,7 +94,7 @@ class FramingTests(SynchronousTestCase):
         proto, transport = connect(PauseEach)
         proto.dataReceived(frame(b"1") + frame(b"2") + frame(b"3"))
         self.assertEqual(proto.frames, [b"1"])
-        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.producerState, "producing")  # little is held: keep reading
         proto.resumeFraming()
         self.assertEqual(proto.frames, [b"1", b"2"])
         proto.resumeFraming()
@@ -111,3 +111,18 @@ class FramingTests(SynchronousTestCase):
         proto, _ = connect(CloseAfterFirst)
         proto.dataReceived(frame(b"1") + frame(b"2"))
         self.assertEqual(proto.frames, [b"1"])
+
+    def test_reading_stops_when_held_frames_exceed_the_limit(self):
+        class PauseEach(Collector):
+            def frameReceived(self, payload):
+                Collector.frameReceived(self, payload)
+                self.pauseFraming()
+
+        proto, transport = connect(PauseEach)
+        proto.MAX_LENGTH = 10
+        proto.dataReceived(frame(b"first"))
+        proto.dataReceived(frame(b"second") + frame(b"third"))
+        self.assertEqual(transport.producerState, "paused")
+        proto.resumeFraming()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(proto.frames, [b"first", b"second"])
