@@ -1,14 +1,15 @@
 """MLLP ingest benchmark: throughput and ACK latency over loopback, printed as a Markdown table.
 
-Run from the repository root, by hand (it takes about a minute and a half with the defaults)::
+Run from the repository root, by hand (about a minute with the defaults)::
 
     .venv/bin/python bench/ingest.py                      # all three servers, 5 s per scenario
     .venv/bin/python bench/ingest.py --seconds 10 --json bench/results.json
     .venv/bin/python bench/ingest.py --only hl7bridge --only ceiling
 
 It needs python-hl7 (``pip install -e '.[bench]'``, or ``pip install 'hl7>=0.4.5'``) for the third
-server. Everything listens on 127.0.0.1, on a free port; journals go to a temporary directory
-(``--tmpdir`` chooses where: keep it on a real disk, on tmpfs an fsync costs nothing).
+server. Everything listens on 127.0.0.1, on a free port. Journals and server logs go to a temporary
+directory, removed at the end unless ``--keep``; ``--tmpdir`` chooses where, and it should be a
+real disk (on tmpfs an fsync costs nothing and the durable servers look faster than they are).
 
 Three servers run one after the other, each in its own process:
 
@@ -40,10 +41,28 @@ turned into CR segment terminators and MSH-10 rewritten to a unique control ID p
 hl7bridge's duplicate detection on (MSH-4, MSH-10) never fires. Every ACK's MSA-1 must be AA;
 anything else is counted and reported.
 
-The load generator is one process per connection, each driving a blocking socket with TCP_NODELAY,
-so that Python's GIL never serialises the connections. Latency is taken per message with
-``time.perf_counter_ns`` from just before the send to the moment the whole ACK frame is in. Each
-scenario starts with ``--warmup`` seconds that are sent (and journaled) but not measured.
+The load generator drives every connection closed-loop (or on its schedule) from
+``--processes`` worker processes (default: one less than the CPUs, at least 1), each multiplexing
+its connections over blocking sockets with TCP_NODELAY and ``select``. Latency is taken per message
+with ``time.perf_counter_ns`` from just before the send to the moment the whole ACK frame is in.
+Each scenario starts with ``--warmup`` seconds that are sent (and journaled) but not measured.
+
+Why not one process per connection: on a 2-core machine eight generator processes compete with
+the server for CPU and pay a context switch per ACK. Against the ceiling server, on 8 connections,
+one process per connection reached 30,000-39,000 msg/s; one process multiplexing all eight reached
+39,000-52,000, about the reference figure below.
+
+``--pin`` runs each server on the last CPU and the generator on the others. It steadies the
+ceiling's figures (left to the scheduler, client and server sometimes share a CPU and the
+single-connection round trip swings between about 7,000 and 23,000 msg/s), but it is off by
+default because hl7bridge indexes text and checkpoints the WAL in a background thread that uses
+the second core: pinned to one CPU it managed 570-770 msg/s in the single-connection paced run,
+against 865-1,000 unpinned. Expect run-to-run noise of 10-30 % on a VM either way, and run twice
+before believing a difference.
+
+Paced rows also report latency from each message's *scheduled* send time. Send-to-ACK latency
+alone hides queueing: after a 40 ms stall, the messages that waited behind it are sent late and
+then answered quickly. A paced row that did not reach its rate is marked "fell behind".
 
 Reference figures measured on the development machine (2 cores) with the 3.5 KB SIU^S12: the
 ceiling server about 11,600 msg/s on 1 connection and 46,000 on 8; the python-hl7 server about 320
@@ -62,6 +81,7 @@ import os
 import platform
 import re
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -158,97 +178,126 @@ class Plan:
 
 
 class Connection:
-    """One blocking MLLP client socket."""
+    """One MLLP client connection and where it stands in its schedule."""
 
-    def __init__(self, host: str, port: int):
-        self.sock = socket.create_connection((host, port))
+    def __init__(self, index: int, port: int, plan: Plan):
+        self.index = index
+        # The socket stays blocking: sends of one 3.5 KB frame into an idle socket complete at
+        # once, and recv is only called once select says there is something to read.
+        self.sock = socket.create_connection(("127.0.0.1", port))
         # Without it Nagle's algorithm can hold a small send back for a delayed ACK (~40 ms).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.prefix = f"B{plan.tag}{index}-"  # the scenario tag keeps control IDs unique per server
         self.buffer = b""
+        self.seq = 0  # messages sent so far
+        self.sent_at = 0
+        self.scheduled = 0  # when the message in flight was due
+        self.due = 0  # when the next message may be sent; None while its ACK is awaited
+        self.done = False
+        self.first = 0  # paced: when message 0 is due
+        self.interval = 0  # paced: nanoseconds between two messages of this connection
 
-    def exchange(self, frame: bytes) -> bytes:
-        """Send one frame and return the payload of the next frame received."""
+    def send(self, template: Template):
+        self.seq += 1
+        frame = template.frame(f"{self.prefix}{self.seq}".encode())
+        self.scheduled, self.due = self.due, None
+        self.sent_at = now_ns()
         self.sock.sendall(frame)
-        buffer = self.buffer
-        while True:
-            end = buffer.find(FRAME_END)
-            if end >= 0:
-                break
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buffer += chunk
-        start = buffer.find(START_BLOCK)
+
+    def read_ack(self) -> bytes | None:
+        """Read what is there; the ACK payload once a whole frame is in, else None."""
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buffer = self.buffer + chunk
+        end = buffer.find(FRAME_END)
+        if end < 0:
+            self.buffer = buffer
+            return None
         self.buffer = buffer[end + 2 :]
-        return buffer[start + 1 : end] if 0 <= start < end else buffer[:end]
+        start = buffer.find(START_BLOCK, 0, end)
+        return buffer[start + 1 : end] if start >= 0 else buffer[:end]
 
     def close(self):
         self.sock.close()
 
 
-def worker(pipe, index: int, port: int, plan: Plan, template: Template):
-    """Child process: connect, say ready, wait for the start time, drive one connection, report.
+def worker(pipe, indexes: list[int], port: int, plan: Plan, template: Template):
+    """Child process: open its connections, say ready, wait for the start time, drive them, report.
 
-    Closed loop sends as fast as ACKs come back. Paced sends message i at
-    ``start + offset + i * interval`` (connections staggered by ``offset`` so that the total is an
-    even stream); if the ACK is late, the next send is late too, which ``from_schedule_ns`` shows.
+    Closed loop, a connection sends its next message as soon as the ACK of the last one is in.
+    Paced, connection i sends message k at ``start + offset_i + k * interval`` (offsets stagger
+    the connections so that together they make an even stream); a late ACK makes the next send
+    late too, which ``from_schedule`` records and plain send-to-ACK latency would hide.
     """
-    result = {"index": index, "sent": 0, "not_aa": {}, "error": None,
-              "latency": b"", "from_schedule": b"", "last_ack_ns": 0, "late_sends": 0, "cpu_ns": 0}
     try:
-        conn = Connection("127.0.0.1", port)
+        conns = [Connection(index, port, plan) for index in indexes]
     except OSError as exc:
-        pipe.send(("error", f"connection {index}: {exc}"))
+        pipe.send(("error", f"cannot connect: {exc}"))
         return
     pipe.send(("ready", None))
     start = pipe.recv()
     measure_from = start + int(plan.warmup * 1e9)
     stop_at = measure_from + int(plan.seconds * 1e9)
-    latency, from_schedule = array("q"), array("q")
-    not_aa = result["not_aa"]
-    prefix = f"B{plan.tag}{index}-"
-    cpu_start = time.process_time_ns()
     paced = plan.paced_rate is not None
-    if paced:
-        interval = int(plan.connections / plan.paced_rate * 1e9)
-        first = start + index * interval // plan.connections
-    else:
-        time.sleep(max(0, start - now_ns()) / 1e9)
-    seq = 0
-    last_ack = 0
+    for conn in conns:
+        if paced:
+            conn.interval = int(plan.connections / plan.paced_rate * 1e9)
+            conn.first = conn.due = start + conn.index * conn.interval // plan.connections
+        else:
+            conn.due = start
+    # select(), not epoll: its timeout has microsecond resolution, epoll's only millisecond, and
+    # a paced send must not be up to a millisecond late. A process has few sockets, so it is cheap.
+    by_fd = {conn.sock.fileno(): conn for conn in conns}
+    latency, from_schedule = array("q"), array("q")
+    not_aa, error, late_sends, last_ack = {}, None, 0, 0
+    active = len(conns)
+    cpu_start = time.process_time_ns()
     try:
-        while True:
-            if paced:
-                scheduled = first + seq * interval
-                if scheduled >= stop_at:
-                    break
-                delay = scheduled - now_ns()
-                if delay > 0:
-                    time.sleep(delay / 1e9)
-                elif delay < -1_000_000:
-                    result["late_sends"] += 1
-            elif now_ns() >= stop_at:
-                break
-            seq += 1
-            frame = template.frame(f"{prefix}{seq}".encode())
-            sent_at = now_ns()
-            ack = conn.exchange(frame)
-            acked_at = now_ns()
-            code = ack_code(ack)
-            if code != "AA":
-                not_aa[code] = not_aa.get(code, 0) + 1
-            if sent_at >= measure_from:
-                latency.append(acked_at - sent_at)
-                last_ack = acked_at
-                if paced:
-                    from_schedule.append(acked_at - scheduled)
-    except OSError as exc:
-        result["error"] = f"connection {index}, message {seq}: {exc}"
+        while active:
+            now = now_ns()
+            wait = None
+            for conn in conns:
+                if conn.done or conn.due is None:
+                    continue  # finished, or awaiting an ACK
+                if conn.due <= now:
+                    if paced and now - conn.due > 1_000_000 and conn.due >= measure_from:
+                        late_sends += 1
+                    conn.send(template)
+                else:
+                    wait = conn.due - now if wait is None else min(wait, conn.due - now)
+            readable, _, _ = select.select(
+                [c.sock for c in conns if c.due is None], [], [], None if wait is None else wait / 1e9
+            )
+            for sock in readable:
+                conn = by_fd[sock.fileno()]
+                ack = conn.read_ack()
+                if ack is None:
+                    continue
+                acked_at = now_ns()
+                code = ack_code(ack)
+                if code != "AA":
+                    not_aa[code] = not_aa.get(code, 0) + 1
+                # A paced message belongs to the window it was scheduled in, even if sent late.
+                if (conn.scheduled if paced else conn.sent_at) >= measure_from:
+                    latency.append(acked_at - conn.sent_at)
+                    if paced:
+                        from_schedule.append(acked_at - conn.scheduled)
+                    last_ack = max(last_ack, acked_at)
+                conn.due = conn.first + conn.seq * conn.interval if paced else acked_at
+                if conn.due >= stop_at:  # nothing is sent at or after the end of the window
+                    conn.done = True
+                    active -= 1
+    except OSError as exc:  # ConnectionError included: the server went away mid-run
+        error = f"connections {indexes[0]}-{indexes[-1]}: {exc}"
     finally:
-        conn.close()
-    result.update(sent=seq, latency=latency.tobytes(), from_schedule=from_schedule.tobytes(),
-                  last_ack_ns=last_ack, cpu_ns=time.process_time_ns() - cpu_start)
-    pipe.send(("done", result))
+        for conn in conns:
+            conn.close()
+    pipe.send(("done", {
+        "sent": sum(c.seq for c in conns), "not_aa": not_aa, "error": error, "late_sends": late_sends,
+        "latency": latency.tobytes(), "from_schedule": from_schedule.tobytes(), "last_ack_ns": last_ack,
+        "cpu_ns": time.process_time_ns() - cpu_start,
+    }))
 
 
 def percentile(ordered: list[int], q: float) -> float:
@@ -281,25 +330,32 @@ class Result:
     p999_ms: float = float("nan")
     max_ms: float = float("nan")
     schedule_p99_ms: float | None = None  # paced only: from the scheduled send time to the ACK
-    late_sends: int = 0
+    late_sends: int = 0  # paced only: measured messages sent more than 1 ms after their time
     not_aa: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     server_cpu: float = 0.0  # cores busy during the measured window
     client_cpu: float = 0.0  # cores the load generator used, warmup included
-    skipped: str | None = None
+    skipped: str | None = None  # why the row was not measured: "skipped: ..." or "failed: ..."
 
     @property
     def failures(self) -> int:
         return sum(self.not_aa.values()) + len(self.errors)
 
 
-def run_load(server: str, server_pid: int, port: int, plan: Plan, template: Template) -> Result:
+def run_load(server: str, server_pid: int, port: int, plan: Plan, template: Template, processes: int) -> Result:
+    """One scenario: start the workers, give them one start time, merge their reports.
+
+    Throughput is the messages sent inside the measured window divided by the time from the start
+    of the window to the last of their ACKs; the server's CPU use is sampled over the same window.
+    """
     # fork: workers inherit the template and plan, and start in milliseconds, not seconds.
     ctx = multiprocessing.get_context("fork")
+    processes = max(1, min(processes, plan.connections))
     pipes, procs = [], []
-    for index in range(plan.connections):
+    for first in range(processes):
         parent_end, child_end = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(child_end, index, port, plan, template), daemon=True)
+        indexes = list(range(first, plan.connections, processes))
+        proc = ctx.Process(target=worker, args=(child_end, indexes, port, plan, template), daemon=True)
         proc.start()
         pipes.append(parent_end)
         procs.append(proc)
@@ -364,8 +420,9 @@ def run_load(server: str, server_pid: int, port: int, plan: Plan, template: Temp
 class ServerProcess:
     """A server under test in a subprocess: started, its port read from stdout, stopped by SIGTERM."""
 
-    def __init__(self, name: str, workdir: Path):
+    def __init__(self, name: str, workdir: Path, cpus: set[int] | None = None, config: Path | None = None):
         self.name = name
+        self.cpus = cpus
         self.workdir = workdir
         self.store: Path | None = None  # the SQLite file whose rows are counted afterwards
         python = sys.executable
@@ -374,6 +431,8 @@ class ServerProcess:
             script = Path(python).parent / "hl7bridge"
             command = [str(script)] if script.exists() else [python, "-m", "engine.cli"]
             self.args = [*command, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--journal", str(self.store)]
+            if config is not None:
+                self.args += ["--config", str(config)]
         elif name == "ceiling":
             self.args = [python, str(BENCH / "ceiling_server.py")]
         elif name == "python-hl7":
@@ -392,6 +451,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         ready = re.compile(rb"ready on 127\.0\.0\.1:(\d+)")
         deadline = time.monotonic() + timeout
@@ -410,15 +470,18 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} was not ready within {timeout:.0f} s:\n{self.stderr_tail()}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
+        """SIGTERM, then the exit code (-SIGKILL if it had to be killed); None if never started."""
+        if self.process is None:
+            return None
+        self._stderr.close()  # the child has its own copy of the descriptor
+        if self.process.poll() is not None:
+            return self.process.returncode  # it died during the run: the caller reports it
         self.process.send_signal(signal.SIGTERM)
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self._stderr.close()
         return code
 
     def stderr_tail(self, lines: int = 20) -> str:
@@ -461,7 +524,20 @@ def machine() -> dict:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "revision": engine_revision(),
     }
+
+
+def engine_revision() -> str:
+    """The commit the engine was measured at, so a table can be traced to the code it describes."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "engine"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return (commit or "unknown") + (" (engine/ has uncommitted changes)" if dirty else "")
 
 
 def filesystem_of(path: Path) -> str:
@@ -480,7 +556,7 @@ def filesystem_of(path: Path) -> str:
 
 def describe(result: Result) -> str:
     if result.skipped:
-        return f"  {result.scenario:<28} skipped: {result.skipped}"
+        return f"  {result.scenario:<28} {result.skipped}"
     text = (
         f"  {result.scenario:<28} {result.msg_per_s:>9,.0f} msg/s  p50 {result.p50_ms:6.2f}  "
         f"p90 {result.p90_ms:6.2f}  p99 {result.p99_ms:6.2f}  p99.9 {result.p999_ms:6.2f}  "
@@ -502,9 +578,11 @@ def markdown_table(results: list[Result]) -> str:
         if r.paced_rate is not None:
             conns += f", paced at {r.paced_rate:,.0f} msg/s"
         if r.skipped:
-            rows.append(f"| {r.server} | {conns} | skipped: {r.skipped} | – | – |")
+            rows.append(f"| {r.server} | {conns} | {r.skipped} | – | – |")
             continue
         flag = f" ({r.failures:,} failed)" if r.failures else ""
+        if r.paced_rate is not None and r.msg_per_s < 0.98 * r.paced_rate:
+            flag += " (fell behind)"
         rows.append(f"| {r.server} | {conns} | {r.msg_per_s:,.0f}{flag} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |")
     return "\n".join(rows)
 
@@ -516,128 +594,204 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each scenario (default 0.5)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unmeasured seconds at the start of each scenario (default 0.5)")
     parser.add_argument("--only", action="append", choices=SERVERS, help="run only this server (repeatable)")
     parser.add_argument("--paced-rate", type=float, default=1000.0, help="total msg/s of the paced runs (default 1000)")
     parser.add_argument("--paced-connections", type=int, action="append",
                         help="connections of a paced run (repeatable; default 1 and 4)")
+    parser.add_argument("--processes", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
+                        help="load generator processes, connections spread over them "
+                             "(default: one less than the CPUs, at least 1)")
+    parser.add_argument("--pin", action="store_true",
+                        help="run each server on the last CPU and the load generator on the others "
+                             "(needs at least 2 CPUs; see above for why it is off by default)")
     parser.add_argument("--tmpdir", type=Path, help="where the journals go (default: the system temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the journals and server logs afterwards")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--hl7bridge-config", type=Path, metavar="DIR",
+                        help="config directory for hl7bridge (e.g. one whose hl7bridge.yaml sets journal.synchronous: normal)")
     return parser.parse_args(argv)
+
+
+def bench_server(name: str, args, template: Template, workdir: Path, cpus) -> tuple[list[Result], dict | None]:
+    """Every scenario against one server; returns the results and what its store holds.
+
+    A scenario that fails (the server died, a connection was refused) ends this server's runs with
+    a failed row, and the results so far are kept.
+    """
+    server = ServerProcess(name, workdir, cpus, config=args.hl7bridge_config if name == "hl7bridge" else None)
+    port = server.start()
+    print(f"{name}: listening on 127.0.0.1:{port} (pid {server.process.pid})", flush=True)
+    plans = [Plan(f"closed loop, {n} conn", tag, n, args.seconds, args.warmup) for tag, n in (("a", 1), ("b", 8))]
+    plans += [Plan(f"paced {args.paced_rate:,.0f}/s, {n} conn", tag, n, args.seconds, args.warmup, args.paced_rate)
+              for tag, n in zip("cdefgh", args.paced_connections or [1, 4])]
+    results, sent, closed = [], 0, {}
+    try:
+        for plan in plans:
+            result = None
+            if plan.paced_rate is not None:
+                # A closed loop is the most a server can do; when the paced run has a single
+                # connection, only the single-connection closed loop bounds it.
+                capacity = closed[1] if plan.connections == 1 else max(closed.values())
+                if capacity < plan.paced_rate:
+                    result = Result(name, plan.name, plan.connections, plan.paced_rate, plan.seconds,
+                                    skipped=f"skipped: cannot keep up (closed loop reached {capacity:,.0f} msg/s)")
+            if result is None:
+                try:
+                    result = run_load(name, server.process.pid, port, plan, template, args.processes)
+                except RuntimeError as exc:
+                    result = Result(name, plan.name, plan.connections, plan.paced_rate, plan.seconds,
+                                    errors=[str(exc)], skipped=f"failed: {exc}")
+                sent += result.sent_total
+                if plan.paced_rate is None:
+                    closed[plan.connections] = result.msg_per_s
+            results.append(result)
+            print(describe(result), flush=True)
+            if result.errors and server.process.poll() is not None:
+                break  # the server is gone: the remaining scenarios could only fail the same way
+    finally:
+        code = server.stop()
+        if code not in (0, -signal.SIGTERM):
+            print(f"  {name} exited with {code}; the end of its log:\n{server.stderr_tail()}")
+    rows = server.stored_rows()
+    if rows is None:
+        return results, None
+    store = {"sent": sent, **rows}
+    verdict = "every message stored" if rows["total"] == sent else "MISMATCH"
+    statuses = ", ".join(f"{count:,} {status}" for status, count in sorted(rows["by_status"].items()))
+    print(f"  store: {rows['total']:,} rows for {sent:,} messages sent ({verdict})" + (f"; {statuses}" if statuses else ""))
+    return results, store
+
+
+def summary(results: list[Result], stores: dict, template: Template, info: dict, args) -> tuple[str, list[str]]:
+    """The Markdown table and the lines that go under it."""
+    notes = []
+    reached = {r.connections: r.msg_per_s for r in results
+               if r.server == "ceiling" and r.paced_rate is None and not r.skipped}
+    if reached:
+        notes.append(
+            "Load generator check: against the ceiling server it reached "
+            + " and ".join(f"{reached[c]:,.0f} msg/s on {c} connection{'s' if c > 1 else ''}" for c in sorted(reached))
+            + f" (reference on the development machine: {REFERENCE['ceiling'][1]:,} and {REFERENCE['ceiling'][8]:,})."
+        )
+    else:
+        notes.append("Load generator check: not done (the ceiling server was not run).")
+    if any(r.server == "python-hl7" for r in results):
+        notes.append(f"python-hl7 reference on the development machine: {REFERENCE['python-hl7'][1]:,} msg/s on 1 "
+                     f"connection, {REFERENCE['python-hl7'][8]:,} on 8.")
+    paced = [r for r in results if r.paced_rate is not None and not r.skipped]
+    if paced:
+        notes.append(
+            "Paced rows, p99 from each message's scheduled send time (this also counts waiting behind a late "
+            "ACK on the same connection): "
+            + "; ".join(f"{r.server} {r.connections} conn {r.schedule_p99_ms:.2f} ms ({r.late_sends:,} sends "
+                        f"over 1 ms late)" for r in paced) + "."
+        )
+    sent = sum(r.sent_total for r in results)
+    not_aa = sum(sum(r.not_aa.values()) for r in results)
+    errors = sum(len(r.errors) for r in results)
+    if not (not_aa or errors):
+        notes.append(f"{sent:,} messages sent (warmup included); every ACK's MSA-1 was AA.")
+    else:
+        notes.append(f"{sent:,} messages sent (warmup included); {not_aa:,} ACKs were not AA and "
+                     f"{errors} load generator failure(s) were reported (see the log above the table).")
+    for name, store in stores.items():
+        notes.append(f"{name} store after the run: {store['total']:,} rows for {store['sent']:,} messages sent.")
+    if any(r.server == "hl7bridge" for r in results):
+        misses = []
+        for r in results:
+            if r.server != "hl7bridge" or r.skipped:
+                continue
+            target = TARGETS["closed"].get(r.connections)
+            if r.paced_rate is None and target and r.msg_per_s < target:
+                misses.append(f"{r.msg_per_s:,.0f} msg/s on {r.connections} conn (target {target:,})")
+            if r.paced_rate is not None and not r.p99_ms < TARGETS["paced_p99_ms"]:
+                misses.append(f"p99 {r.p99_ms:.2f} ms paced over {r.connections} conn "
+                              f"(target under {TARGETS['paced_p99_ms']:g} ms)")
+        notes.append("hl7bridge targets: " + ("all met." if not misses else "missed: " + "; ".join(misses) + "."))
+    caption = (f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['date'][:10]}; "
+               f"{template.size:,}-byte SIU^S12 over loopback, {args.seconds:g} s per row.")
+    return caption + "\n\n" + markdown_table(results), notes
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     servers = [s for s in SERVERS if not args.only or s in args.only]
-    paced_connections = args.paced_connections or [1, 4]
     template = load_template()
     if "python-hl7" in servers:
         try:
-            import hl7.mllp  # noqa: F401
+            import hl7.mllp  # noqa: F401  (only checking that the third server can start)
         except ImportError:
             sys.exit("python-hl7 is not installed: .venv/bin/pip install 'hl7>=0.4.5' (or use --only)")
 
     info = machine()
+    server_cpus = None
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) >= 2:
+        server_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # the forked load generator processes inherit this
     workroot = Path(tempfile.mkdtemp(prefix="hl7bridge-bench-", dir=args.tmpdir))
     print(f"# hl7bridge MLLP ingest benchmark, {info['date']}")
     print(f"machine: {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}")
-    print(f"message: {template.source.name}, {template.size:,} bytes, MSH-10 rewritten per message")
+    print(f"hl7bridge: commit {info['revision']}")
+    print(f"message: {template.source}, {template.size:,} bytes with CR segment ends, MSH-10 unique per message")
     print(f"journals: {workroot} ({filesystem_of(workroot)})")
-    print(f"{args.seconds:g} s measured after {args.warmup:g} s warmup per scenario; one load generator "
-          f"process per connection")
-    print()
+    placement = (f"servers on CPU {min(server_cpus)}, load generator on CPU {','.join(map(str, cpus[:-1]))}"
+                 if server_cpus else "not pinned")
+    print(f"each scenario: {args.warmup:g} s warmup, then {args.seconds:g} s measured; load generator: up to "
+          f"{args.processes} process(es); {placement}")
+    print(flush=True)
 
     results: list[Result] = []
     stores: dict[str, dict] = {}
+    failed = False
     for name in servers:
         workdir = workroot / name
         workdir.mkdir()
-        server = ServerProcess(name, workdir)
-        port = server.start()
-        print(f"{name}: listening on 127.0.0.1:{port} (pid {server.process.pid})", flush=True)
-        sent = 0
         try:
-            closed = {}
-            for tag, connections in (("a", 1), ("b", 8)):
-                plan = Plan(f"closed loop, {connections} conn", tag, connections, args.seconds, args.warmup)
-                result = run_load(name, server.process.pid, port, plan, template)
-                sent += result.sent_total
-                closed[connections] = result.msg_per_s
-                results.append(result)
-                print(describe(result), flush=True)
-            for tag, connections in zip("cdefgh", paced_connections):
-                plan = Plan(f"paced {args.paced_rate:,.0f}/s, {connections} conn", tag, connections,
-                            args.seconds, args.warmup, args.paced_rate)
-                # A closed loop is the most a server can do; with fewer connections than the
-                # 8-connection run, the 1-connection figure is the honest bound.
-                capacity = closed[1] if connections == 1 else max(closed.values())
-                if capacity < args.paced_rate:
-                    result = Result(name, plan.name, connections, args.paced_rate, args.seconds,
-                                    skipped=f"cannot keep up (closed loop reached {capacity:,.0f} msg/s)")
-                else:
-                    result = run_load(name, server.process.pid, port, plan, template)
-                    sent += result.sent_total
-                results.append(result)
-                print(describe(result), flush=True)
-        finally:
-            code = server.stop()
-        if code not in (0, -signal.SIGTERM):
-            print(f"  {name} exited with {code}:\n{server.stderr_tail()}")
-        rows = server.stored_rows()
-        if rows is not None:
-            stores[name] = {"sent": sent, **rows}
-            verdict = "every message stored" if rows["total"] == sent else "MISMATCH"
-            statuses = ", ".join(f"{count:,} {status}" for status, count in sorted(rows["by_status"].items()))
-            print(f"  store: {rows['total']:,} rows for {sent:,} messages sent ({verdict})"
-                  + (f"; {statuses}" if statuses else ""))
+            server_results, store = bench_server(name, args, template, workdir, server_cpus)
+        except RuntimeError as exc:
+            # One broken server should not cost the figures of the others.
+            print(f"{name}: FAILED: {exc}\n", flush=True)
+            failed = True
+            continue
+        results += server_results
+        if store is not None:
+            stores[name] = store
         print(flush=True)
 
-    # What the generator reached against the ceiling, beside the reference figures.
-    check = {}
-    for r in results:
-        if r.server == "ceiling" and r.paced_rate is None:
-            check[r.connections] = r.msg_per_s
-    if check:
-        reached = " and ".join(f"{check[c]:,.0f} msg/s on {c} conn" for c in sorted(check))
-        reference = " and ".join(f"{REFERENCE['ceiling'][c]:,} on {c}" for c in sorted(check))
-        generator_check = f"Load generator check: against the ceiling server it reached {reached} (reference: {reference})."
-    else:
-        generator_check = "Load generator check: not done (the ceiling server was not run)."
-
-    total_acks = sum(r.sent_total for r in results)
-    failures = sum(r.failures for r in results)
+    table, notes = summary(results, stores, template, info, args)
     print("## Results\n")
-    print(f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['date'][:10]}; "
-          f"{template.size:,}-byte SIU^S12, loopback, {args.seconds:g} s per row.\n")
-    print(markdown_table(results))
+    print(table)
     print()
-    print(generator_check)
-    print(f"ACKs: {total_acks:,} received, "
-          + ("every MSA-1 was AA." if not failures else f"{failures:,} were not AA or failed (see above)."))
-    for name, store in stores.items():
-        print(f"{name} store: {store['total']:,} rows for {store['sent']:,} messages sent.")
-    if "hl7bridge" in servers:
-        misses = []
-        for r in results:
-            if r.server != "hl7bridge" or r.skipped:
-                continue
-            if r.paced_rate is None and r.msg_per_s < TARGETS["closed"][r.connections]:
-                misses.append(f"{r.msg_per_s:,.0f} msg/s on {r.connections} conn (target {TARGETS['closed'][r.connections]:,})")
-            if r.paced_rate is not None and r.p99_ms >= TARGETS["paced_p99_ms"]:
-                misses.append(f"p99 {r.p99_ms:.2f} ms paced over {r.connections} conn (target < {TARGETS['paced_p99_ms']:g} ms)")
-        print("hl7bridge targets: " + ("all met." if not misses else "missed: " + "; ".join(misses) + "."))
+    print("\n".join(notes))
 
     if args.json:
         payload = {
-            "machine": info, "message": {"file": str(template.source), "bytes": template.size},
+            "machine": info,
+            "message": {"file": str(template.source), "bytes": template.size},
             "settings": {"seconds": args.seconds, "warmup": args.warmup, "paced_rate": args.paced_rate,
-                         "paced_connections": paced_connections, "journals": filesystem_of(workroot)},
-            "reference": REFERENCE, "targets": TARGETS, "generator_check": generator_check,
-            "results": [asdict(r) for r in results], "stores": stores,
+                         "paced_connections": args.paced_connections or [1, 4], "pinned": bool(args.pin),
+                         "journals": filesystem_of(workroot)},
+            "reference": REFERENCE,
+            "targets": TARGETS,
+            # NaN (a row with no latencies) is not JSON: write null.
+            "results": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+                        for r in results],
+            "stores": stores,
+            "notes": notes,
+            "table": table,
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"\nJSON written to {args.json}")
-    return 1 if failures else 0
+    failed = failed or any(r.errors for r in results)
+    if args.keep or failed:
+        print(f"\njournals and server logs kept in {workroot}")
+    else:
+        shutil.rmtree(workroot, ignore_errors=True)
+    lost = any(store["total"] != store["sent"] for store in stores.values())
+    return 1 if failed or lost or any(r.failures for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-from twisted.internet import defer, ssl, task, threads
+from twisted.internet import defer, protocol, ssl, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
@@ -24,12 +24,15 @@ from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
-from .journal import Journal, JournalMaintenance
+from .journal import Checkpointer, Journal
 from .listener import Counters, GroupCommit, MLLPServerFactory
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
-MAINTENANCE_INTERVAL = 0.5  # how stale free-text search may get, in seconds
+CHECKPOINTER_INTERVAL = 0.5  # the background checkpoint that does the bulk of the copying
+TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
+INDEXER_RESTART_DELAY = 5.0
+GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -64,11 +67,12 @@ class Engine:
         self.journal = journal or Journal(
             settings.journal_path, settings.journal_synchronous, manual_checkpoints=True
         )
-        self.maintenance = JournalMaintenance(self.journal.path)
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-maintenance")
-        self._maintaining = None
-        self._maintenance_loop = task.LoopingCall(self._maintain)
-        self._maintenance_loop.clock = reactor
+        self.checkpointer = Checkpointer(self.journal.path)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-checkpointer")
+        self._checkpointing = None
+        self._checkpoint_loop = task.LoopingCall(self._checkpoint)
+        self._checkpoint_loop.clock = reactor
+        self.indexer = TextIndexerProcess(reactor, self.journal.path)
         self.ingestor = Ingestor(self.journal)
         self.counters = Counters()
         # One writer thread owns the journal connection: the reactor keeps reading and parsing
@@ -102,22 +106,23 @@ class Engine:
         self._stats.start(STATS_INTERVAL, now=False)
         self._pool.start()
         self._writer.start()
-        self._maintenance_loop.start(MAINTENANCE_INTERVAL, now=True)
+        self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
+        self.indexer.start()
         return bound
 
-    def _maintain(self):
-        """Index new text in the background thread, one run at a time."""
-        if self._maintaining is not None:
+    def _checkpoint(self):
+        """The bulk WAL checkpoint, in the background thread, one run at a time."""
+        if self._checkpointing is not None:
             return
-        d = threads.deferToThreadPool(self.reactor, self._pool, self.maintenance.run_once)
+        d = threads.deferToThreadPool(self.reactor, self._pool, self.checkpointer.run_once)
 
         def done(result):
-            self._maintaining = None
+            self._checkpointing = None
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda failure: log.failure("journal maintenance failed; will try again", failure))
-        self._maintaining = d
+        d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
+        self._checkpointing = d
 
     def _listen(self, listener: ListenerSettings):
         factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
@@ -141,19 +146,19 @@ class Engine:
         """Stop listening, commit what is pending, close the journal."""
         if self._stats.running:
             self._stats.stop()
-        if self._maintenance_loop.running:
-            self._maintenance_loop.stop()
+        if self._checkpoint_loop.running:
+            self._checkpoint_loop.stop()
         for port in self.ports:
             yield port.stopListening()
         yield self.committer.drain()
         if self._writer.started:
             self._writer.stop()
-        if self._maintaining is not None:
-            yield self._maintaining
+        if self._checkpointing is not None:
+            yield self._checkpointing
         if self._pool.started:
             self._pool.stop()
-        self.maintenance.run_once()
-        self.maintenance.close()
+        self.checkpointer.close()
+        yield self.indexer.stop()
         self._log_stats()
         self.journal.close()
 
@@ -170,6 +175,47 @@ class Engine:
         )
 
 
+class TextIndexerProcess(protocol.ProcessProtocol):
+    """Runs ``python -m engine.textindexer`` beside the engine and restarts it if it dies."""
+
+    def __init__(self, reactor, journal_path):
+        self.reactor = reactor
+        self.journal_path = str(journal_path)
+        self.stopping = False
+        self.ended = None
+        self.transport = None
+
+    def start(self):
+        self.ended = defer.Deferred()
+        args = [sys.executable, "-m", "engine.textindexer", self.journal_path, "--interval", str(TEXT_INDEX_INTERVAL)]
+        self.reactor.spawnProcess(self, sys.executable, args, env=None, childFDs={0: "w", 1: 1, 2: 2})
+
+    def processEnded(self, reason):
+        ended, self.ended = self.ended, None
+        if ended is not None:
+            ended.callback(None)
+        if not self.stopping:
+            log.warn("text indexer exited ({reason}); restarting in {delay}s",
+                     reason=reason.getErrorMessage(), delay=INDEXER_RESTART_DELAY)
+            self.reactor.callLater(INDEXER_RESTART_DELAY, self._restart)
+
+    def _restart(self):
+        if not self.stopping and self.ended is None:
+            self.start()
+
+    def stop(self):
+        """Ask the indexer to finish (it indexes what is left, then exits); fires when it has."""
+        self.stopping = True
+        if self.ended is None:
+            return defer.succeed(None)
+        ended = self.ended
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:  # already gone
+            pass
+        return ended
+
+
 def start_logging(level: str, stream=None):
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(stream or sys.stderr), [predicate])
@@ -180,6 +226,9 @@ def run(settings: Settings) -> int:
     """Run the engine until SIGINT/SIGTERM. Returns the process exit code."""
     from twisted.internet import reactor
 
+    # The background threads (journal writer, text indexing) do Python work too; by default a
+    # thread keeps the GIL for up to 5 ms before handing it over, which showed up as ACK latency.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     start_logging(settings.log_level)
     engine = Engine(settings, reactor)
     exit_code = [0]
@@ -198,7 +247,7 @@ def run(settings: Settings) -> int:
         for pool in (engine._pool, engine._writer):
             if pool.started:
                 pool.stop()
-        engine.maintenance.close()
+        engine.checkpointer.close()
         engine.journal.close()
         reactor.stop()
 

@@ -232,3 +232,30 @@ def test_malformed_corpus_batches_are_refused_by_send_with_the_line(engine, name
     assert result.returncode == 2
     assert f"line {line}: BHS inside a message" in result.stderr.decode()
     assert journal_rows(engine.journal) == []
+
+
+def test_free_text_is_indexed_in_the_background_and_the_indexer_stops_with_the_engine(engine):
+    import time
+
+    from engine.journal import text_index_path
+
+    assert run_cli("send", "-q", engine.address, EXAMPLES / "siu_s12.hl7", EXAMPLES / "dft_p03.hl7").returncode == 0
+    text_db = text_index_path(engine.journal)
+    deadline = time.monotonic() + 10
+    indexed = 0
+    while time.monotonic() < deadline and indexed < 2:
+        if text_db.exists():
+            conn = sqlite3.connect(text_db)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'indexed_through'").fetchone()
+            except sqlite3.OperationalError:
+                row = None
+            conn.close()
+            indexed = row[0] if row else 0
+        time.sleep(0.1)
+    assert indexed == 2  # without any CLI search asking for it
+    engine.stop()
+    import subprocess
+
+    leftover = subprocess.run(["pgrep", "-f", f"engine.textindexer {engine.journal}"], capture_output=True)
+    assert leftover.stdout == b""
