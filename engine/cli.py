@@ -63,15 +63,42 @@ def serve(listen, config_dir, journal_path, log_level):
     from dataclasses import replace
 
     from .config import load_settings, with_overrides
+    from .project import Project
     from .serve import run
 
     try:
         settings = with_overrides(load_settings(config_dir), listen, journal_path)
+        project = Project.load(settings.config_dir)
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     if log_level:
         settings = replace(settings, log_level=log_level)
-    sys.exit(run(settings))
+    sys.exit(run(settings, project))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--journal", "journal_path", default="var/journal.db", show_default=True,
+              type=click.Path(dir_okay=False), help="The journal of the engine to reload.")
+def reload(journal_path):
+    """Ask the running engine to load its routes and mappings again (SIGHUP), without a restart.
+
+    A file that fails to load leaves the running configuration in place; the engine's log says
+    which file and line. Run 'hl7bridge check' first to see problems before they reach the engine.
+
+    Example: hl7bridge reload --journal var/journal.db
+    """
+    import os
+    import signal
+
+    from .serve import pid_file
+
+    path = pid_file(journal_path)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        raise Failure(f"no running engine for {journal_path} (no usable {path})", EXIT_CONNECTION) from None
+    click.echo(f"reload signalled to the engine (pid {pid}); its log says whether the new files took")
 
 
 # -- send -------------------------------------------------------------------------------------

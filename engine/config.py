@@ -66,7 +66,9 @@ class Settings:
     identity: Identity = Identity()
     default_charset: str = "utf-8"
     log_level: str = "info"
+    unrouted: str = "accept"  # what a message no route takes gets: accept (AA, journaled) or reject (AR)
     source: Path | None = None  # the file the settings came from, if any
+    config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
 
     def policy(self, listener: ListenerSettings) -> AcceptPolicy:
         """The ingest policy of one listener."""
@@ -81,7 +83,7 @@ class Settings:
 
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
-    "settings": {"listeners", "journal", "identity", "charset", "logging"},
+    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -91,6 +93,7 @@ KEYS = {
     "identity": {"application", "facility"},
     "charset": {"default"},
     "logging": {"level"},
+    "routing": {"unrouted"},
 }
 
 
@@ -103,14 +106,16 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         raise ConfigError(f"config directory {base} does not exist")
     path = base / CONFIG_FILE
     if not path.exists():
-        return Settings(base=base)
+        return Settings(base=base, config_dir=base)
     data = load_yaml(path)
     top = Section(data, path, "settings", KEYS["settings"])
 
     def section(name):
         return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
 
-    journal, identity, charset, logging = (section(n) for n in ("journal", "identity", "charset", "logging"))
+    journal, identity, charset, logging, routing = (
+        section(n) for n in ("journal", "identity", "charset", "logging", "routing")
+    )
 
     default_charset = charset.get("default", str, "utf-8")
     if codec_for(default_charset) is None:
@@ -135,7 +140,9 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         ),
         default_charset=codec_for(default_charset),
         log_level=logging.choice("level", LOG_LEVELS, "info"),
+        unrouted=routing.choice("unrouted", ("accept", "reject"), "accept"),
         source=path,
+        config_dir=base,
     )
 
 

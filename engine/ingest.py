@@ -20,6 +20,7 @@ from .er7 import Message, parse, unescape
 from .errors import ParseError
 from .header import Header, read_header
 from .journal import Entry, Journal
+from .transform import decide
 
 # Statuses a journal row can have after ingest.
 ACCEPTED, REJECTED, DUPLICATE, FAILED = "accepted", "rejected", "duplicate", "error"
@@ -204,11 +205,17 @@ class Ingestor:
         policy: AcceptPolicy = AcceptPolicy(),
         clock: Callable[[], datetime] = utc_now,
         next_control_id: Callable[[], str] | None = None,
+        project=None,
+        unrouted: str = "accept",
     ):
         self.journal = journal
         self.policy = policy
         self.clock = clock
         self.next_control_id = next_control_id or control_id_factory()
+        # Routes and mappings (engine.project.Project); None journals without routing.
+        # serve swaps in a new one on reload; each message uses the one in place when it arrives.
+        self.project = project
+        self.unrouted = unrouted
 
     def ingest(self, frames: list[Frame]) -> list[Outcome]:
         """Journal a batch of frames in one transaction and return each one's outcome and ACK."""
@@ -243,6 +250,7 @@ class Ingestor:
                         original = self.journal.find_accepted(*dedupe_key)
                 if original is not None:
                     entry.status = DUPLICATE
+                    entry.conversion = None  # a resend is not processed again
                     # A resend gets the very ACK the original got.
                     entry.duplicate_of, entry.ack, entry.ack_code = original
                     if entry.raw != self._raw_of(original[0], seen_in_batch):
@@ -258,7 +266,7 @@ class Ingestor:
                     entry,
                 )
                 outcomes.append(outcome)
-                if dedupe_key is not None and entry.status == ACCEPTED:
+                if dedupe_key is not None and entry.status != DUPLICATE:
                     seen_in_batch[dedupe_key] = outcome
         return outcomes
 
@@ -281,13 +289,17 @@ class Ingestor:
         else:
             assessment = assess(frame.raw, policy)
         header, decoded = assessment.header, assessment.decoded
-        code = ack_code(assessment.outcome, header)
-        error = assessment.error
+        outcome, error = assessment.outcome, assessment.error
+        status = {ACCEPT: ACCEPTED, ERROR: FAILED, REJECT: REJECTED}[outcome]
+        decision = None
+        if outcome == ACCEPT and self.project is not None:
+            decision = decide(self.project, assessment.message, header, self.unrouted, iso(now))
+            outcome, error, status = decision.outcome, decision.error, decision.status
+        code = ack_code(outcome, header)
         ack_text = build_ack(
             header, code, now=now, control_id=self.next_control_id(), error=error,
             identity=policy.identity,
         )
-        status = {ACCEPT: ACCEPTED, ERROR: FAILED, REJECT: REJECTED}[assessment.outcome]
         entry = Entry(
             received_at=iso(now),
             raw=frame.raw,
@@ -303,6 +315,9 @@ class Ingestor:
         )
         if error is not None:
             entry.error, entry.error_code, entry.error_location = error.text, error.code, error.location
+        if decision is not None:
+            entry.route = decision.route.name if decision.route else None
+            entry.conversion = decision.conversion
         dedupe_key = None
         if header is not None:
             entry.control_id = header.control_id.strip()
@@ -317,6 +332,6 @@ class Ingestor:
             entry.receiving_facility = header.receiving_facility
         if assessment.message is not None:
             entry.ids = identifiers(assessment.message)
-            if status == ACCEPTED:
+            if code in ("AA", "CA"):
                 dedupe_key = (entry.sending_facility, entry.control_id)
         return entry, dedupe_key

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Kinds of identifier kept in message_ids, with the HL7 path each is read from.
 ID_KINDS = {
@@ -71,6 +71,8 @@ class Entry:
     ack: bytes | None = None
     ack_sent: bool = False
     ids: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, authority)
+    route: str | None = None
+    conversion: "ConversionRecord | None" = None  # when the route maps before the ACK
 
     @property
     def patient_id(self) -> str | None:
@@ -80,12 +82,23 @@ class Entry:
         return next((value for k, value, _ in self.ids if k == kind), None)
 
 
+@dataclass
+class ConversionRecord:
+    """The FHIR conversion of a message: 'mapped' with a Bundle, or 'mapping_error' with problems."""
+
+    route: str
+    status: str
+    converted_at: str
+    bundle: str | None = None  # JSON text
+    problems: str | None = None  # JSON list of text
+
+
 _INSERT_COLUMNS = (
     "received_at", "listener", "peer", "control_id", "message_type", "trigger_event",
     "message_structure", "version", "processing_id", "sending_application", "sending_facility",
     "receiving_application", "receiving_facility", "patient_id", "placer_appointment_id",
     "filler_appointment_id", "transaction_id", "status", "error", "error_code", "error_location",
-    "warning", "duplicate_of", "charset", "size", "truncated", "ack_code", "ack", "ack_sent", "raw",
+    "warning", "duplicate_of", "charset", "size", "truncated", "ack_code", "ack", "ack_sent", "raw", "route",
 )
 _INSERT_SQL = (
     f"INSERT INTO messages ({', '.join(_INSERT_COLUMNS)}) "
@@ -134,10 +147,11 @@ class Journal:
             raise RuntimeError(
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
-        if version < 1:
+        steps = {1: self._create_v1, 2: self._migrate_v2}
+        for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
-                self._create_v1()
-                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                steps[target]()
+                self.conn.execute(f"PRAGMA user_version = {target}")
 
     def _create_v1(self):
         db = self.db
@@ -176,6 +190,26 @@ class Journal:
             "CREATE INDEX idx_messages_exceptions ON messages (status, received_at) WHERE status != 'accepted'"
         )
         self.conn.execute("CREATE INDEX idx_message_ids_kind_value ON message_ids (kind, value)")
+
+    def _migrate_v2(self):
+        """Routing and mapping: the route a message took, and its FHIR conversion."""
+        self.conn.execute("ALTER TABLE messages ADD COLUMN route TEXT")
+        self.conn.execute(
+            "CREATE TABLE conversions (message_id INTEGER PRIMARY KEY REFERENCES messages(id), "
+            "route TEXT NOT NULL, status TEXT NOT NULL, converted_at TEXT NOT NULL, "
+            "bundle TEXT, problems TEXT)"
+        )
+        # The exceptions index leaves out both normal outcomes, accepted and mapped.
+        self.conn.execute("DROP INDEX idx_messages_exceptions")
+        self.conn.execute(
+            "CREATE INDEX idx_messages_exceptions ON messages (status, received_at) "
+            "WHERE status NOT IN ('accepted', 'mapped')"
+        )
+        # Routed messages waiting for the converter: few at any time, so this index stays small.
+        self.conn.execute(
+            "CREATE INDEX idx_messages_to_convert ON messages (id) WHERE status = 'accepted' AND route IS NOT NULL"
+        )
+        self.conn.execute("CREATE INDEX idx_messages_route ON messages (route, received_at)")
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -217,16 +251,40 @@ class Journal:
             entry.first_id("filler_appointment"), entry.first_id("transaction"), entry.status,
             entry.error, entry.error_code, entry.error_location, entry.warning, entry.duplicate_of,
             entry.charset, len(entry.raw), int(entry.truncated), entry.ack_code, entry.ack,
-            int(entry.ack_sent), entry.raw,
+            int(entry.ack_sent), entry.raw, entry.route,
         )
         cursor = self.conn.execute(_INSERT_SQL, row)
         message_id = cursor.lastrowid
+        if entry.conversion is not None:
+            self.record_conversion(message_id, entry.conversion)
         if entry.ids:
             self.conn.executemany(
                 "INSERT OR IGNORE INTO message_ids (message_id, kind, value, authority) VALUES (?, ?, ?, ?)",
                 [(message_id, kind, value, authority) for kind, value, authority in entry.ids],
             )
         return message_id
+
+    def record_conversion(self, message_id: int, record: ConversionRecord, update_status: bool = False):
+        """Store a conversion (inside the current transaction), replacing an earlier one."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO conversions (message_id, route, status, converted_at, bundle, problems) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, record.route, record.status, record.converted_at, record.bundle, record.problems),
+        )
+        if update_status:
+            self.conn.execute("UPDATE messages SET status = ? WHERE id = ?", (record.status, message_id))
+
+    def waiting_for_conversion(self, limit: int = 100) -> list[tuple[int, bytes, str, str]]:
+        """Routed messages ACKed before mapping and not converted yet: (id, raw, charset, route)."""
+        return self.conn.execute(
+            "SELECT id, raw, charset, route FROM messages WHERE status = 'accepted' AND route IS NOT NULL "
+            "ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+
+    def conversion(self, message_id: int) -> dict | None:
+        cursor = self.conn.execute("SELECT * FROM conversions WHERE message_id = ?", (message_id,))
+        row = cursor.fetchone()
+        return dict(zip([d[0] for d in cursor.description], row)) if row else None
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -268,7 +326,7 @@ class Journal:
 
 
 SUMMARY_COLUMNS = (
-    "id", "received_at", "listener", "peer", "control_id", "message_type", "trigger_event",
+    "id", "received_at", "listener", "peer", "route", "control_id", "message_type", "trigger_event",
     "sending_application", "sending_facility", "patient_id", "placer_appointment_id",
     "filler_appointment_id", "transaction_id", "status", "ack_code", "error", "size",
 )
@@ -284,6 +342,7 @@ class SearchQuery:
     transaction: str | None = None
     message_type: str | None = None  # "SIU" or "SIU^S12"
     sending_facility: str | None = None
+    route: str | None = None
     status: str | None = None
     since: str | None = None  # ISO timestamp, inclusive
     until: str | None = None  # ISO timestamp, exclusive
@@ -319,11 +378,15 @@ class SearchQuery:
         if self.sending_facility:
             where.append("m.sending_facility = ?")
             params.append(self.sending_facility)
+        if self.route:
+            where.append("m.route = ?")
+            params.append(self.route)
         if self.status:
             where.append("m.status = ?")
             params.append(self.status)
-            if self.status != "accepted":
-                where.append("m.status != 'accepted'")  # lets SQLite use the partial exceptions index
+            if self.status not in ("accepted", "mapped"):
+                # lets SQLite use the partial exceptions index
+                where.append("m.status NOT IN ('accepted', 'mapped')")
         if self.since:
             where.append("m.received_at >= ?")
             params.append(self.since)

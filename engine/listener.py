@@ -24,6 +24,7 @@ from .framing import MLLPFraming
 from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, Prepared, assess
 
 log = Logger(namespace="hl7bridge.listener")
+NORMAL_STATUSES = ("accepted", "mapped")  # logged at debug level; everything else at warn
 
 
 @dataclass
@@ -35,18 +36,24 @@ class Counters:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    unrouted: int = 0
+    mapping_errors: int = 0
     journal_failures: int = 0
     discarded_bytes: int = 0
     refused_connections: int = 0
 
     def count(self, outcome: Outcome):
         self.frames += 1
-        if outcome.status == "accepted":
-            self.accepted += 1
-        elif outcome.status == "duplicate":
+        if outcome.status == "duplicate":
             self.duplicates += 1
+        elif outcome.ack_code in ("AA", "CA"):
+            self.accepted += 1
         else:
             self.rejected += 1
+        if outcome.status == "unrouted":
+            self.unrouted += 1
+        elif outcome.status == "mapping_error":
+            self.mapping_errors += 1
 
 
 class GroupCommit:
@@ -201,11 +208,13 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
         self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
 
     def _reply(self, outcome: Outcome):
-        if outcome.status != "accepted":
+        if outcome.status not in NORMAL_STATUSES:
             log.warn(
-                "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}",
+                "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}"
+                " (route {route})",
                 listener=self.factory.name, status=outcome.status, message_code=outcome.message_code or "-",
                 control_id=outcome.control_id or "-", peer=self.peer, ack_code=outcome.ack_code,
+                route=(outcome.entry.route if outcome.entry is not None else None) or "-",
             )
         else:
             log.debug(

@@ -4,8 +4,9 @@
     DIR/routes/*.yaml    routes (engine.routes)
     DIR/mappings/...     mappings (engine.mapping)
 
-Without ``--config`` the engine uses the directory it runs in when that has ``mappings/``, else
-the routes and mappings shipped beside the package (the repository's own).
+Without ``--config`` (or with one that holds only ``hl7bridge.yaml``) the engine uses the directory
+it runs in when that has ``mappings/``, else the routes and mappings shipped beside the package
+(the repository's own).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def config_dir(given: str | Path | None) -> Path:
-    """The directory routes and mappings are read from (see the module docstring)."""
-    if given is not None:
+    """The directory routes and mappings are read from (see the module docstring).
+
+    A given directory with neither ``routes/`` nor ``mappings/`` (only engine settings) uses the
+    defaults, like every other setting it leaves out.
+    """
+    if given is not None and ((Path(given) / "mappings").is_dir() or (Path(given) / "routes").is_dir()):
         return Path(given)
     here = Path.cwd()
     if (here / "mappings").is_dir():

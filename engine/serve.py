@@ -6,8 +6,11 @@ as a parameter.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+from pathlib import Path
 
 from twisted.internet import defer, protocol, ssl, task, threads
 from twisted.internet.endpoints import serverFromString
@@ -24,14 +27,16 @@ from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
+from .errors import ConfigError
 from .journal import Checkpointer, Journal
+from .project import Project
 from .listener import Counters, GroupCommit, MLLPServerFactory
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
 CHECKPOINTER_INTERVAL = 0.5  # the background checkpoint that does the bulk of the copying
 TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
-INDEXER_RESTART_DELAY = 5.0
+WORKER_RESTART_DELAY = 5.0
 GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -61,7 +66,7 @@ def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
 class Engine:
     """The running engine: one journal, one group committer, any number of MLLP listeners."""
 
-    def __init__(self, settings: Settings, reactor, journal: Journal | None = None):
+    def __init__(self, settings: Settings, reactor, journal: Journal | None = None, project: Project | None = None):
         self.settings = settings
         self.reactor = reactor
         self.journal = journal or Journal(
@@ -72,8 +77,15 @@ class Engine:
         self._checkpointing = None
         self._checkpoint_loop = task.LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = reactor
-        self.indexer = TextIndexerProcess(reactor, self.journal.path)
-        self.ingestor = Ingestor(self.journal)
+        journal_arg = str(self.journal.path)
+        self.indexer = WorkerProcess(
+            reactor, "text indexer",
+            ["engine.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL)],
+        )
+        self.project = project
+        config_args = ["--config", str(project.directory)] if project is not None else []
+        self.converter = WorkerProcess(reactor, "converter", ["engine.converter", journal_arg, *config_args])
+        self.ingestor = Ingestor(self.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # One writer thread owns the journal connection: the reactor keeps reading and parsing
         # while a commit waits for the disk.
@@ -108,7 +120,26 @@ class Engine:
         self._writer.start()
         self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
         self.indexer.start()
+        if self.project is not None:
+            self.converter.start()
+            log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
+                     directory=str(self.project.directory))
         return bound
+
+    def reload(self):
+        """Load routes and mappings again; a file that fails leaves the running ones in place."""
+        directory = self.project.directory if self.project is not None else self.settings.config_dir
+        try:
+            project = Project.load(directory)
+        except ConfigError as exc:
+            log.error("reload refused, the running routes and mappings stay: {error}", error=str(exc))
+            return False
+        self.project = project
+        self.ingestor.project = project
+        self.converter.signal("HUP")
+        log.info("reloaded {routes} routes and {mappings} message mappings from {directory}",
+                 routes=len(project.routes), mappings=len(project.mappings.messages), directory=str(directory))
+        return True
 
     def _checkpoint(self):
         """The bulk WAL checkpoint, in the background thread, one run at a time."""
@@ -159,6 +190,7 @@ class Engine:
             self._pool.stop()
         self.checkpointer.close()
         yield self.indexer.stop()
+        yield self.converter.stop()
         self._log_stats()
         self.journal.close()
 
@@ -175,44 +207,49 @@ class Engine:
         )
 
 
-class TextIndexerProcess(protocol.ProcessProtocol):
-    """Runs ``python -m engine.textindexer`` beside the engine and restarts it if it dies."""
+class WorkerProcess(protocol.ProcessProtocol):
+    """A helper process of the engine (text indexer, converter), restarted if it dies."""
 
-    def __init__(self, reactor, journal_path):
+    def __init__(self, reactor, name: str, args: list[str]):
         self.reactor = reactor
-        self.journal_path = str(journal_path)
+        self.name = name
+        self.args = args
         self.stopping = False
         self.ended = None
         self.transport = None
 
     def start(self):
         self.ended = defer.Deferred()
-        args = [sys.executable, "-m", "engine.textindexer", self.journal_path, "--interval", str(TEXT_INDEX_INTERVAL)]
-        self.reactor.spawnProcess(self, sys.executable, args, env=None, childFDs={0: "w", 1: 1, 2: 2})
+        argv = [sys.executable, "-m", *self.args]
+        self.reactor.spawnProcess(self, sys.executable, argv, env=None, childFDs={0: "w", 1: 1, 2: 2})
 
     def processEnded(self, reason):
         ended, self.ended = self.ended, None
         if ended is not None:
             ended.callback(None)
         if not self.stopping:
-            log.warn("text indexer exited ({reason}); restarting in {delay}s",
-                     reason=reason.getErrorMessage(), delay=INDEXER_RESTART_DELAY)
-            self.reactor.callLater(INDEXER_RESTART_DELAY, self._restart)
+            log.warn("{name} exited ({reason}); restarting in {delay}s",
+                     name=self.name, reason=reason.getErrorMessage(), delay=WORKER_RESTART_DELAY)
+            self.reactor.callLater(WORKER_RESTART_DELAY, self._restart)
 
     def _restart(self):
         if not self.stopping and self.ended is None:
             self.start()
 
+    def signal(self, name: str):
+        if self.ended is not None:
+            try:
+                self.transport.signalProcess(name)
+            except Exception:  # it is just exiting; it will be restarted
+                pass
+
     def stop(self):
-        """Ask the indexer to finish (it indexes what is left, then exits); fires when it has."""
+        """Ask the worker to finish its current batch and exit; fires when it has."""
         self.stopping = True
         if self.ended is None:
             return defer.succeed(None)
         ended = self.ended
-        try:
-            self.transport.signalProcess("TERM")
-        except Exception:  # already gone
-            pass
+        self.signal("TERM")
         return ended
 
 
@@ -222,22 +259,32 @@ def start_logging(level: str, stream=None):
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-def run(settings: Settings) -> int:
-    """Run the engine until SIGINT/SIGTERM. Returns the process exit code."""
+def pid_file(journal_path) -> Path:
+    """Where a running engine writes its process ID (beside its journal), for ``hl7bridge reload``."""
+    path = Path(journal_path)
+    return path.with_name(path.stem + ".pid")
+
+
+def run(settings: Settings, project: Project | None = None) -> int:
+    """Run the engine until SIGINT/SIGTERM; SIGHUP reloads routes and mappings. Returns the exit code."""
     from twisted.internet import reactor
 
     # The background threads (journal writer, text indexing) do Python work too; by default a
     # thread keeps the GIL for up to 5 ms before handing it over, which showed up as ACK latency.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     start_logging(settings.log_level)
-    engine = Engine(settings, reactor)
+    engine = Engine(settings, reactor, project=project)
     exit_code = [0]
+    pid_path = pid_file(engine.journal.path)
 
     def started(bound):
+        pid_path.write_text(f"{os.getpid()}\n")
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(engine.reload))
         for name, host, port in bound:
             # One line per listener on stdout, so scripts and tests can find the port.
             print(f"hl7bridge: listener {name} ready on {host}:{port}", flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
+        reactor.addSystemEventTrigger("after", "shutdown", lambda: pid_path.unlink(missing_ok=True))
 
     def failed(failure):
         print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
