@@ -29,3 +29,17 @@ def test_every_config_key_is_documented():
     text = (ROOT / "docs/configuration.md").read_text()
     for key in sorted(set().union(*KEYS.values())):
         assert f"`{key}`" in text, key
+
+
+def test_every_route_key_and_mapping_directive_is_documented():
+    from engine.mapping.templates import DIRECTIVES
+    from engine.routes import ACK_KEYS, MATCH_KEYS, ROUTE_KEYS
+
+    routes = (ROOT / "docs/routes.md").read_text()
+    for key in sorted(ROUTE_KEYS | MATCH_KEYS | ACK_KEYS):
+        assert f"`{key}`" in routes, key
+    mappings = (ROOT / "docs/mappings.md").read_text()
+    for directive in sorted(DIRECTIVES | {"$key"}):
+        assert f"`{directive}" in mappings, directive
+    for key in ("description", "timezone", "resources", "map", "default"):
+        assert f"`{key}" in mappings or f"`resources[].{key}`" in mappings, key

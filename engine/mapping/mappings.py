@@ -15,6 +15,7 @@ a problem names the FHIR element and the mapping line and HL7 field it came from
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
@@ -217,7 +218,11 @@ class MappingSet:
             raise MappingError([f"no message mapping {mapping!r} (mappings/message/{mapping}.yaml)"])
         message_mapping = self.messages[mapping]
         zone = zone_of(tz or message_mapping.timezone)
-        return Conversion(self, message, zone).run(message_mapping)
+        try:
+            return Conversion(self, message, zone).run(message_mapping)
+        except MappingError:
+            # Again, recording where every value came from, so each problem can name its origin.
+            return Conversion(self, message, zone, tracking=True).run(message_mapping)
 
 
 def zone_of(name: str | None):
@@ -233,12 +238,30 @@ def check_timezone(name, section, key):
         raise section.error(key, f"{name!r} is not a time zone", "use an IANA name such as America/Chicago") from None
 
 
+# Resources that passed validation, by their canonical JSON. Practitioners, locations and devices
+# come back in message after message; validating an identical resource again proves nothing.
+_VALID: dict[str, None] = {}
+_VALID_LIMIT = 20_000
+
+
+def validate_resource(resource: dict):
+    """Validate with fhir.resources (R4B); raises pydantic's ValidationError. Remembers successes."""
+    key = json.dumps(resource, sort_keys=True, separators=(",", ":"))
+    if key in _VALID:
+        return
+    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    if len(_VALID) >= _VALID_LIMIT:
+        _VALID.pop(next(iter(_VALID)))
+    _VALID[key] = None
+
+
 class Conversion:
     """One message being converted: the resources built so far, by type and ID."""
 
-    def __init__(self, mappings: MappingSet, message: Message, tz):
+    def __init__(self, mappings: MappingSet, message: Message, tz, tracking: bool = False):
         self.mappings = mappings
         self.message = message
+        self.tracking = tracking
         self.ctx = Context(message, None, None, tz, mappings.tables)
         self.entries: dict[tuple[str, str], dict] = {}
         self.outputs: dict[tuple[str, str], Output] = {}
@@ -265,7 +288,7 @@ class Conversion:
 
     def build(self, name: str, ctx: Context) -> dict | None:
         resource_mapping = self.mappings.resources[name]
-        out = Output(self.mappings, self)
+        out = Output(self.mappings, self, self.tracking)
         body = resource_mapping.template.build(ctx, out, (resource_mapping.resource_type,)) or {}
         self.errors.extend(out.errors)
         if not body:
@@ -314,7 +337,7 @@ class Conversion:
         for key, entry in self.entries.items():
             resource = entry["resource"]
             try:
-                get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+                validate_resource(resource)
             except ValidationError as exc:
                 out = self.outputs[key]
                 for problem in exc.errors():

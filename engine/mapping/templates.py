@@ -66,7 +66,7 @@ class Expr(Node):
         except (ValueError, ArithmeticError) as exc:
             out.fail(where, self.origin, str(exc))
             return None
-        if value is not None:
+        if value is not None and out.tracking:
             out.note(where, self.origin)
         return value
 
@@ -137,9 +137,12 @@ class Obj(Node):
 class Output:
     """What a build collects besides the value: provenance, errors, referenced resources."""
 
-    def __init__(self, mappings, converter):
+    def __init__(self, mappings, converter, tracking: bool = False):
         self.mappings = mappings
         self.converter = converter
+        # Recording where each value came from costs time on every value; it is only needed to
+        # explain a validation error, so a conversion that fails validation is built again with it.
+        self.tracking = tracking
         self.origins: dict[tuple, Origin] = {}
         self.errors: list[str] = []
 
