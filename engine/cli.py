@@ -328,7 +328,7 @@ def parse_since(value: str, now: datetime | None = None) -> str:
     return iso(moment)
 
 
-STATUSES = ("accepted", "rejected", "duplicate", "error")
+STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "duplicate", "error")
 
 
 @journal.command("search", context_settings=CONTEXT)
@@ -339,7 +339,8 @@ STATUSES = ("accepted", "rejected", "duplicate", "error")
 @click.option("--transaction", help="Financial transaction ID (FT1-2).")
 @click.option("--type", "message_type", help="Message type, optionally with trigger: SIU or SIU^S12.")
 @click.option("--facility", help="Sending facility (MSH-4).")
-@click.option("--status", type=click.Choice(STATUSES), help="Ingest status.")
+@click.option("--route", help="The route that took the message.")
+@click.option("--status", type=click.Choice(STATUSES), help="Status: ingest, routing or mapping outcome.")
 @click.option("--since", help="Received at or after: 30m, 2h, 7d, or an ISO time.")
 @click.option("--until", help="Received before: an ISO time, or 30m, 2h, 7d ago.")
 @click.option("--text", help="Free text anywhere in the message.")
@@ -347,7 +348,7 @@ STATUSES = ("accepted", "rejected", "duplicate", "error")
 @click.option("--raw", is_flag=True, help="Print the messages themselves (one per line block), for piping.")
 @json_option
 def journal_search(journal_path, patient, control_id, appointment, transaction, message_type, facility,
-                   status, since, until, text, limit, raw, as_json):
+                   route, status, since, until, text, limit, raw, as_json):
     """Find messages by identifier, type, status, time or free text.
 
     Example: hl7bridge journal search --type SIU^S12 --since 2h --status rejected
@@ -356,7 +357,7 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
 
     query = SearchQuery(
         patient=patient, control_id=control_id, appointment=appointment, transaction=transaction,
-        message_type=message_type, sending_facility=facility, status=status,
+        message_type=message_type, sending_facility=facility, route=route, status=status,
         since=parse_since(since) if since else None, until=parse_since(until) if until else None,
         text=text, limit=limit,
     )
@@ -395,6 +396,8 @@ def journal_show(journal_path, message_id, raw, validate, as_json):
     with_journal = open_journal(journal_path)
     try:
         record = with_journal.get(message_id)
+        if record is not None:
+            record["conversion"] = with_journal.conversion(message_id)
     finally:
         with_journal.close()
     if record is None:
@@ -449,6 +452,17 @@ def detail_text(detail: dict) -> str:
     lines.append("")
     lines.append("ack:")
     lines += [f"  {segment}" for segment in (detail["ack"] or "(none)").split("\r") if segment]
+    conversion = detail.get("conversion")
+    if conversion:
+        lines.append("")
+        lines.append(f"conversion: {conversion['status']} by route {conversion['route']} at {conversion['converted_at']}")
+        for problem in conversion.get("problems") or []:
+            lines.append(f"  problem: {problem}")
+        if conversion.get("bundle"):
+            entries = conversion["bundle"].get("entry", [])
+            lines.append(f"  bundle: {len(entries)} entries")
+            for entry in entries:
+                lines.append(f"    {entry['request']['method']} {entry['request']['url']}")
     return "\n".join(lines)
 
 

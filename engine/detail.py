@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from .charset import decode
 from .er7 import parse, unescape
 from .errors import ParseError
 from .standard import field_info, validate as validate_structure
 
 SUMMARY_FIELDS = (
-    "id", "received_at", "listener", "peer", "status", "error", "error_code", "error_location",
+    "id", "received_at", "listener", "peer", "route", "status", "error", "error_code", "error_location",
     "warning", "duplicate_of", "control_id", "message_type", "trigger_event", "message_structure",
     "version", "processing_id", "sending_application", "sending_facility", "receiving_application",
     "receiving_facility", "charset", "size", "truncated", "ack_code",
@@ -49,6 +51,15 @@ def describe_message(record: dict, validate: bool = False) -> dict:
         "ack": decode(ack).text if ack else None,
     }
     detail["summary"]["truncated"] = bool(record.get("truncated"))
+    conversion = record.get("conversion")
+    if conversion:
+        detail["conversion"] = {
+            "route": conversion["route"],
+            "status": conversion["status"],
+            "converted_at": conversion["converted_at"],
+            "bundle": json.loads(conversion["bundle"]) if conversion["bundle"] else None,
+            "problems": json.loads(conversion["problems"]) if conversion["problems"] else [],
+        }
     if validate and message is not None:
         report = validate_structure(text)
         detail["validation"] = {"errors": report.errors, "warnings": report.warnings}

@@ -180,3 +180,25 @@ def test_every_command_has_help_with_an_example():
         result = invoke(*path, "--help")
         assert result.exit_code == 0
         assert "Example: hl7bridge " in result.output, path
+
+
+def test_show_includes_the_conversion(tmp_path):
+    from conftest import ROOT
+    from engine.project import Project
+
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    ingestor = Ingestor(journal, clock=lambda: datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc),
+                        next_control_id=lambda: "A1", project=Project.load(ROOT))
+    [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
+    journal.close()
+    assert outcome.status == "mapped"
+    result = invoke("journal", "show", "--journal", path, "1")
+    text = result.output
+    assert "route:                  clinic-charges" in text
+    assert "conversion: mapped by route clinic-charges at 2026-11-24T06:00:00.000000Z" in text
+    assert "  bundle: 13 entries" in text
+    assert "    PUT ChargeItem?identifier=urn:hl7bridge:ft1:EASTCLINIC|TX20261208-0001" in text
+    rows = json.loads(invoke("journal", "search", "--journal", path, "--route", "clinic-charges", "--json").output)
+    assert [r["status"] for r in rows] == ["mapped"]
+    assert invoke("journal", "search", "--journal", path, "--status", "mapping_error").exit_code == 1
