@@ -26,7 +26,7 @@ from .journal import ConversionRecord, Journal
 from .project import Project
 from .transform import MAPPING_ERROR, convert_record
 
-BATCH = 50  # a short write transaction, so the engine's own commits never wait long
+BATCH = 10  # a short write transaction, so the engine's own commits never wait long
 
 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> int:
@@ -60,7 +60,7 @@ def run(journal_path: str, config: str | None, interval: float, parent: int) -> 
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
     try:
-        os.nice(5)
+        os.nice(10)
     except OSError:
         pass
     project = Project.load(config)
