@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 
-from .charset import decode
 from .er7 import parse
 from .errors import ConfigError, ParseError
 from .ingest import iso, utc_now
 from .journal import ConversionRecord, Journal
 from .project import Project
 from .transform import MAPPING_ERROR, convert_record
+from .worker import WorkerSignals, parent_gone
 
 BATCH = 10  # a short write transaction, so the engine's own commits never wait long
 
@@ -55,26 +54,18 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> i
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int) -> int:
-    stop, reload = [], []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
-    try:
-        os.nice(10)
-    except OSError:
-        pass
+    signals = WorkerSignals()
     project = Project.load(config)
     journal = Journal(journal_path, create=False)
     try:
-        while not stop:
-            if reload:
-                reload.clear()
+        while not signals.stop:
+            if signals.take_reload():
                 try:
                     project = Project.load(config)
                 except ConfigError as exc:
                     print(f"hl7bridge converter: reload refused, keeping the running routes: {exc}", file=sys.stderr, flush=True)
             done = convert_pending(journal, project)
-            if os.getppid() != parent:
+            if parent_gone(parent):
                 break
             if done < BATCH:
                 time.sleep(interval)

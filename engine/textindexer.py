@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 
 from .journal import TextIndex
+from .worker import WorkerSignals, parent_gone
 
 
 def run(journal_path: str, interval: float, parent: int) -> int:
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    try:
-        os.nice(10)
-    except OSError:
-        pass
+    signals = WorkerSignals()
     with TextIndex(journal_path) as index:
-        while not stop:
+        while not signals.stop:
             index.catch_up_all()
-            if os.getppid() != parent:  # the engine is gone: do not linger
+            if parent_gone(parent):
                 break
             time.sleep(interval)
         index.catch_up_all()
