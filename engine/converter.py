@@ -22,7 +22,8 @@ from .errors import ConfigError, ParseError
 from .ingest import iso, utc_now
 from .journal import ConversionRecord, Journal
 from .project import Project
-from .transform import MAPPING_ERROR, convert_record
+from .outbox import create_deliveries
+from .transform import MAPPED, MAPPING_ERROR, convert_record
 from .worker import WorkerSignals, parent_gone
 
 BATCH = 10  # a short write transaction, so the engine's own commits never wait long
@@ -32,6 +33,7 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> i
     """Convert up to ``batch`` waiting messages; returns how many were journaled."""
     waiting = journal.waiting_for_conversion(batch)
     records = []
+    routes = {}
     for message_id, raw, charset, route_name in waiting:
         route = project.routes.get(route_name)
         now = iso(utc_now())
@@ -46,10 +48,14 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> i
             else:
                 record = convert_record(project, route, message, now)
         records.append((message_id, record))
+        routes[message_id] = route
     if records:
+        now = utc_now()
         with journal.transaction():
             for message_id, record in records:
                 journal.record_conversion(message_id, record, update_status=True)
+                if record.status == MAPPED and routes[message_id] is not None:
+                    create_deliveries(journal, message_id, project.destinations_of(routes[message_id]), now)
     return len(records)
 
 

@@ -20,6 +20,7 @@ from .er7 import Message, parse, unescape
 from .errors import ParseError
 from .header import Header, read_header
 from .journal import Entry, Journal
+from .outbox import create_deliveries
 from .transform import decide
 
 # Statuses a journal row can have after ingest.
@@ -256,6 +257,10 @@ class Ingestor:
                     if entry.raw != self._raw_of(original[0], seen_in_batch):
                         entry.warning = "resend differs from the original message"
                 message_id = self.journal.insert(entry)
+                if entry.conversion is not None and entry.conversion.status == "mapped" and self.project is not None:
+                    route = self.project.routes.get(entry.route)
+                    if route is not None:
+                        create_deliveries(self.journal, message_id, self.project.destinations_of(route), self.clock())
                 outcome = Outcome(
                     message_id,
                     entry.status,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Kinds of identifier kept in message_ids, with the HL7 path each is read from.
 ID_KINDS = {
@@ -147,7 +147,7 @@ class Journal:
             raise RuntimeError(
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
-        steps = {1: self._create_v1, 2: self._migrate_v2}
+        steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -210,6 +210,34 @@ class Journal:
             "CREATE INDEX idx_messages_to_convert ON messages (id) WHERE status = 'accepted' AND route IS NOT NULL"
         )
         self.conn.execute("CREATE INDEX idx_messages_route ON messages (route, received_at)")
+
+    def _migrate_v3(self):
+        """The outbox: one delivery per (message, destination), its attempts, and replays."""
+        self.conn.execute(
+            "CREATE TABLE deliveries (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL REFERENCES messages(id), "
+            "destination TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+            "created_at TEXT NOT NULL, next_attempt_at TEXT NOT NULL, updated_at TEXT NOT NULL, "
+            "last_error TEXT, delivered_at TEXT)"
+        )
+        # What is due, per destination; and what holds back a key (ordering).
+        self.conn.execute(
+            "CREATE INDEX idx_deliveries_due ON deliveries (destination, next_attempt_at) "
+            "WHERE state IN ('pending', 'retrying')"
+        )
+        self.conn.execute(
+            "CREATE INDEX idx_deliveries_open_keys ON deliveries (destination, key, id) WHERE state != 'delivered'"
+        )
+        self.conn.execute("CREATE INDEX idx_deliveries_message ON deliveries (message_id)")
+        self.conn.execute("CREATE INDEX idx_deliveries_state ON deliveries (state, destination)")
+        self.conn.execute(
+            "CREATE TABLE attempts (id INTEGER PRIMARY KEY, delivery_id INTEGER NOT NULL REFERENCES deliveries(id), "
+            "started_at TEXT NOT NULL, duration_ms REAL, outcome TEXT NOT NULL, status INTEGER, response TEXT)"
+        )
+        self.conn.execute("CREATE INDEX idx_attempts_delivery ON attempts (delivery_id)")
+        self.conn.execute(
+            "CREATE TABLE replays (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL REFERENCES messages(id), "
+            "destination TEXT, requested_at TEXT NOT NULL, who TEXT NOT NULL, why TEXT NOT NULL, remapped INTEGER NOT NULL)"
+        )
 
     # -- writing ----------------------------------------------------------------------------------
 

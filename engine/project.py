@@ -11,10 +11,11 @@ it runs in when that has ``mappings/``, else the routes and mappings shipped bes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .charset import decode
+from .destinations import load_destinations
 from .er7 import Message, parse
 from .errors import ConfigError
 from .header import Header, read_header
@@ -44,15 +45,29 @@ class Project:
     directory: Path
     mappings: MappingSet
     routes: RouteTable
+    destinations: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> "Project":
-        """Load routes and mappings; raises ``ConfigError`` (file, line, hint) on the first problem."""
+        """Load routes, mappings and destinations; raises ``ConfigError`` (file, line, hint) on the first problem."""
         directory = config_dir(directory)
         if not (directory / "mappings").is_dir():
             raise ConfigError(f"{directory} has no mappings/ directory")
         mappings = MappingSet(directory / "mappings")
-        return cls(directory, mappings, load_routes(directory / "routes", mappings))
+        routes = load_routes(directory / "routes", mappings)
+        destinations = load_destinations(directory / "destinations", directory)
+        for route in routes:
+            for name in route.destinations:
+                if name not in destinations:
+                    raise ConfigError(
+                        f"route {route.name!r} sends to {name!r}, which no file in destinations/ defines",
+                        route.path, route.destinations_line,
+                        f"known destinations: {', '.join(sorted(destinations)) or 'none'}",
+                    )
+        return cls(directory, mappings, routes, destinations)
+
+    def destinations_of(self, route: Route) -> list:
+        return [self.destinations[name] for name in route.destinations]
 
     def route_for(self, message: Message, header: Header | None = None) -> Route | None:
         header = header or read_header(message)

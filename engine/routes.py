@@ -47,6 +47,7 @@ class Route:
     ack_after: str = "commit"
     mapping_error: str = "AE"
     destinations: tuple = ()
+    destinations_line: int = 0
 
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
@@ -155,4 +156,5 @@ def load_route(path: Path, mappings: MappingSet) -> Route:
         ack_after=ack.choice("after", ACK_AFTER, "commit"),
         mapping_error=ack.choice("mapping_error", MAPPING_ERROR_CODES, "AE"),
         destinations=tuple(destinations),
+        destinations_line=top.line("destinations"),
     )

@@ -114,6 +114,7 @@ def test_latin1_names_survive(project):
 def scratch(tmp_path):
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     shutil.copytree(ROOT / "routes", tmp_path / "routes")
+    shutil.copytree(ROOT / "destinations", tmp_path / "destinations")
     return tmp_path
 
 

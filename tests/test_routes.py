@@ -62,6 +62,7 @@ def test_match_on_version_receiver_processing_id(tmp_path):
 def test_duplicate_route_names_are_refused(tmp_path):
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     shutil.copytree(ROOT / "routes", tmp_path / "routes")
+    shutil.copytree(ROOT / "destinations", tmp_path / "destinations")
     shutil.copy(tmp_path / "routes/10-scheduling.yaml", tmp_path / "routes/11-copy.yaml")
     with pytest.raises(Exception, match="route name 'clinic-scheduling' is also used in"):
         Project.load(tmp_path)

@@ -49,6 +49,7 @@ def config(tmp_path):
     directory = tmp_path / "config"
     directory.mkdir()
     shutil.copytree(ROOT / "routes", directory / "routes")
+    shutil.copytree(ROOT / "destinations", directory / "destinations")
     shutil.copytree(ROOT / "mappings", directory / "mappings")
     return directory
 

@@ -1,0 +1,161 @@
+"""Destinations: where Bundles go. One YAML file per destination in ``destinations/``.
+
+    name: fhir-main
+    type: fhir                  # fhir, file
+    url: http://127.0.0.1:8103/fhir/R4
+    mode: transaction           # or: resources (one PUT per resource, by its stable ID)
+    auth: {bearer: ${FHIR_TOKEN}}
+    retry: {max_attempts: 12, max_age: 24h, initial_delay: 2s, max_delay: 10m}
+    concurrency: 4
+
+``${NAME}`` in any text value is read from the environment, so secrets stay out of the files.
+Every key is documented in docs/destinations.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .yamlconf import Section, load_yaml
+
+TYPES = ("fhir", "file")
+FHIR_MODES = ("transaction", "resources")
+ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
+KEYS = {
+    "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "directory",
+                    "retry", "concurrency", "order_by"},
+    "auth": {"bearer", "basic"},
+    "basic": {"username", "password"},
+    "tls": {"verify", "ca"},
+    "retry": {"max_attempts", "max_age", "initial_delay", "max_delay", "multiplier", "jitter"},
+}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def seconds(text, what: str) -> float:
+    """'500ms', '2s', '10m', '24h', '7d' (or a number of seconds) in seconds."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{what}: {text!r} is not a duration; write 500ms, 2s, 10m, 24h or 7d")
+    factor = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter; a delivery is dead after ``max_attempts`` or ``max_age``."""
+
+    max_attempts: int = 12
+    max_age: float = 24 * 3600.0
+    initial_delay: float = 2.0
+    max_delay: float = 600.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # +/- this fraction of the delay, so a fleet of retries does not stampede
+
+    def delay(self, attempt: int, random_fraction: float) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based); random_fraction in [0, 1)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        return max(0.0, base * (1 + self.jitter * (2 * random_fraction - 1)))
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    type: str
+    path: str
+    description: str = ""
+    url: str = ""
+    mode: str = "transaction"
+    bearer: str | None = None
+    basic: tuple | None = None  # (username, password)
+    verify_tls: bool = True
+    ca: str | None = None
+    timeout: float = 30.0
+    directory: Path | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 4
+    order_by: str = "patient"
+
+
+def _env(value, section, key):
+    if not isinstance(value, str):
+        return value
+
+    def replace(match):
+        name = match.group(1)
+        if name not in os.environ:
+            raise section.error(key, f"environment variable {name} is not set", f"export {name}=... before starting")
+        return os.environ[name]
+
+    return _ENV.sub(replace, value)
+
+
+def load_destination(path: Path, base: Path) -> Destination:
+    data = load_yaml(path)
+    top = Section(data, path, "destination", KEYS["destination"])
+    name = top.get("name", str, None)
+    if not name:
+        raise top.error("name", "is required", "the name routes use in their destinations list")
+    kind = top.choice("type", TYPES, None) if top.data.get("type") is not None else None
+    if kind is None:
+        raise top.error("type", "is required", f"one of {', '.join(TYPES)}")
+    retry_section = Section(top.data.get("retry"), path, "retry", KEYS["retry"], top.line("retry"))
+    try:
+        defaults = RetryPolicy()
+        retry = RetryPolicy(
+            max_attempts=retry_section.positive("max_attempts", int, defaults.max_attempts),
+            max_age=seconds(retry_section.data.get("max_age", "24h"), "retry.max_age"),
+            initial_delay=seconds(retry_section.data.get("initial_delay", "2s"), "retry.initial_delay"),
+            max_delay=seconds(retry_section.data.get("max_delay", "10m"), "retry.max_delay"),
+            multiplier=retry_section.positive("multiplier", float, defaults.multiplier),
+            jitter=retry_section.get("jitter", float, defaults.jitter),
+        )
+        timeout = seconds(top.data.get("timeout", "30s"), "timeout")
+    except ValueError as exc:
+        raise ConfigError(str(exc), path, top.line("retry")) from None
+    fields = dict(
+        name=name, type=kind, path=str(path), description=top.get("description", str, ""), retry=retry,
+        timeout=timeout, concurrency=top.positive("concurrency", int, 4),
+        order_by=top.choice("order_by", ORDER_KEYS, "patient"),
+    )
+    if kind == "fhir":
+        url = _env(top.get("url", str, None), top, "url")
+        if not url or not url.startswith(("http://", "https://")):
+            raise top.error("url", "is required: the FHIR base URL", "e.g. https://fhir.example.org/fhir/R4")
+        auth = Section(top.data.get("auth"), path, "auth", KEYS["auth"], top.line("auth"))
+        basic = None
+        if auth.data.get("basic") is not None:
+            b = Section(auth.data["basic"], path, "auth.basic", KEYS["basic"], auth.line("basic"))
+            basic = (_env(b.get("username", str, ""), b, "username"), _env(b.get("password", str, ""), b, "password"))
+        tls = Section(top.data.get("tls"), path, "tls", KEYS["tls"], top.line("tls"))
+        ca = tls.get("ca", str, None)
+        fields.update(
+            url=url.rstrip("/"), mode=top.choice("mode", FHIR_MODES, "transaction"),
+            bearer=_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic,
+            verify_tls=tls.get("verify", bool, True), ca=str(base / ca) if ca else None,
+        )
+    elif kind == "file":
+        directory = top.get("directory", str, None)
+        if not directory:
+            raise top.error("directory", "is required for a file destination", "e.g. var/outbox/fhir")
+        fields.update(directory=base / directory)
+    return Destination(**fields)
+
+
+def load_destinations(directory: Path, base: Path) -> dict[str, Destination]:
+    """Every ``directory/*.yaml``, by name; names must be unique."""
+    found: dict[str, Destination] = {}
+    if not directory.is_dir():
+        return found
+    for path in sorted(directory.glob("*.yaml")):
+        destination = load_destination(path, base)
+        if destination.name in found:
+            raise ConfigError(f"destination name {destination.name!r} is also used in {found[destination.name].path}",
+                              path, 1, "give every destination its own name")
+        found[destination.name] = destination
+    return found
