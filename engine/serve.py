@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
+from .dispatcher import Dispatcher
 from .errors import ConfigError
 from .journal import Checkpointer, Journal
 from .project import Project
@@ -95,6 +96,10 @@ class Engine:
             run_commit=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
             checkpoint_interval=CHECKPOINT_INTERVAL,
         )
+        self.dispatcher = Dispatcher(
+            reactor, self.journal, project.destinations if project is not None else {},
+            write=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
+        )
         self.ports = []
         self._stats = task.LoopingCall(self._log_stats)
         self._stats.clock = reactor
@@ -120,6 +125,7 @@ class Engine:
         self._writer.start()
         self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
         self.indexer.start()
+        yield self.dispatcher.start()
         if self.project is not None:
             self.converter.start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
@@ -136,6 +142,7 @@ class Engine:
             return False
         self.project = project
         self.ingestor.project = project
+        self.dispatcher.update(project.destinations)
         self.converter.signal("HUP")
         log.info("reloaded {routes} routes and {mappings} message mappings from {directory}",
                  routes=len(project.routes), mappings=len(project.mappings.messages), directory=str(directory))
@@ -181,6 +188,7 @@ class Engine:
             self._checkpoint_loop.stop()
         for port in self.ports:
             yield port.stopListening()
+        yield self.dispatcher.stop()
         yield self.committer.drain()
         if self._writer.started:
             self._writer.stop()

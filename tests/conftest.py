@@ -31,6 +31,17 @@ def corpus_files() -> list[Path]:
     return sorted(p for p in CORPUS.rglob("*.hl7"))
 
 
+def shipped_config(directory: Path) -> Path:
+    """A copy of the repository's routes, mappings and destinations, so file destinations write
+    under the test's own directory and tests may change them."""
+    import shutil
+
+    if not directory.exists():
+        for part in ("routes", "mappings", "destinations"):
+            shutil.copytree(ROOT / part, directory / part)
+    return directory
+
+
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
@@ -40,6 +51,9 @@ class EngineProcess:
     """``hl7bridge serve`` in a subprocess, listening on a free port."""
 
     def __init__(self, tmp_path: Path, extra_args=(), listen=("tcp:0:interface=127.0.0.1",), config=None):
+        if config is None:
+            config = shipped_config(tmp_path / "config")
+        self.config = config
         self.journal = tmp_path / "journal.db"
         self.stderr_path = tmp_path / "engine.stderr"
         args = [*HL7BRIDGE, "serve", "--journal", str(self.journal)]

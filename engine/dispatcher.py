@@ -1,0 +1,133 @@
+"""The dispatcher: takes due deliveries from the outbox and sends them, per destination.
+
+Runs in ``serve`` on the reactor. Every outbox read and write goes through the journal writer
+(``write``), so it shares the single connection with ingest and never races it. Each destination
+has its own concurrency limit; a slow or dead destination never holds back another.
+Logs carry delivery and message IDs, control IDs, destinations and outcomes; never content.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from . import outbox
+from .senders import sender_for
+
+log = Logger(namespace="hl7bridge.delivery")
+POLL_INTERVAL = 0.25  # how soon a new or due delivery is noticed, in seconds
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Dispatcher:
+    def __init__(self, reactor, journal, destinations: dict, write, clock=utc_now):
+        self.reactor = reactor
+        self.journal = journal
+        self.write = write  # runs a function of the journal in the writer thread; returns a Deferred
+        self.clock = clock
+        self.destinations = destinations
+        self.senders = {name: sender_for(d, reactor) for name, d in destinations.items()}
+        self.in_flight = {name: 0 for name in destinations}
+        self.polling = {name: False for name in destinations}
+        self.counters = {"delivered": 0, "retrying": 0, "dead": 0}
+        self._loop = task.LoopingCall(self.poll_all)
+        self._loop.clock = reactor
+        self._running: set = set()
+
+    @defer.inlineCallbacks
+    def start(self):
+        recovered = yield self.write(outbox.recover, self.journal, self.clock())
+        if recovered:
+            log.info("resuming {count} deliveries that were in flight when the engine stopped", count=recovered)
+        self._loop.start(POLL_INTERVAL, now=True)
+
+    def update(self, destinations: dict):
+        """New destination settings after a reload; senders of changed destinations are rebuilt."""
+        for name, destination in destinations.items():
+            if self.destinations.get(name) != destination:
+                old = self.senders.get(name)
+                if old is not None:
+                    old.close()
+                self.senders[name] = sender_for(destination, self.reactor)
+            self.in_flight.setdefault(name, 0)
+            self.polling.setdefault(name, False)
+        self.destinations = destinations
+
+    def poll_all(self):
+        for name in list(self.destinations):
+            self.poll(name)
+
+    def poll(self, name: str):
+        destination = self.destinations.get(name)
+        if destination is None or self.polling[name]:
+            return
+        room = destination.concurrency - self.in_flight[name]
+        if room <= 0:
+            return
+        self.polling[name] = True
+
+        def take(journal, now):
+            found = outbox.due(journal, name, now, room)
+            if found:
+                outbox.claim(journal, found, now)
+            return found
+
+        d = self.write(take, self.journal, self.clock())
+        d.addCallback(self._send_all, name)
+        d.addErrback(lambda failure: log.failure("outbox read failed for {destination}", failure, destination=name))
+        d.addBoth(lambda _: self.polling.__setitem__(name, False))
+
+    def _send_all(self, deliveries, name):
+        for delivery in deliveries:
+            self.in_flight[name] += 1
+            d = self._send(delivery, name)
+            self._running.add(d)
+            d.addBoth(self._sent, d, name)
+
+    def _sent(self, _, d, name):
+        self._running.discard(d)
+        self.in_flight[name] -= 1
+        self.poll(name)  # room again: take the next one now
+
+    @defer.inlineCallbacks
+    def _send(self, delivery, name):
+        destination = self.destinations[name]
+        started = self.clock()
+        if not delivery.bundle:
+            result = outbox.Result(outbox.PERMANENT, None, "", error="no converted Bundle for this message")
+        else:
+            try:
+                result = yield self.senders[name].send(delivery.bundle, delivery.control_id, delivery.message_id)
+            except Exception as exc:  # a bug in a sender must not lose the delivery
+                log.failure("sender for {destination} failed", destination=name)
+                result = outbox.Result(outbox.TRANSIENT, None, "", error=f"internal error: {type(exc).__name__}")
+        finished = self.clock()
+        state = yield self.write(outbox.finish, self.journal, delivery, destination, result, started, finished)
+        self.counters[state] = self.counters.get(state, 0) + 1
+        if state == outbox.DELIVERED:
+            log.debug("delivered message {message_id} ({control_id}) to {destination}",
+                      message_id=delivery.message_id, control_id=delivery.control_id, destination=name)
+        elif state == outbox.RETRYING:
+            log.warn("delivery {id} of message {message_id} ({control_id}) to {destination} failed "
+                     "(attempt {attempt}: {error}); will retry",
+                     id=delivery.id, message_id=delivery.message_id, control_id=delivery.control_id,
+                     destination=name, attempt=delivery.attempts + 1, error=result.error)
+        else:
+            log.error("delivery {id} of message {message_id} ({control_id}) to {destination} is dead: {error}; "
+                      "'hl7bridge replay' sends it again",
+                      id=delivery.id, message_id=delivery.message_id, control_id=delivery.control_id,
+                      destination=name, error=result.error)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self._loop.running:
+            self._loop.stop()
+        if self._running:
+            yield defer.DeferredList(list(self._running))
+        for sender in self.senders.values():
+            yield sender.close()

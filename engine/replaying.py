@@ -1,0 +1,76 @@
+"""Replays: the library behind ``hl7bridge replay``. Plain Python over the journal.
+
+A replay either resends the stored Bundle (the default) or maps the message again with the
+routes and mappings as they are now (``remap``: after fixing a mapping), and queues it again to
+all or chosen destinations. Every replay is recorded with who asked, when and why.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from .er7 import parse
+from .errors import Hl7BridgeError, ParseError
+from .ingest import iso
+from .journal import Journal
+from .outbox import create_deliveries, replay
+from .project import Project
+from .transform import MAPPED, convert_record
+
+
+class ReplayError(Hl7BridgeError):
+    pass
+
+
+def remap(journal: Journal, project: Project, message_id: int, now: datetime) -> str:
+    """Map a message again with the current routes and mappings; returns the new status.
+
+    Queues deliveries for the route's destinations that the message has none for yet (a message
+    whose first mapping failed has none at all).
+    """
+    row = journal.conn.execute("SELECT raw, charset, route FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        raise ReplayError(f"no message {message_id}")
+    raw, charset, route_name = row
+    try:
+        message = parse(raw.decode(charset or "utf-8", errors="replace"))
+    except ParseError as exc:
+        raise ReplayError(f"message {message_id} is not HL7 ({exc}); there is nothing to map") from None
+    route = project.routes.get(route_name) if route_name else project.route_for(message)
+    if route is None:
+        raise ReplayError(f"message {message_id}: no route takes it" +
+                          (f" (its route {route_name!r} is no longer configured)" if route_name else ""))
+    record = convert_record(project, route, message, iso(now))
+    with journal.transaction():
+        journal.conn.execute("UPDATE messages SET route = ? WHERE id = ?", (route.name, message_id))
+        journal.record_conversion(message_id, record, update_status=True)
+        if record.status == MAPPED:
+            existing = {r[0] for r in journal.conn.execute(
+                "SELECT destination FROM deliveries WHERE message_id = ?", (message_id,))}
+            missing = [d for d in project.destinations_of(route) if d.name not in existing]
+            create_deliveries(journal, message_id, missing, now)
+    return record.status
+
+
+def replay_messages(journal: Journal, project: Project | None, message_ids: list[int], destinations: list[str] | None,
+                    who: str, why: str, remapped: bool = False, only_dead: bool = False,
+                    now: datetime | None = None) -> dict:
+    """Replay each message; returns counts: messages, deliveries reset, and remap outcomes."""
+    now = now or datetime.now(timezone.utc)
+    statuses: dict[str, int] = {}
+    if remapped:
+        if project is None:
+            raise ReplayError("remapping needs the routes and mappings (--config)")
+        for message_id in message_ids:
+            status = remap(journal, project, message_id, now)
+            statuses[status] = statuses.get(status, 0) + 1
+    reset = replay(journal, message_ids, destinations, who, why, now, only_dead=only_dead, remapped=remapped)
+    return {"messages": len(message_ids), "deliveries": reset, "remapped": statuses}
+
+
+def dead_message_ids(journal: Journal, destination: str) -> list[int]:
+    return [r[0] for r in journal.conn.execute(
+        "SELECT DISTINCT message_id FROM deliveries WHERE destination = ? AND state = 'dead' ORDER BY message_id",
+        (destination,))]
+
+

@@ -1,0 +1,230 @@
+"""Sending one Bundle to one destination: FHIR REST over Twisted's HTTP client, or a file.
+
+A sender returns a Deferred that fires with an ``outbox.Result``: OK, TRANSIENT (retry later:
+timeouts, refused connections, 5xx, 408, 429) or PERMANENT (dead-letter: other 4xx, a Bundle the
+server refuses). Senders never raise for a failed delivery and never log message content.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError as TxTimeoutError
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.internet.ssl import Certificate as TLSCertificate
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseFailed,
+    readBody,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from .destinations import Destination
+from .outbox import OK, PERMANENT, TRANSIENT, Result
+
+FHIR_JSON = b"application/fhir+json"
+
+
+def classify_status(status: int) -> str:
+    """HTTP status to an outbox outcome: 2xx OK; 408, 429 and 5xx transient; other 4xx permanent."""
+    if 200 <= status < 300:
+        return OK
+    if status in (408, 429) or status >= 500:
+        return TRANSIENT
+    return PERMANENT
+
+
+def retry_after(value: bytes | None) -> float | None:
+    """Seconds from a Retry-After header (only the delta-seconds form)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value.decode().strip()))
+    except ValueError:
+        return None
+
+
+def transaction_outcome(body: bytes) -> tuple[str, str]:
+    """Look inside a transaction-response Bundle: every entry must have succeeded."""
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        return OK, ""
+    worst = OK
+    problems = []
+    for index, entry in enumerate(bundle.get("entry", []) or []):
+        status_text = (entry.get("response") or {}).get("status", "")
+        try:
+            status = int(status_text.split()[0])
+        except (ValueError, IndexError):
+            continue
+        outcome = classify_status(status)
+        if outcome != OK:
+            problems.append(f"entry {index}: {status_text}")
+            worst = PERMANENT if PERMANENT in (worst, outcome) else TRANSIENT
+    return worst, "; ".join(problems)
+
+
+def resources_in_order(bundle: dict) -> list[tuple[str, dict]]:
+    """For 'resources' mode: each entry as (Type/id, resource), with urn:uuid references rewritten."""
+    urls = {}
+    for entry in bundle.get("entry", []):
+        resource = entry["resource"]
+        resource_id = entry["fullUrl"].rsplit(":", 1)[-1]
+        urls[entry["fullUrl"]] = f"{resource['resourceType']}/{resource_id}"
+
+    def rewrite(value):
+        if isinstance(value, dict):
+            return {k: (urls.get(v, v) if k == "reference" and isinstance(v, str) else rewrite(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return value
+
+    out = []
+    for entry in bundle.get("entry", []):
+        url = urls[entry["fullUrl"]]
+        resource = rewrite(entry["resource"])
+        resource["id"] = url.split("/", 1)[1]
+        out.append((url, resource))
+    return out
+
+
+@implementer(IPolicyForHTTPS)
+class _NoVerification:
+    """tls.verify: false (a test server with a self-signed certificate). Never the default."""
+
+    def creatorForNetloc(self, hostname, port):
+        from twisted.internet.ssl import CertificateOptions
+
+        return CertificateOptions(verify=False)
+
+
+@implementer(IPolicyForHTTPS)
+class _CustomCA:
+    def __init__(self, ca_path: str):
+        self.trust = TLSCertificate.loadPEM(Path(ca_path).read_bytes())
+
+    def creatorForNetloc(self, hostname, port):
+        return optionsForClientTLS(hostname.decode(), trustRoot=self.trust)
+
+
+class FhirSender:
+    """Delivers Bundles to a FHIR server: one transaction, or one PUT per resource."""
+
+    def __init__(self, destination: Destination, reactor):
+        self.destination = destination
+        self.reactor = reactor
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = destination.concurrency
+        if not destination.verify_tls:
+            policy = _NoVerification()
+        elif destination.ca:
+            policy = _CustomCA(destination.ca)
+        else:
+            policy = BrowserLikePolicyForHTTPS(platformTrust())
+        self.agent = Agent(reactor, contextFactory=policy, pool=pool)
+        self.pool = pool
+
+    def headers(self) -> Headers:
+        headers = Headers({b"Content-Type": [FHIR_JSON], b"Accept": [FHIR_JSON], b"User-Agent": [b"hl7bridge"]})
+        if self.destination.bearer:
+            headers.addRawHeader(b"Authorization", b"Bearer " + self.destination.bearer.encode())
+        elif self.destination.basic:
+            user, password = self.destination.basic
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers.addRawHeader(b"Authorization", f"Basic {token}".encode())
+        return headers
+
+    @defer.inlineCallbacks
+    def request(self, method: bytes, url: str, body: bytes):
+        """(status, body, Retry-After) of one request, with the destination's timeout."""
+        d = self.agent.request(method, url.encode(), self.headers(), FileBodyProducer(BytesIO(body)))
+        d.addTimeout(self.destination.timeout, self.reactor)
+        response = yield d
+        content = yield readBody(response).addTimeout(self.destination.timeout, self.reactor)
+        return response.code, content, response.headers.getRawHeaders(b"retry-after", [None])[0]
+
+    @defer.inlineCallbacks
+    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+        try:
+            if self.destination.mode == "transaction":
+                result = yield self._transaction(bundle_json)
+            else:
+                result = yield self._resources(bundle_json)
+        except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
+            result = Result(TRANSIENT, None, "", error=f"{type(exc).__name__}: {exc}"[:300])
+        return result
+
+    @defer.inlineCallbacks
+    def _transaction(self, bundle_json: str):
+        status, body, after = yield self.request(b"POST", self.destination.url, bundle_json.encode())
+        outcome = classify_status(status)
+        text = body.decode("utf-8", errors="replace")
+        if outcome == OK:
+            outcome, problems = transaction_outcome(body)
+            if outcome != OK:
+                return Result(outcome, status, text, error=f"transaction entries failed: {problems}"[:300])
+            return Result(OK, status, text)
+        return Result(outcome, status, text, retry_after(after), error=f"HTTP {status}")
+
+    @defer.inlineCallbacks
+    def _resources(self, bundle_json: str):
+        status = None
+        for url, resource in resources_in_order(json.loads(bundle_json)):
+            status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", json.dumps(resource).encode())
+            outcome = classify_status(status)
+            if outcome != OK:
+                text = body.decode("utf-8", errors="replace")
+                return Result(outcome, status, text, retry_after(after), error=f"HTTP {status} on PUT {url.split('/')[0]}")
+        return Result(OK, status, "")
+
+    def close(self):
+        return self.pool.closeCachedConnections()
+
+
+class FileSender:
+    """Appends each Bundle as one line of NDJSON to DIRECTORY/YYYY-MM-DD.ndjson, flushed to disk."""
+
+    def __init__(self, destination: Destination, reactor):
+        self.destination = destination
+        self.reactor = reactor
+
+    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+        return threads.deferToThread(self._append, bundle_json, control_id, message_id)
+
+    def _append(self, bundle_json: str, control_id: str, message_id: int) -> Result:
+        directory = self.destination.directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            now = datetime.now(timezone.utc)
+            line = json.dumps({"message_id": message_id, "control_id": control_id,
+                               "written_at": now.isoformat(), "bundle": json.loads(bundle_json)},
+                              separators=(",", ":"), ensure_ascii=False)
+            path = directory / f"{now:%Y-%m-%d}.ndjson"
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            return Result(TRANSIENT, None, "", error=f"cannot write {directory}: {exc.strerror}")
+        return Result(OK, None, str(path.name))
+
+    def close(self):
+        return defer.succeed(None)
+
+
+def sender_for(destination: Destination, reactor):
+    if destination.type == "fhir":
+        return FhirSender(destination, reactor)
+    return FileSender(destination, reactor)
