@@ -16,7 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 serve: $(STAMP)
 	$(BIN)/hl7bridge serve
 
-test: $(STAMP)
+FHIR_SERVER := tests/fhir_server
+
+# The test FHIR server (Medplum's router on Node): npm packages pinned in its package-lock.json.
+$(FHIR_SERVER)/node_modules/.installed: $(FHIR_SERVER)/package-lock.json
+	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(STAMP) $(FHIR_SERVER)/node_modules/.installed
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

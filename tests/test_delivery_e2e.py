@@ -1,0 +1,174 @@
+"""Delivery end to end: SIU and DFT over MLLP arrive in a real FHIR server (Medplum's router on
+127.0.0.1); the server goes away and comes back; a poison message dead-letters without holding up
+the others; a replay delivers it; a crash during delivery duplicates nothing."""
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
+from engine.client import MLLPClient
+from fhirserver import FhirServer, _start_or_skip
+
+pytestmark = pytest.mark.slow
+
+SIU_FILES = ["siu_s12.hl7", "siu_s13.hl7", "siu_s15.hl7", "siu_s26.hl7", "siu_s19.hl7"]
+DFT_FILES = ["dft_p03.hl7", "dft_p11.hl7"]
+
+
+@pytest.fixture
+def server():
+    fhir = FhirServer()
+    _start_or_skip(fhir)
+    yield fhir
+    fhir.close()
+
+
+def configure(tmp_path, server, **retry):
+    """The shipped routes and mappings, with fhir-main pointing at the test server."""
+    config = shipped_config(tmp_path / "config")
+    policy = {"max_attempts": 50, "initial_delay": "100ms", "max_delay": "500ms", **retry}
+    (config / "destinations/fhir-main.yaml").write_text(
+        "name: fhir-main\ntype: fhir\n"
+        f"url: {server.base_url}\n"
+        "mode: resources      # Medplum refuses conditional transactions of more than 8 entries\n"
+        "timeout: 5s\nconcurrency: 4\n"
+        f"retry: {json.dumps(policy)}\n"
+    )
+    return config
+
+
+def send_all(port, names):
+    with MLLPClient("127.0.0.1", port) as client:
+        for name in names:
+            assert b"MSA|AA|" in client.send((EXAMPLES / name).read_bytes()), name
+
+
+def states(journal, destination="fhir-main"):
+    conn = sqlite3.connect(journal)
+    try:
+        return dict(conn.execute(
+            "SELECT state, count(*) FROM deliveries WHERE destination = ? GROUP BY state", (destination,)).fetchall())
+    finally:
+        conn.close()
+
+
+def wait_until(predicate, seconds=30, interval=0.1):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def distinct_appointments(names):
+    """Messages about the same appointment (same SCH-2) update one Appointment."""
+    from engine.er7 import parse
+
+    return len({parse((EXAMPLES / n).read_bytes().decode()).value("SCH-2.1") for n in names})
+
+
+def identifiers(resources):
+    return sorted(i["value"] for r in resources for i in r.get("identifier", []))
+
+
+def test_siu_and_dft_arrive_in_the_fhir_server_once(tmp_path, server):
+    engine = EngineProcess(tmp_path, config=configure(tmp_path, server))
+    try:
+        send_all(engine.port, SIU_FILES + DFT_FILES)
+        assert wait_until(lambda: states(engine.journal).get("delivered") == len(SIU_FILES + DFT_FILES)), states(engine.journal)
+        appointments = server.resources("Appointment")
+        assert len(appointments) == distinct_appointments(SIU_FILES)
+        # Several messages about one appointment (same SCH-2) update it in place.
+        by_filler = {next(i["value"] for i in a["identifier"] if i["type"]["coding"][0]["code"] == "FILL"): a
+                     for a in appointments}
+        assert len(appointments) == len(by_filler)
+        statuses = sorted(a["status"] for a in appointments)
+        assert "cancelled" in statuses and "noshow" in statuses
+        charges = server.resources("ChargeItem")
+        assert len(charges) == 6  # four FT1 in dft_p03, two in dft_p11
+        assert sorted(c["extension"][0]["valueCoding"]["code"] for c in charges) == ["AJ", "CD", "CG", "CG", "CG", "PY"]
+        patient_refs = {c["subject"]["reference"] for c in charges}
+        patients = server.resources("Patient")
+        assert all(ref.split("/")[1] in {p["id"] for p in patients} for ref in patient_refs)
+        # Sending a message again changes nothing: a duplicate is not delivered twice.
+        send_all(engine.port, SIU_FILES[:1])
+        assert len(server.resources("Appointment")) == len(appointments)
+        assert identifiers(server.resources("Patient")) == identifiers(patients)
+        # The erp-finance file destination got the DFT Bundles as NDJSON.
+        lines = [json.loads(line) for path in (engine.config / "var/outbox/erp-finance").glob("*.ndjson")
+                 for line in path.read_text().splitlines()]
+        assert sorted(line["control_id"] for line in lines) == ["EC000501", "NC000502"]
+    finally:
+        engine.stop()
+
+
+def test_the_server_goes_away_and_comes_back(tmp_path, server):
+    engine = EngineProcess(tmp_path, config=configure(tmp_path, server))
+    try:
+        server.stop()
+        send_all(engine.port, SIU_FILES)  # ACKed: delivery does not hold up the sender
+        assert wait_until(lambda: states(engine.journal).get("retrying", 0) >= 1)
+        assert "will retry" in engine.log()
+        server.start()  # same port, empty store
+        assert wait_until(lambda: states(engine.journal).get("delivered") == len(SIU_FILES)), states(engine.journal)
+        assert len(server.resources("Appointment")) == distinct_appointments(SIU_FILES)
+        conn = sqlite3.connect(engine.journal)
+        attempts = conn.execute("SELECT count(*) FROM attempts WHERE outcome = 'transient'").fetchone()[0]
+        conn.close()
+        assert attempts >= 1
+    finally:
+        engine.stop()
+
+
+def test_a_poison_message_dead_letters_without_delaying_others_and_replay_delivers_it(tmp_path, server):
+    engine = EngineProcess(tmp_path, config=configure(tmp_path, server))
+    try:
+        server.fail_next(status=422, count=1)  # the server refuses the next write, once
+        send_all(engine.port, ["siu_s26.hl7"])
+        assert wait_until(lambda: states(engine.journal).get("dead") == 1)
+        send_all(engine.port, ["dft_p03.hl7", "siu_s19.hl7"])  # other patients: not held back
+        assert wait_until(lambda: states(engine.journal).get("delivered") == 2)
+        assert "is dead: HTTP 422" in engine.log()
+
+        result = run_cli("outbox", "--journal", engine.journal, "--state", "dead", "--json")
+        [dead] = json.loads(result.stdout)
+        assert (dead["control_id"], dead["last_error"]) == ("EC000263", "HTTP 422 on PUT Patient")
+
+        result = run_cli("replay", "--journal", engine.journal, "--dead", "fhir-main", "--who", "ops", "--why", "server fixed")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().startswith("replayed 1 message(s): 1 deliveries queued again")
+        assert wait_until(lambda: states(engine.journal).get("delivered") == 3)
+        noshow = [a for a in server.resources("Appointment") if a["status"] == "noshow"]
+        assert len(noshow) == 1
+        conn = sqlite3.connect(engine.journal)
+        assert conn.execute("SELECT who, why FROM replays").fetchall() == [("ops", "server fixed")]
+        conn.close()
+    finally:
+        engine.stop()
+
+
+def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, server):
+    config = configure(tmp_path, server)
+    engine = EngineProcess(tmp_path, config=config)
+    siu = (EXAMPLES / "siu_s12.hl7").read_bytes()
+    sent = []
+    with MLLPClient("127.0.0.1", engine.port) as client:
+        for n in range(60):
+            raw = (siu.replace(b"NC000123", f"K{n}".encode(), 1)
+                      .replace(b"|80001^", f"|8{n:04d}^".encode(), 1).replace(b"|90001^", f"|9{n:04d}^".encode(), 1))
+            assert b"MSA|AA|" in client.send(raw)
+            sent.append(f"9{n:04d}")
+    wait_until(lambda: states(engine.journal).get("delivered", 0) >= 5, seconds=10, interval=0.01)
+    engine.kill()  # with deliveries in flight
+    engine.start()
+    try:
+        assert wait_until(lambda: states(engine.journal).get("delivered") == 60, seconds=60), states(engine.journal)
+        appointments = server.resources("Appointment", _count=1000)
+        fillers = sorted(i["value"] for a in appointments for i in a["identifier"] if i["type"]["coding"][0]["code"] == "FILL")
+        assert fillers == sorted(sent)  # every one there, none twice
+    finally:
+        engine.stop()
