@@ -22,12 +22,13 @@ from pathlib import Path
 from .errors import ConfigError
 from .yamlconf import Section, load_yaml
 
-TYPES = ("fhir", "file")
+TYPES = ("fhir", "file", "erp-http", "erp-tryton")
+PAYLOADS = ("bundle", "finance-events")
 FHIR_MODES = ("transaction", "resources")
 ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
     "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "directory",
-                    "retry", "concurrency", "order_by"},
+                    "retry", "concurrency", "order_by", "payload", "body", "database", "product"},
     "auth": {"bearer", "basic"},
     "basic": {"username", "password"},
     "tls": {"verify", "ca"},
@@ -80,6 +81,10 @@ class Destination:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
     order_by: str = "patient"
+    payload: str = "bundle"  # what is sent: the FHIR Bundle, or the canonical finance events
+    body: dict | None = None  # erp-http: the shape of each request body (a template over the event)
+    database: str = ""  # erp-tryton: the Tryton database
+    product: str = "Patient charge"  # erp-tryton: the product invoice lines use
 
 
 def _env(value, section, key):
@@ -122,11 +127,14 @@ def load_destination(path: Path, base: Path) -> Destination:
         name=name, type=kind, path=str(path), description=top.get("description", str, ""), retry=retry,
         timeout=timeout, concurrency=top.positive("concurrency", int, 4),
         order_by=top.choice("order_by", ORDER_KEYS, "patient"),
+        payload=top.choice("payload", PAYLOADS, "finance-events" if kind.startswith("erp-") else "bundle"),
     )
-    if kind == "fhir":
+    if kind.startswith("erp-") and fields["payload"] != "finance-events":
+        raise top.error("payload", "an ERP destination takes finance-events")
+    if kind in ("fhir", "erp-http", "erp-tryton"):
         url = _env(top.get("url", str, None), top, "url")
         if not url or not url.startswith(("http://", "https://")):
-            raise top.error("url", "is required: the FHIR base URL", "e.g. https://fhir.example.org/fhir/R4")
+            raise top.error("url", "is required: the base URL", "e.g. https://fhir.example.org/fhir/R4")
         auth = Section(top.data.get("auth"), path, "auth", KEYS["auth"], top.line("auth"))
         basic = None
         if auth.data.get("basic") is not None:
@@ -134,6 +142,16 @@ def load_destination(path: Path, base: Path) -> Destination:
             basic = (_env(b.get("username", str, ""), b, "username"), _env(b.get("password", str, ""), b, "password"))
         tls = Section(top.data.get("tls"), path, "tls", KEYS["tls"], top.line("tls"))
         ca = tls.get("ca", str, None)
+        if kind == "erp-http":
+            body = top.get("body", dict, None)
+            fields["body"] = dict(body) if body is not None else None
+        if kind == "erp-tryton":
+            fields["database"] = top.get("database", str, "")
+            if not fields["database"]:
+                raise top.error("database", "is required for Tryton", "the database name trytond serves")
+            fields["product"] = top.get("product", str, "Patient charge")
+            if basic is None:
+                raise auth.error("basic", "Tryton needs auth.basic with its user name and password")
         fields.update(
             url=url.rstrip("/"), mode=top.choice("mode", FHIR_MODES, "transaction"),
             bearer=_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic,

@@ -23,6 +23,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    PartialDownloadError,
     ResponseFailed,
     readBody,
 )
@@ -31,6 +32,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from .destinations import Destination
+from .finance import events
 from .outbox import OK, PERMANENT, TRANSIENT, Result
 
 FHIR_JSON = b"application/fhir+json"
@@ -147,12 +149,19 @@ class FhirSender:
         return headers
 
     @defer.inlineCallbacks
-    def request(self, method: bytes, url: str, body: bytes):
+    def request(self, method: bytes, url: str, body: bytes, extra: dict | None = None):
         """(status, body, Retry-After) of one request, with the destination's timeout."""
-        d = self.agent.request(method, url.encode(), self.headers(), FileBodyProducer(BytesIO(body)))
+        headers = self.headers()
+        for name, value in (extra or {}).items():
+            headers.setRawHeaders(name, [value])
+        d = self.agent.request(method, url.encode(), headers, FileBodyProducer(BytesIO(body)))
         d.addTimeout(self.destination.timeout, self.reactor)
         response = yield d
-        content = yield readBody(response).addTimeout(self.destination.timeout, self.reactor)
+        body = readBody(response)
+        # A server that sends no Content-Length ends its body by closing the connection, which
+        # readBody reports as a partial download; the body is complete all the same.
+        body.addErrback(lambda failure: failure.trap(PartialDownloadError) and failure.value.response)
+        content = yield body.addTimeout(self.destination.timeout, self.reactor)
         return response.code, content, response.headers.getRawHeaders(b"retry-after", [None])[0]
 
     @defer.inlineCallbacks
@@ -193,8 +202,55 @@ class FhirSender:
         return self.pool.closeCachedConnections()
 
 
+def shape(template, event: dict):
+    """An erp-http body: the template with every "=a.b.c" text replaced by that field of the event."""
+    if isinstance(template, dict):
+        return {key: shape(value, event) for key, value in template.items()}
+    if isinstance(template, list):
+        return [shape(value, event) for value in template]
+    if isinstance(template, str) and template.startswith("="):
+        value = event
+        for part in template[1:].split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+    return template
+
+
+class ErpHttpSender(FhirSender):
+    """POSTs each finance event (shaped by the destination's body template) as JSON.
+
+    Each request carries ``Idempotency-Key: <event_id>``: if a delivery is retried after some of
+    its events went through, the ERP can recognise the ones it already has.
+    """
+
+    def headers(self) -> Headers:
+        headers = super().headers()
+        headers.setRawHeaders(b"Content-Type", [b"application/json"])
+        headers.setRawHeaders(b"Accept", [b"application/json"])
+        return headers
+
+    @defer.inlineCallbacks
+    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+        status = None
+        try:
+            for event in events(json.loads(bundle_json), message_id, control_id):
+                body = shape(self.destination.body, event) if self.destination.body else event
+                status, content, after = yield self.request(
+                    b"POST", self.destination.url, json.dumps(body).encode(),
+                    {b"Idempotency-Key": event["event_id"].encode()},
+                )
+                outcome = classify_status(status)
+                if outcome != OK:
+                    return Result(outcome, status, content.decode("utf-8", errors="replace"), retry_after(after),
+                                  error=f"HTTP {status} on {event['event']}")
+        except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
+            return Result(TRANSIENT, None, "", error=f"{type(exc).__name__}: {exc}"[:300])
+        return Result(OK, status, "")
+
+
 class FileSender:
-    """Appends each Bundle as one line of NDJSON to DIRECTORY/YYYY-MM-DD.ndjson, flushed to disk."""
+    """Appends each Bundle (or each finance event) as one line of NDJSON to
+    DIRECTORY/YYYY-MM-DD.ndjson, flushed to disk."""
 
     def __init__(self, destination: Destination, reactor):
         self.destination = destination
@@ -208,12 +264,16 @@ class FileSender:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             now = datetime.now(timezone.utc)
-            line = json.dumps({"message_id": message_id, "control_id": control_id,
-                               "written_at": now.isoformat(), "bundle": json.loads(bundle_json)},
-                              separators=(",", ":"), ensure_ascii=False)
+            bundle = json.loads(bundle_json)
+            if self.destination.payload == "finance-events":
+                records = events(bundle, message_id, control_id)
+            else:
+                records = [{"message_id": message_id, "control_id": control_id, "bundle": bundle}]
+            text = "".join(json.dumps({**record, "written_at": now.isoformat()}, separators=(",", ":"),
+                                      ensure_ascii=False) + "\n" for record in records)
             path = directory / f"{now:%Y-%m-%d}.ndjson"
             with open(path, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
@@ -227,4 +287,10 @@ class FileSender:
 def sender_for(destination: Destination, reactor):
     if destination.type == "fhir":
         return FhirSender(destination, reactor)
+    if destination.type == "erp-http":
+        return ErpHttpSender(destination, reactor)
+    if destination.type == "erp-tryton":
+        from .tryton import TrytonSender
+
+        return TrytonSender(destination, reactor)
     return FileSender(destination, reactor)

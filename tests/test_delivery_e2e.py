@@ -98,10 +98,15 @@ def test_siu_and_dft_arrive_in_the_fhir_server_once(tmp_path, server):
         send_all(engine.port, SIU_FILES[:1])
         assert len(server.resources("Appointment")) == len(appointments)
         assert identifiers(server.resources("Patient")) == identifiers(patients)
-        # The erp-finance file destination got the DFT Bundles as NDJSON.
+        # The erp-finance file destination got one finance event per FT1, as NDJSON.
         lines = [json.loads(line) for path in (engine.config / "var/outbox/erp-finance").glob("*.ndjson")
                  for line in path.read_text().splitlines()]
-        assert sorted(line["control_id"] for line in lines) == ["EC000501", "NC000502"]
+        assert sorted((e["source"]["control_id"], e["event"], e["transaction"]["amount"]) for e in lines) == [
+            ("EC000501", "adjustment.posted", -40.0), ("EC000501", "charge.posted", 185.0),
+            ("EC000501", "credit.posted", -25.0), ("EC000501", "payment.received", -30.0),
+            ("NC000502", "charge.posted", 310.0), ("NC000502", "charge.posted", 1450.0),
+        ]
+        assert all(e["schema"] == "hl7bridge.finance/v1" and e["account"]["number"] for e in lines)
     finally:
         engine.stop()
 
