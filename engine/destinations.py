@@ -29,8 +29,9 @@ ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
     "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "directory",
                     "retry", "concurrency", "order_by", "payload", "body", "database", "product"},
-    "auth": {"bearer", "basic"},
+    "auth": {"bearer", "basic", "oauth2"},
     "basic": {"username", "password"},
+    "oauth2": {"token_url", "client_id", "client_secret", "scope"},
     "tls": {"verify", "ca"},
     "retry": {"max_attempts", "max_age", "initial_delay", "max_delay", "multiplier", "jitter"},
 }
@@ -74,6 +75,7 @@ class Destination:
     mode: str = "transaction"
     bearer: str | None = None
     basic: tuple | None = None  # (username, password)
+    oauth2: tuple | None = None  # (token_url, client_id, client_secret, scope)
     verify_tls: bool = True
     ca: str | None = None
     timeout: float = 30.0
@@ -140,6 +142,16 @@ def load_destination(path: Path, base: Path) -> Destination:
         if auth.data.get("basic") is not None:
             b = Section(auth.data["basic"], path, "auth.basic", KEYS["basic"], auth.line("basic"))
             basic = (_env(b.get("username", str, ""), b, "username"), _env(b.get("password", str, ""), b, "password"))
+        oauth2 = None
+        if auth.data.get("oauth2") is not None:
+            o = Section(auth.data["oauth2"], path, "auth.oauth2", KEYS["oauth2"], auth.line("oauth2"))
+            token_url = _env(o.get("token_url", str, None), o, "token_url")
+            if not token_url:
+                raise o.error("token_url", "is required", "the authorization server's token endpoint")
+            oauth2 = (token_url, _env(o.get("client_id", str, ""), o, "client_id"),
+                      _env(o.get("client_secret", str, ""), o, "client_secret"), o.get("scope", str, ""))
+        if sum(x is not None for x in (auth.data.get("bearer"), basic, oauth2)) > 1:
+            raise top.error("auth", "give one of bearer, basic or oauth2")
         tls = Section(top.data.get("tls"), path, "tls", KEYS["tls"], top.line("tls"))
         ca = tls.get("ca", str, None)
         if kind == "erp-http":
@@ -154,7 +166,7 @@ def load_destination(path: Path, base: Path) -> Destination:
                 raise auth.error("basic", "Tryton needs auth.basic with its user name and password")
         fields.update(
             url=url.rstrip("/"), mode=top.choice("mode", FHIR_MODES, "transaction"),
-            bearer=_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic,
+            bearer=_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic, oauth2=oauth2,
             verify_tls=tls.get("verify", bool, True), ca=str(base / ca) if ca else None,
         )
     elif kind == "file":

@@ -36,6 +36,13 @@ from .finance import events
 from .outbox import OK, PERMANENT, TRANSIENT, Result
 
 FHIR_JSON = b"application/fhir+json"
+TOKEN_EARLY_REFRESH = 30.0  # seconds before an OAuth2 token expires that a new one is fetched
+
+
+class TokenError(Exception):
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
 
 
 def classify_status(status: int) -> str:
@@ -137,10 +144,14 @@ class FhirSender:
             policy = BrowserLikePolicyForHTTPS(platformTrust())
         self.agent = Agent(reactor, contextFactory=policy, pool=pool)
         self.pool = pool
+        self._token = None  # OAuth2: (access token, expiry as reactor seconds)
+        self._token_request = None
 
     def headers(self) -> Headers:
         headers = Headers({b"Content-Type": [FHIR_JSON], b"Accept": [FHIR_JSON], b"User-Agent": [b"hl7bridge"]})
-        if self.destination.bearer:
+        if self.destination.oauth2 and self._token:
+            headers.addRawHeader(b"Authorization", b"Bearer " + self._token[0].encode())
+        elif self.destination.bearer:
             headers.addRawHeader(b"Authorization", b"Bearer " + self.destination.bearer.encode())
         elif self.destination.basic:
             user, password = self.destination.basic
@@ -149,14 +160,68 @@ class FhirSender:
         return headers
 
     @defer.inlineCallbacks
+    def token(self):
+        """OAuth2 client credentials: a cached access token, fetched again shortly before it expires.
+
+        Concurrent deliveries share one token request.
+        """
+        now = self.reactor.seconds()
+        if self._token and now < self._token[1]:
+            return self._token[0]
+        if self._token_request is None:
+            self._token_request = self._fetch_token()
+            self._token_request.addBoth(self._token_fetched)
+        waiter = defer.Deferred()
+        self._token_request.addBoth(lambda result: waiter.callback(result) or result)
+        token = yield waiter
+        if isinstance(token, Exception):
+            raise token
+        return token
+
+    def _token_fetched(self, result):
+        self._token_request = None
+        return result
+
+    @defer.inlineCallbacks
+    def _fetch_token(self):
+        from urllib.parse import urlencode
+
+        token_url, client_id, client_secret, scope = self.destination.oauth2
+        form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
+        if scope:
+            form["scope"] = scope
+        headers = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"], b"Accept": [b"application/json"]})
+        try:
+            d = self.agent.request(b"POST", token_url.encode(), headers, FileBodyProducer(BytesIO(urlencode(form).encode())))
+            d.addTimeout(self.destination.timeout, self.reactor)
+            response = yield d
+            body = yield readBody(response)
+        except Exception as exc:  # reported as a transient failure of the delivery that needed it
+            return TokenError(f"token request failed: {type(exc).__name__}")
+        if response.code != 200:
+            return TokenError(f"token endpoint answered HTTP {response.code}", response.code)
+        try:
+            answer = json.loads(body)
+            token = answer["access_token"]
+        except (ValueError, KeyError):
+            return TokenError("token endpoint gave no access_token")
+        lifetime = float(answer.get("expires_in", 300))
+        self._token = (token, self.reactor.seconds() + max(1.0, lifetime - TOKEN_EARLY_REFRESH))
+        return token
+
+    @defer.inlineCallbacks
     def request(self, method: bytes, url: str, body: bytes, extra: dict | None = None):
         """(status, body, Retry-After) of one request, with the destination's timeout."""
+        if self.destination.oauth2:
+            yield self.token()
         headers = self.headers()
         for name, value in (extra or {}).items():
             headers.setRawHeaders(name, [value])
         d = self.agent.request(method, url.encode(), headers, FileBodyProducer(BytesIO(body)))
         d.addTimeout(self.destination.timeout, self.reactor)
         response = yield d
+        if response.code == 401 and self.destination.oauth2:
+            self._token = None  # revoked or expired early: the next attempt fetches a new one
         body = readBody(response)
         # A server that sends no Content-Length ends its body by closing the connection, which
         # readBody reports as a partial download; the body is complete all the same.
@@ -173,12 +238,22 @@ class FhirSender:
                 result = yield self._resources(bundle_json)
         except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
             result = Result(TRANSIENT, None, "", error=f"{type(exc).__name__}: {exc}"[:300])
+        except TokenError as exc:
+            # A refused client (400/401 from the token endpoint) will not get better by itself.
+            outcome = PERMANENT if exc.status in (400, 401, 403) else TRANSIENT
+            result = Result(outcome, exc.status, "", error=str(exc))
         return result
+
+    def classify(self, status: int) -> str:
+        # With OAuth2 a 401 means the token expired or was revoked: a new one may well work.
+        if status == 401 and self.destination.oauth2:
+            return TRANSIENT
+        return classify_status(status)
 
     @defer.inlineCallbacks
     def _transaction(self, bundle_json: str):
         status, body, after = yield self.request(b"POST", self.destination.url, bundle_json.encode())
-        outcome = classify_status(status)
+        outcome = self.classify(status)
         text = body.decode("utf-8", errors="replace")
         if outcome == OK:
             outcome, problems = transaction_outcome(body)
@@ -192,7 +267,7 @@ class FhirSender:
         status = None
         for url, resource in resources_in_order(json.loads(bundle_json)):
             status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", json.dumps(resource).encode())
-            outcome = classify_status(status)
+            outcome = self.classify(status)
             if outcome != OK:
                 text = body.decode("utf-8", errors="replace")
                 return Result(outcome, status, text, retry_after(after), error=f"HTTP {status} on PUT {url.split('/')[0]}")

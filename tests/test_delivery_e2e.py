@@ -10,7 +10,7 @@ import pytest
 
 from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
 from engine.client import MLLPClient
-from fhirserver import FhirServer, _start_or_skip
+from fhirserver import FhirServer, _start_or_skip, fhir_server_factory  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +177,46 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(tmp_path, server):
         assert fillers == sorted(sent)  # every one there, none twice
     finally:
         engine.stop()
+
+
+def test_oauth2_client_credentials_with_a_cached_token(tmp_path, fhir_server_factory):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    server = fhir_server_factory(token="issued-token")
+    requests = []
+
+    class TokenEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            requests.append(form)
+            ok = form.get("client_secret") == ["right"]
+            body = json.dumps({"access_token": "issued-token", "expires_in": 3600} if ok else {"error": "invalid_client"})
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        config = configure(tmp_path, server)
+        path = config / "destinations/fhir-main.yaml"
+        path.write_text(path.read_text() + "auth:\n  oauth2:\n"
+                        f"    token_url: http://127.0.0.1:{endpoint.server_address[1]}/token\n"
+                        "    client_id: hl7bridge\n    client_secret: right\n    scope: system/*.write\n")
+        engine = EngineProcess(tmp_path, config=config)
+        try:
+            send_all(engine.port, SIU_FILES)
+            assert wait_until(lambda: states(engine.journal).get("delivered") == len(SIU_FILES)), states(engine.journal)
+            assert len(requests) == 1  # one token for every delivery
+            assert requests[0]["grant_type"] == ["client_credentials"] and requests[0]["scope"] == ["system/*.write"]
+        finally:
+            engine.stop()
+    finally:
+        endpoint.shutdown()
