@@ -162,6 +162,7 @@ def load_destination(path: Path, base: Path) -> Destination:
             if not fields["database"]:
                 raise top.error("database", "is required for Tryton", "the database name trytond serves")
             fields["product"] = top.get("product", str, "Patient charge")
+            fields["concurrency"] = 1  # Tryton wants one writer per database
             if basic is None:
                 raise auth.error("basic", "Tryton needs auth.basic with its user name and password")
         fields.update(

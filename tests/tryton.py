@@ -1,17 +1,23 @@
 """A real Tryton ERP for the tests: a prepared SQLite template and a ``trytond`` JSON-RPC server.
 
-Stdlib only at import time (pytest is optional, for the fixtures at the bottom). Tryton itself is
-only ever run as subprocesses of the interpreter running this file: ``trytond-admin`` and a
-proteus script (this file, run with ``--setup``) build the template database once per cache key,
-and every :class:`TrytonServer` copies that file and runs ``trytond`` on 127.0.0.1 with a port
-chosen by the kernel.
+Stdlib only at import time (pytest is optional, for the fixtures at the bottom).  Tryton itself
+only ever runs as subprocesses, from the environment of ``sys.executable``:
 
-Needs ``trytond==8.2.*``, ``trytond-account-invoice==8.2.*`` and ``proteus==8.2.*`` in the
-environment of ``sys.executable``.  See tests/erp/README.md for the JSON-RPC calls.
+* :func:`prepare_template` builds, once per cache key (Tryton versions, setup code, year), a
+  SQLite database ready for customer invoices: ``trytond-admin`` activates account_invoice, then a
+  temporary server receives the accounting setup over JSON-RPC (:func:`_setup_database`).
+* :class:`TrytonServer` copies that file into a private directory and runs
+  ``trytond -c CONF -d DBNAME`` on 127.0.0.1 with a port chosen by the kernel.
+* ``tryton_template`` (session) and ``tryton_server`` (function) are pytest fixtures; import them
+  into a conftest.py.  They skip when Tryton is not installed.
+
+Needs ``trytond==8.2.*`` and ``trytond-account-invoice==8.2.*``.  The JSON-RPC calls an adapter
+makes are in tests/erp/README.md.  ``python tests/tryton.py --serve`` runs one by hand.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import datetime as dt
@@ -29,6 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 ADMIN_USER = "admin"
@@ -52,11 +59,17 @@ BIN = Path(sys.executable).parent
 RUNNING_ON = re.compile(rb"Running on https?://[^:/\s]+:(\d+)")
 
 
+TRYTON_EXCEPTIONS = {"UserError", "UserWarning", "LoginException", "ConcurrencyException",
+                     "RateLimitException", "TimeOutException", "MissingDependenciesException"}
+
+
 class TrytonError(Exception):
     """An error answered by Tryton (``{"error": [...]}``) or an HTTP error from the server.
 
-    ``kind`` is Tryton's exception name (``UserError``, ``UserWarning``, ``AccessError``,
-    ``ConcurrencyException``, ...) or ``HTTP <status>``; ``payload`` the rest of the error list.
+    ``kind`` is Tryton's exception name (``UserError``, which includes access and validation
+    errors, ``UserWarning``, ``ConcurrencyException``, ...), ``ServerError`` for any other
+    exception in the server (payload [message, traceback]), or ``HTTP <status>`` (401: session
+    expired or not fresh enough; 403: method not callable over RPC).  ``payload`` is the rest.
     """
 
     def __init__(self, kind: str, payload, method: str | None = None):
@@ -67,12 +80,21 @@ class TrytonError(Exception):
 
     @property
     def message(self) -> str:
-        """The human-readable message of a UserError/UserWarning (its first string)."""
-        if isinstance(self.payload, list):
-            for item in self.payload:
-                if isinstance(item, str):
-                    return item
+        """The human-readable message: UserError [message, description, domain], UserWarning
+        [key, message, description]; otherwise the payload as text."""
+        if isinstance(self.payload, list) and self.payload:
+            if self.kind == "UserWarning" and len(self.payload) > 1:
+                return str(self.payload[1])
+            if self.kind in ("UserError", "ServerError"):
+                return str(self.payload[0])
         return str(self.payload)
+
+    @property
+    def warning_key(self) -> str | None:
+        """For a UserWarning, the key to acknowledge (``model.res.user.warning.create``)."""
+        if self.kind == "UserWarning" and isinstance(self.payload, list) and self.payload:
+            return self.payload[0]
+        return None
 
 
 # -- availability and versions ------------------------------------------------------------------
@@ -177,9 +199,6 @@ def _write_config(path: Path, db_dir: Path, listen: str = "127.0.0.1:0", extra: 
         f"path = {db_dir}\n"
         "\n[web]\n"
         f"listen = {listen}\n"
-        "\n[session]\n"
-        # long enough for any test run; the default is 30 days for timeout anyway
-        "max_attempt = 100\n"
         + extra
     )
     return path
@@ -195,7 +214,8 @@ def template_key(year: int | None = None) -> str:
         "year": year,
         "setup": inspect.getsource(_setup_database),
         "constants": [ADMIN_USER, ADMIN_PASSWORD, COMPANY_NAME, CURRENCY_CODE, CATEGORY_NAME,
-                      PRODUCT_NAME, PRODUCT_CODE, PAYMENT_TERM_NAME, CHART_NAME, ACCOUNT_CODES, MODULES],
+                      PRODUCT_NAME, PRODUCT_CODE, PAYMENT_TERM_NAME, CHART_NAME, ACCOUNT_CODES,
+                      MODULES],
     }
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -203,7 +223,7 @@ def template_key(year: int | None = None) -> str:
 def _run(args, env, log: Path, timeout: float) -> None:
     with open(log, "ab") as out:
         proc = subprocess.run(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
     if proc.returncode:
         tail = log.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{' '.join(map(str, args))} exited {proc.returncode}:\n{tail}")
@@ -245,31 +265,60 @@ def build_template(target: Path | str, year: int | None = None,
             raise
         server.stop(cleanup=False)
         timings["setup"] = time.monotonic() - start
-        shutil.copyfile(server.db_path, tmp / "done.sqlite")
+        _export_sqlite(server.db_path, tmp / "done.sqlite")
         os.replace(tmp / "done.sqlite", target)  # atomic: readers never see a partial file
     return target
+
+
+def _export_sqlite(source: Path, target: Path) -> None:
+    """Copy a database trytond used into one self-contained file, and check its content.
+
+    trytond opens SQLite in WAL mode and a terminated server does not checkpoint, so the main
+    file alone misses the latest commits: copy through SQLite's backup API (which reads the WAL)
+    and store the copy in rollback-journal mode, so that a plain file copy of it is complete.
+    """
+    import sqlite3
+
+    src = sqlite3.connect(source)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode = DELETE")
+        products = dst.execute("SELECT COUNT(*) FROM product_product WHERE code = ?",
+                               (PRODUCT_CODE,)).fetchone()[0]
+        years = dst.execute("SELECT COUNT(*) FROM account_fiscalyear").fetchone()[0]
+    finally:
+        dst.close()
+        src.close()
+    if products != 1 or years != 2:
+        raise RuntimeError(f"template {target} is incomplete: {products} product(s) "
+                           f"{PRODUCT_CODE}, {years} fiscal year(s)")
 
 
 def prepare_template(cache_dir: Path | str | None = None, year: int | None = None) -> Path:
     """The cached template database for this Tryton version, setup code and year (built once).
 
-    Safe against concurrent callers (pytest-xdist workers): the build holds a lock file, and the
-    result is renamed into place atomically.  Templates with other keys are removed.
+    ``cache_dir`` defaults to :func:`default_cache_dir`.  Safe against concurrent callers
+    (pytest-xdist workers, parallel checkouts): the build holds a lock file and the result is
+    renamed into place atomically.  Each use touches the file; templates unused for a week go.
     """
     import fcntl
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"tryton-{template_key(year)}.sqlite"
-    if path.exists():
-        return path
-    with open(cache_dir / ".tryton-template.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            build_template(path, year)
-            for stale in cache_dir.glob("tryton-*.sqlite"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
+    if not path.exists():
+        with open(cache_dir / ".tryton-template.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                build_template(path, year)
+                week_ago = time.time() - 7 * 86400
+                for stale in cache_dir.glob("tryton-*.sqlite"):
+                    with contextlib.suppress(FileNotFoundError):
+                        if stale != path and stale.stat().st_mtime < week_ago:
+                            stale.unlink()
+    with contextlib.suppress(OSError):
+        os.utime(path)
     return path
 
 
@@ -283,7 +332,6 @@ def _setup_database(server: TrytonServer, year: int) -> None:
     JSON-RPC measured a little faster here and needs no proteus.)
     """
     call, rpc = server.call, server.rpc
-    ctx = server.context
 
     usd, = call("currency.currency", "create", [{
         "name": "U.S. Dollar", "symbol": "$", "code": CURRENCY_CODE,
@@ -356,7 +404,7 @@ def _setup_database(server: TrytonServer, year: int) -> None:
     unit, = call("product.uom", "search", [("name", "=", "Unit")], 0, 1, None)
     call("product.template", "create", [{
         "name": PRODUCT_NAME, "code": PRODUCT_CODE, "type": "service", "default_uom": unit,
-        "list_price": decimal.Decimal("0"), "account_category": category,
+        "list_price": decimal.Decimal(0), "account_category": category,
         "products": [["create", [{}]]]}])
 
 
@@ -371,7 +419,7 @@ class TrytonServer:
 
     def __init__(self, template: Path | str | None = None, workdir: Path | str | None = None,
                  database: str = "hl7bridge", start: bool = True, start_timeout: float = 60,
-                 extra_config: str = ""):
+                 extra_config: str = "", die_with_parent: bool = True):
         reason = missing_reason()
         if reason:
             raise RuntimeError(reason)
@@ -380,11 +428,13 @@ class TrytonServer:
         self.user = ADMIN_USER
         self.password = ADMIN_PASSWORD
         self.start_timeout = start_timeout
+        self.die_with_parent = die_with_parent
         self._tmp = tempfile.mkdtemp(prefix="tryton-", dir=workdir)
         self.dir = Path(self._tmp)
         self.db_path = self.dir / f"{database}.sqlite"
         shutil.copyfile(self.template, self.db_path)
-        self.config_path = _write_config(self.dir / "trytond.conf", self.dir, extra=extra_config)
+        self.config_path = self.dir / "trytond.conf"
+        self.extra_config = extra_config
         self.log_path = self.dir / "trytond.log"
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
@@ -406,20 +456,22 @@ class TrytonServer:
         return f"{self.base_url}/{self.database}/rpc/"
 
     def start(self) -> None:
+        """Start trytond; after a stop(cleanup=False), again on the same port and database."""
         if self.process and self.process.poll() is None:
             return
+        _write_config(self.config_path, self.dir, listen=f"127.0.0.1:{self.port or 0}",
+                      extra=self.extra_config)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for key in ("TRYTOND_DATABASE_URI", "TRYTOND_CONFIG", "TRYTONPASSFILE"):
             env.pop(key, None)
-        log = open(self.log_path, "ab")
-        offset = log.tell()
-        try:
+        with open(self.log_path, "ab") as log:
+            offset = log.tell()
             self.process = subprocess.Popen(
                 [str(tool("trytond")), "-c", str(self.config_path), "-d", self.database],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.dir,
+                preexec_fn=_parent_death_signal() if self.die_with_parent else None,  # noqa: PLW1509
             )
-        finally:
-            log.close()
+        _LIVE.add(self)
         self._session = None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -444,7 +496,13 @@ class TrytonServer:
         self.stop()
         raise RuntimeError(f"trytond did not answer JSON-RPC within {self.start_timeout} s")
 
+    def restart(self) -> None:
+        """Stop and start again on the same port and database (an ERP outage, for instance)."""
+        self.stop(cleanup=False)
+        self.start()
+
     def stop(self, cleanup: bool = True) -> None:
+        """Terminate trytond; ``cleanup`` also removes the directory with the database copy."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -452,11 +510,12 @@ class TrytonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        _LIVE.discard(self)
         self._session = None
         if cleanup:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> TrytonServer:
+    def __enter__(self) -> TrytonServer:  # noqa: PYI034 (Self needs 3.11)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -486,11 +545,12 @@ class TrytonServer:
         if body.get("error") is not None:
             error = body["error"]
             # TrytonException: [name, args], e.g. ["UserError", [message, description, domain]]
-            # or ["UserWarning", [key, message, description]]; any other exception:
-            # [str(exception), traceback]
-            if isinstance(error, list) and len(error) == 2:
-                raise TrytonError(str(error[0]), error[1], method)
-            raise TrytonError("error", error, method)
+            # or ["UserWarning", [key, message, description]]; any other exception (a bug, or a
+            # required value Tryton did not check, such as a missing journal at posting):
+            # [str(exception), traceback], reported here as kind "ServerError".
+            if isinstance(error, list) and len(error) == 2 and error[0] in TRYTON_EXCEPTIONS:
+                raise TrytonError(error[0], error[1], method)
+            raise TrytonError("ServerError", error, method)
         return body.get("result")
 
     def login(self) -> str:
@@ -505,6 +565,11 @@ class TrytonServer:
     @property
     def session(self) -> str:
         return self._session or self.login()
+
+    def refresh_context(self) -> dict:
+        """Fetch the context again (after changing the user's company, say)."""
+        self._context = None
+        return self.context
 
     @property
     def context(self) -> dict:
@@ -588,61 +653,114 @@ class TrytonServer:
 
 
 def _money(value) -> str | None:
+    """A Decimal as text with at least two decimals and no further trailing zeros:
+    185 -> "185.00", Decimal("185.0000") -> "185.00", Decimal("12.3450") -> "12.345"."""
     if value is None:
         return None
-    if isinstance(value, decimal.Decimal):
-        return str(value.quantize(decimal.Decimal("0.01")))
-    return str(value)
+    value = decimal.Decimal(value)
+    if value.as_tuple().exponent < -2:
+        value = value.normalize()
+    if value.as_tuple().exponent > -2:
+        value = value.quantize(decimal.Decimal("0.01"))
+    return f"{value:f}"
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_servers() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+def _parent_death_signal():
+    """A preexec_fn: the child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG), or None.
+
+    Keeps a crashed or SIGKILLed test run from leaving trytond processes behind.  Linux sends it
+    when the *thread* that started the server ends: start servers from a long-lived thread (the
+    main thread, as pytest does), or pass ``die_with_parent=False``.  prctl is looked up here, in
+    the parent, so the child only makes the call (nothing that could take a lock after fork).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import signal
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        sigterm = int(signal.SIGTERM)
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(1, sigterm)  # 1 = PR_SET_PDEATHSIG
+
+    return preexec
 
 
 # -- pytest fixtures ----------------------------------------------------------------------------
 
-try:
+def _skip_unless_available() -> None:
+    """Skip the test when Tryton is missing, or fail when HL7BRIDGE_REQUIRE_TRYTON=1 (CI)."""
     import pytest
-except ImportError:  # importable without pytest
-    pytest = None
 
-if pytest is not None:
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("HL7BRIDGE_REQUIRE_TRYTON") == "1":
+            pytest.fail(f"HL7BRIDGE_REQUIRE_TRYTON=1 but {reason}")
+        pytest.skip(reason)
+
+
+def _fixtures():
+    import pytest
 
     @pytest.fixture(scope="session")
     def tryton_template() -> Path:
-        """The cached, ready-to-invoice template database (built on first use, ~20 s)."""
-        reason = missing_reason()
-        if reason:
-            pytest.skip(reason)
+        """The cached ready-to-invoice template database (built on first use: about 15-20 s)."""
+        _skip_unless_available()
         return prepare_template()
 
     @pytest.fixture
     def tryton_server(tryton_template, tmp_path):
-        """A fresh trytond on a private copy of the template; stopped after the test."""
+        """A started TrytonServer on a private copy of the template, stopped after the test."""
         server = TrytonServer(tryton_template, workdir=tmp_path)
         try:
             yield server
         finally:
             server.stop()
 
+    return tryton_template, tryton_server
 
-# -- command line: ``python tests/tryton.py --setup DBNAME YEAR`` (used by build_template) -------
+
+try:  # the fixtures exist only where pytest does; the rest of this module needs just the stdlib
+    import pytest as _pytest  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+else:
+    tryton_template, tryton_server = _fixtures()
+
+
+# -- command line -------------------------------------------------------------------------------
 
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["--setup"]:
-        _setup_database(argv[1], int(argv[2]))
-        return 0
-    if argv[:1] == ["--build"]:
+    if argv[:1] == ["--build"] and len(argv) == 2:
         timings: dict = {}
         start = time.monotonic()
         target = Path(argv[1]).resolve()
         build_template(target, timings=timings)
-        print(f"built {target} in {time.monotonic() - start:.1f} s {timings}")
+        print(f"built {target} in {time.monotonic() - start:.1f} s "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         return 0
     if argv[:1] == ["--serve"]:
         with TrytonServer(prepare_template()) as server:
-            print(f"{server.url} user={server.user} password={server.password}", flush=True)
+            print(f"{server.url} user={server.user} password={server.password} "
+                  f"(log {server.log_path}); Ctrl-C stops", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while server.process.poll() is None:
                     time.sleep(1)
         return 0
-    print("usage: tryton.py --build PATH | --serve", file=sys.stderr)
+    print("usage: python tests/tryton.py --build PATH | --serve", file=sys.stderr)
     return 2
 
 
