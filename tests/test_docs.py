@@ -43,3 +43,11 @@ def test_every_route_key_and_mapping_directive_is_documented():
         assert f"`{directive}" in mappings, directive
     for key in ("description", "timezone", "resources", "map", "default"):
         assert f"`{key}" in mappings or f"`resources[].{key}`" in mappings, key
+
+
+def test_every_destination_key_is_documented():
+    from engine.destinations import KEYS as DESTINATION_KEYS
+
+    text = (ROOT / "docs/destinations.md").read_text()
+    for key in sorted(set().union(*DESTINATION_KEYS.values())):
+        assert f"`{key}" in text, key
