@@ -220,3 +220,24 @@ def test_oauth2_client_credentials_with_a_cached_token(tmp_path, fhir_server_fac
             engine.stop()
     finally:
         endpoint.shutdown()
+
+
+def test_transaction_mode_and_a_server_that_refuses_the_bundle(tmp_path, server):
+    """A transaction of conditional updates is accepted when small; Medplum refuses one of more
+    than 8 entries (its own limit): that is permanent, dead at once, the OperationOutcome kept."""
+    config = configure(tmp_path, server)
+    path = config / "destinations/fhir-main.yaml"
+    path.write_text(path.read_text().replace("mode: resources", "mode: transaction"))
+    engine = EngineProcess(tmp_path, config=config)
+    try:
+        send_all(engine.port, ["siu_s19.hl7"])  # 7 entries
+        assert wait_until(lambda: states(engine.journal).get("delivered") == 1), states(engine.journal)
+        assert len(server.resources("Appointment")) == 1
+        send_all(engine.port, ["siu_s12.hl7"])  # 10 entries: more than Medplum takes in one transaction
+        assert wait_until(lambda: states(engine.journal).get("dead") == 1)
+        conn = sqlite3.connect(engine.journal)
+        status, response = conn.execute("SELECT status, response FROM attempts ORDER BY id DESC LIMIT 1").fetchone()
+        conn.close()
+        assert status == 400 and json.loads(response)["resourceType"] == "OperationOutcome"
+    finally:
+        engine.stop()
