@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from fhirserver import fhir_server, fhir_server_factory  # noqa: F401 (fixtures for every test module)
+from tryton import tryton_server, tryton_template  # noqa: F401 (fixtures for every test module)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -40,6 +43,16 @@ def shipped_config(directory: Path) -> Path:
         for part in ("routes", "mappings", "destinations"):
             shutil.copytree(ROOT / part, directory / part)
     return directory
+
+
+@pytest.fixture
+def journal(tmp_path):
+    """A fresh journal file."""
+    from engine.journal import Journal
+
+    j = Journal(tmp_path / "journal.db")
+    yield j
+    j.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
 from engine.client import MLLPClient
-from fhirserver import FhirServer, _start_or_skip, fhir_server_factory  # noqa: F401 (a fixture)
+
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +19,8 @@ DFT_FILES = ["dft_p03.hl7", "dft_p11.hl7"]
 
 
 @pytest.fixture
-def server():
-    fhir = FhirServer()
-    _start_or_skip(fhir)
-    yield fhir
-    fhir.close()
+def server(fhir_server):
+    return fhir_server
 
 
 def configure(tmp_path, server, **retry):

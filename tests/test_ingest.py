@@ -16,13 +16,6 @@ SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
 
 
 @pytest.fixture
-def journal(tmp_path):
-    j = Journal(tmp_path / "journal.db")
-    yield j
-    j.close()
-
-
-@pytest.fixture
 def ingestor(journal):
     counter = itertools.count(1)
     return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}")

@@ -7,20 +7,12 @@ import pytest
 from conftest import EXAMPLES, ROOT
 from engine.destinations import Destination, RetryPolicy, seconds
 from engine.ingest import Frame, Ingestor
-from engine.journal import Journal
 from engine.outbox import (DEAD, DELIVERED, PERMANENT, RETRYING, TRANSIENT, OK, Result, claim, due, finish,
                            list_deliveries, recover, replay, summary)
 from engine.project import Project
 
 T0 = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
 DFT = (EXAMPLES / "dft_p03.hl7").read_bytes()
-
-
-@pytest.fixture
-def journal(tmp_path):
-    j = Journal(tmp_path / "journal.db")
-    yield j
-    j.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import pytest
 
 from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
 from engine.client import MLLPClient
-from tryton import tryton_server, tryton_template  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
