@@ -56,7 +56,9 @@ def cli():
               help="Directory with hl7bridge.yaml, routes/ and mappings/ (default: embedded defaults).")
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False), help="Journal file (default var/journal.db).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warn", "error"]), help="Log level (default info).")
-def serve(listen, config_dir, journal_path, log_level):
+@click.option("--metrics", "metrics_endpoint", metavar="ENDPOINT",
+              help="Where /metrics, /healthz and /readyz listen (default tcp:9102:interface=127.0.0.1), or 'off'.")
+def serve(listen, config_dir, journal_path, log_level, metrics_endpoint):
     """Run the engine: listen for MLLP, journal every message, ACK after the commit.
 
     Example: hl7bridge serve --listen tcp:2575:interface=127.0.0.1 --journal var/journal.db
@@ -74,6 +76,8 @@ def serve(listen, config_dir, journal_path, log_level):
         raise Failure(str(exc), EXIT_USAGE) from None
     if log_level:
         settings = replace(settings, log_level=log_level)
+    if metrics_endpoint:
+        settings = replace(settings, metrics_endpoint=None if metrics_endpoint == "off" else metrics_endpoint)
     sys.exit(run(settings, project))
 
 

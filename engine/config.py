@@ -19,6 +19,7 @@ from .yamlconf import Section, load_yaml
 
 CONFIG_FILE = "hl7bridge.yaml"
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
+DEFAULT_METRICS_ENDPOINT = "tcp:9102:interface=127.0.0.1"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
@@ -67,6 +68,7 @@ class Settings:
     default_charset: str = "utf-8"
     log_level: str = "info"
     unrouted: str = "accept"  # what a message no route takes gets: accept (AA, journaled) or reject (AR)
+    metrics_endpoint: str | None = DEFAULT_METRICS_ENDPOINT  # /metrics, /healthz, /readyz; None: off
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
 
@@ -83,7 +85,7 @@ class Settings:
 
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
-    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing"},
+    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -94,6 +96,7 @@ KEYS = {
     "charset": {"default"},
     "logging": {"level"},
     "routing": {"unrouted"},
+    "metrics": {"endpoint", "enabled"},
 }
 
 
@@ -113,8 +116,8 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     def section(name):
         return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
 
-    journal, identity, charset, logging, routing = (
-        section(n) for n in ("journal", "identity", "charset", "logging", "routing")
+    journal, identity, charset, logging, routing, metrics = (
+        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics")
     )
 
     default_charset = charset.get("default", str, "utf-8")
@@ -141,6 +144,8 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         default_charset=codec_for(default_charset),
         log_level=logging.choice("level", LOG_LEVELS, "info"),
         unrouted=routing.choice("unrouted", ("accept", "reject"), "accept"),
+        metrics_endpoint=(metrics.get("endpoint", str, DEFAULT_METRICS_ENDPOINT)
+                          if metrics.get("enabled", bool, True) else None),
         source=path,
         config_dir=base,
     )

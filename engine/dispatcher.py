@@ -34,7 +34,7 @@ class Dispatcher:
         self.senders = {name: sender_for(d, reactor) for name, d in destinations.items()}
         self.in_flight = {name: 0 for name in destinations}
         self.polling = {name: False for name in destinations}
-        self.counters = {"delivered": 0, "retrying": 0, "dead": 0}
+        self.outcomes: dict[tuple[str, str], int] = {}  # (destination, state after the attempt) -> count
         self._loop = task.LoopingCall(self.poll_all)
         self._loop.clock = reactor
         self._running: set = set()
@@ -108,7 +108,7 @@ class Dispatcher:
                 result = outbox.Result(outbox.TRANSIENT, None, "", error=f"internal error: {type(exc).__name__}")
         finished = self.clock()
         state = yield self.write(outbox.finish, self.journal, delivery, destination, result, started, finished)
-        self.counters[state] = self.counters.get(state, 0) + 1
+        self.outcomes[(name, state)] = self.outcomes.get((name, state), 0) + 1
         if state == outbox.DELIVERED:
             log.debug("delivered message {message_id} ({control_id}) to {destination}",
                       message_id=delivery.message_id, control_id=delivery.control_id, destination=name)

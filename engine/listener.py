@@ -21,6 +21,7 @@ from .ack import AckError, ack_code, ack_wanted, build_ack
 from .charset import encode
 from .config import ListenerSettings
 from .framing import MLLPFraming
+from .metrics import Histogram
 from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, Prepared, assess
 
 log = Logger(namespace="hl7bridge.listener")
@@ -204,6 +205,9 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
 
     def frameReceived(self, payload: bytes):
         self.pauseFraming()
+        self._received_at = self.factory.clock.seconds()
+        counts = self.factory.frames_by_listener
+        counts[self.factory.name] = counts.get(self.factory.name, 0) + 1
         frame = Frame(payload, listener=self.factory.name, peer=self.peer)
         self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
 
@@ -226,6 +230,7 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
             return
         if outcome.ack is not None:
             self.sendFrame(outcome.ack)
+            self.factory.ack_latency.observe(self.factory.clock.seconds() - self._received_at)
         self.resetTimeout()
         self.resumeFraming()
 
@@ -274,6 +279,9 @@ class MLLPServerFactory(protocol.Factory):
         self.counters = committer.counters
         self.clock = committer.clock
         self.open_connections = 0
+        # Shared with the engine's /metrics (serve replaces them with its own).
+        self.ack_latency = Histogram()
+        self.frames_by_listener: dict[str, int] = {}
 
     def submit(self, frame: Frame) -> defer.Deferred:
         frame.policy = self.policy

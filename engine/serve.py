@@ -23,11 +23,14 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
 from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
 from .dispatcher import Dispatcher
+from .metrics import Histogram
+from .webapi import site_root
 from .errors import ConfigError
 from .journal import Checkpointer, Journal
 from .project import Project
@@ -101,6 +104,10 @@ class Engine:
             write=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
         )
         self.ports = []
+        self.metrics_port = None
+        self.stopping = False
+        self.ack_latency = Histogram()
+        self.frames_by_listener: dict[str, int] = {}
         self._stats = task.LoopingCall(self._log_stats)
         self._stats.clock = reactor
         self._last_frames = 0
@@ -120,6 +127,10 @@ class Engine:
                 kind="mutual TLS" if listener.tls and listener.tls.client_ca else
                 "TLS" if listener.tls or listener.endpoint.startswith("ssl:") else "plain TCP",
             )
+        if self.settings.metrics_endpoint:
+            self.metrics_port = yield self._listen_metrics()
+            address = self.metrics_port.getHost()
+            bound.append(("metrics", address.host, address.port))
         self._stats.start(STATS_INTERVAL, now=False)
         self._pool.start()
         self._writer.start()
@@ -162,8 +173,24 @@ class Engine:
         d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
         self._checkpointing = d
 
+    def _listen_metrics(self):
+        endpoint_text = self.settings.metrics_endpoint
+        try:
+            endpoint = serverFromString(self.reactor, endpoint_text)
+        except (ValueError, TypeError, KeyError) as exc:
+            return defer.fail(ValueError(f"metrics: bad endpoint {endpoint_text!r}: {exc}"))
+        site = Site(site_root(self))
+        site.noisy = False
+
+        def explain(failure):
+            raise RuntimeError(f"metrics: cannot listen on {endpoint_text}: {failure.getErrorMessage()}")
+
+        return endpoint.listen(site).addErrback(explain)
+
     def _listen(self, listener: ListenerSettings):
         factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
+        factory.ack_latency = self.ack_latency
+        factory.frames_by_listener = self.frames_by_listener
         try:
             endpoint = serverFromString(self.reactor, listener.endpoint)
         except (ValueError, TypeError, KeyError, OSError) as exc:
@@ -184,10 +211,13 @@ class Engine:
         """Stop listening, commit what is pending, close the journal."""
         if self._stats.running:
             self._stats.stop()
+        self.stopping = True
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
         for port in self.ports:
             yield port.stopListening()
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
         yield self.dispatcher.stop()
         yield self.committer.drain()
         if self._writer.started:
@@ -290,7 +320,8 @@ def run(settings: Settings, project: Project | None = None) -> int:
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(engine.reload))
         for name, host, port in bound:
             # One line per listener on stdout, so scripts and tests can find the port.
-            print(f"hl7bridge: listener {name} ready on {host}:{port}", flush=True)
+            kind = "metrics" if name == "metrics" else f"listener {name}"
+            print(f"hl7bridge: {kind} ready on {host}:{port}", flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
         reactor.addSystemEventTrigger("after", "shutdown", lambda: pid_path.unlink(missing_ok=True))
 

@@ -69,7 +69,7 @@ class EngineProcess:
         self.config = config
         self.journal = tmp_path / "journal.db"
         self.stderr_path = tmp_path / "engine.stderr"
-        args = [*HL7BRIDGE, "serve", "--journal", str(self.journal)]
+        args = [*HL7BRIDGE, "serve", "--journal", str(self.journal), "--metrics", "tcp:0:interface=127.0.0.1"]
         for endpoint in listen:
             args += ["--listen", endpoint]
         if config is not None:
@@ -91,14 +91,14 @@ class EngineProcess:
             line = self.process.stdout.readline().decode()
             if not line:
                 raise RuntimeError(f"engine exited: {self.stderr_path.read_text()}")
+            metrics = re.search(r"metrics ready on [\d.]+:(\d+)", line)
+            if metrics:
+                self.metrics_port = int(metrics.group(1))
+                return
             match = re.search(r"listener (\S+) ready on [\d.]+:(\d+)", line)
             if match:
                 self.ports[match.group(1)] = int(match.group(2))
-                if len(self.ports) == self.expected_listeners:
-                    return
         raise RuntimeError("engine did not start in 20 s")
-
-    expected_listeners = 1
 
     @property
     def port(self) -> int:
