@@ -474,6 +474,48 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
         sys.exit(EXIT_NOT_ACCEPTED)
 
 
+@journal.command("prune", context_settings=CONTEXT)
+@journal_option
+@click.option("--older-than", required=True, metavar="AGE", help="Prune messages received longer ago than this: 90d, 12h, 30m.")
+@click.option("--keep-errors", is_flag=True, help="Keep rejected, error and mapping_error messages whatever their age.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be pruned.")
+@json_option
+def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
+    """Delete old messages and give the space back to the file system.
+
+    Messages with a delivery still owed (pending, retrying, dead) are never pruned. Works in
+    small batches, so it can run beside the engine. Shows progress on a terminal.
+
+    Example: hl7bridge journal prune --older-than 90d --keep-errors --dry-run
+    """
+    from .destinations import seconds
+    from .retention import count_candidates, prune
+
+    try:
+        age = seconds(older_than, "--older-than")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=age)
+    with_journal = open_journal(journal_path)
+    try:
+        if dry_run or not sys.stderr.isatty():
+            result = prune(with_journal, cutoff, keep_errors, dry_run)
+        else:
+            total = count_candidates(with_journal, cutoff, keep_errors)
+            with click.progressbar(length=total, label="pruning", file=sys.stderr) as bar:
+                result = prune(with_journal, cutoff, keep_errors, progress=bar.update)
+    finally:
+        with_journal.close()
+    if as_json:
+        click.echo(json.dumps({"messages": result.messages, "dry_run": result.dry_run,
+                               "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}))
+    elif dry_run:
+        click.echo(f"would prune {result.messages} messages received before {cutoff:%Y-%m-%d %H:%M} UTC")
+    else:
+        click.echo(f"pruned {result.messages} messages; journal and text index "
+                   f"{result.bytes_before / 1e6:.1f} MB -> {result.bytes_after / 1e6:.1f} MB")
+
+
 @journal.command("show", context_settings=CONTEXT)
 @journal_option
 @click.argument("message_id", type=int)

@@ -69,6 +69,7 @@ class Settings:
     log_level: str = "info"
     unrouted: str = "accept"  # what a message no route takes gets: accept (AA, journaled) or reject (AR)
     metrics_endpoint: str | None = DEFAULT_METRICS_ENDPOINT  # /metrics, /healthz, /readyz; None: off
+    retention: tuple | None = None  # (older_than seconds, keep_errors, every seconds): prune on a schedule
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
 
@@ -91,7 +92,8 @@ KEYS = {
         "processing_ids", "message_types",
     },
     "tls": {"certificate", "private_key", "client_ca"},
-    "journal": {"path", "synchronous"},
+    "journal": {"path", "synchronous", "retention"},
+    "retention": {"older_than", "keep_errors", "every"},
     "identity": {"application", "facility"},
     "charset": {"default"},
     "logging": {"level"},
@@ -133,7 +135,20 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         names = [listener.name for listener in listeners]
         if len(set(names)) != len(names):
             raise top.error("listeners", "listener names must be unique")
+    retention = None
+    if journal.data.get("retention") is not None:
+        from .destinations import seconds
+
+        policy = Section(journal.data["retention"], path, "journal.retention", KEYS["retention"], journal.line("retention"))
+        if policy.data.get("older_than") is None:
+            raise policy.error("older_than", "is required", "e.g. 90d")
+        try:
+            retention = (seconds(policy.data["older_than"], "older_than"), policy.get("keep_errors", bool, True),
+                         seconds(policy.data.get("every", "1h"), "every"))
+        except ValueError as exc:
+            raise policy.error("older_than", str(exc)) from None
     return Settings(
+        retention=retention,
         base=base,
         listeners=listeners,
         journal_path=base / journal.get("path", str, "var/journal.db"),

@@ -462,6 +462,7 @@ class TextIndex:
         self.path = text_index_path(journal_path)
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file: prune gives space back
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # derived data: rebuilt after a power cut
         conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='')")

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from twisted.internet import defer, protocol, ssl, task, threads
@@ -29,6 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from .config import ListenerSettings, Settings, TlsSettings
 from .ingest import Ingestor
 from .dispatcher import Dispatcher
+from . import retention
 from .metrics import Histogram
 from .webapi import site_root
 from .errors import ConfigError
@@ -132,6 +134,10 @@ class Engine:
             address = self.metrics_port.getHost()
             bound.append(("metrics", address.host, address.port))
         self._stats.start(STATS_INTERVAL, now=False)
+        if self.settings.retention is not None:
+            self._retention_loop = task.LoopingCall(self._apply_retention)
+            self._retention_loop.clock = self.reactor
+            self._retention_loop.start(self.settings.retention[2], now=False)
         self._pool.start()
         self._writer.start()
         self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
@@ -173,6 +179,22 @@ class Engine:
         d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
         self._checkpointing = d
 
+    @defer.inlineCallbacks
+    def _apply_retention(self):
+        """The retention policy, one small batch per writer job so ingest commits go in between."""
+        older_than, keep_errors, _ = self.settings.retention
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+        write = lambda fn, *args: threads.deferToThreadPool(self.reactor, self._writer, fn, *args)  # noqa: E731
+        total, last = 0, 0
+        while not self.stopping:
+            done, last = yield write(retention.prune_step, self.journal, cutoff, keep_errors, last)
+            if not done:
+                break
+            total += done
+        if total:
+            yield write(retention.reclaim, self.journal)
+            log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
+
     def _listen_metrics(self):
         endpoint_text = self.settings.metrics_endpoint
         try:
@@ -212,6 +234,8 @@ class Engine:
         if self._stats.running:
             self._stats.stop()
         self.stopping = True
+        if getattr(self, "_retention_loop", None) is not None and self._retention_loop.running:
+            self._retention_loop.stop()
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
         for port in self.ports:
