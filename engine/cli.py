@@ -435,14 +435,17 @@ STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "dupl
 @click.option("--facility", help="Sending facility (MSH-4).")
 @click.option("--route", help="The route that took the message.")
 @click.option("--status", type=click.Choice(STATUSES), help="Status: ingest, routing or mapping outcome.")
-@click.option("--since", help="Received at or after: 30m, 2h, 7d, or an ISO time.")
-@click.option("--until", help="Received before: an ISO time, or 30m, 2h, 7d ago.")
+@click.option("--delivery", metavar="[DESTINATION:]STATE",
+              help="Delivery state: dead, retrying, pending, delivered; fhir-main:dead for one destination.")
+@click.option("--since", "--from", "since", help="Received at or after: 30m, 2h, 7d, or an ISO time.")
+@click.option("--until", "--to", "until", help="Received before: an ISO time, or 30m, 2h, 7d ago.")
+@click.option("--oldest-first", is_flag=True, help="Sort oldest first (default: newest first).")
 @click.option("--text", help="Free text anywhere in the message.")
 @click.option("--limit", default=50, show_default=True, help="Most rows to show, newest first.")
 @click.option("--raw", is_flag=True, help="Print the messages themselves (one per line block), for piping.")
 @json_option
 def journal_search(journal_path, patient, control_id, appointment, transaction, message_type, facility,
-                   route, status, since, until, text, limit, raw, as_json):
+                   route, status, delivery, since, until, oldest_first, text, limit, raw, as_json):
     """Find messages by identifier, type, status, time or free text.
 
     Example: hl7bridge journal search --type SIU^S12 --since 2h --status rejected
@@ -451,7 +454,8 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
 
     query = SearchQuery(
         patient=patient, control_id=control_id, appointment=appointment, transaction=transaction,
-        message_type=message_type, sending_facility=facility, route=route, status=status,
+        message_type=message_type, sending_facility=facility, route=route, status=status, delivery=delivery,
+        oldest_first=oldest_first,
         since=parse_since(since) if since else None, until=parse_since(until) if until else None,
         text=text, limit=limit,
     )
@@ -472,6 +476,39 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
         with_journal.close()
     if not rows:
         sys.exit(EXIT_NOT_ACCEPTED)
+
+
+@journal.command("stats", context_settings=CONTEXT)
+@journal_option
+@click.option("--since", "--from", "since", default="24h", show_default=True, help="Window start: 24h, 7d, or an ISO time.")
+@click.option("--until", "--to", "until", help="Window end (default: now).")
+@json_option
+def journal_stats(journal_path, since, until, as_json):
+    """Counts per route, message type and status, and latency from receipt to conversion and delivery.
+
+    ACK latency (receipt to ACK) is the engine's hl7bridge_ack_latency_seconds metric.
+
+    Example: hl7bridge journal stats --since 7d
+    """
+    with_journal = open_journal(journal_path)
+    try:
+        stats = with_journal.stats(parse_since(since), parse_since(until) if until else None)
+    finally:
+        with_journal.close()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"{stats['messages']} messages received since {stats['since']}")
+    for title, key in (("route", "by_route"), ("type", "by_type"), ("status", "by_status")):
+        click.echo(f"by {title}:")
+        for row in stats[key]:
+            click.echo(f"  {row['value']:24} {row['count']:>8}")
+    latency = [("conversion", stats["seconds_to_conversion"])]
+    latency += [(f"delivery to {d}", p) for d, p in stats["seconds_to_delivery"].items()]
+    click.echo("seconds from receipt to:")
+    for label, p in latency:
+        if p:
+            click.echo(f"  {label:28} p50 {p['p50']:>8}  p90 {p['p90']:>8}  p99 {p['p99']:>8}  max {p['max']:>8}  ({p['count']})")
 
 
 @journal.command("prune", context_settings=CONTEXT)
@@ -534,6 +571,7 @@ def journal_show(journal_path, message_id, raw, validate, as_json):
         record = with_journal.get(message_id)
         if record is not None:
             record["conversion"] = with_journal.conversion(message_id)
+            record["history"] = with_journal.history(message_id)
     finally:
         with_journal.close()
     if record is None:
@@ -599,6 +637,17 @@ def detail_text(detail: dict) -> str:
             lines.append(f"  bundle: {len(entries)} entries")
             for entry in entries:
                 lines.append(f"    {entry['request']['method']} {entry['request']['url']}")
+    history = detail.get("history") or {}
+    for delivery in history.get("deliveries", []):
+        lines.append("")
+        lines.append(f"delivery to {delivery['destination']}: {delivery['state']} after {delivery['attempts']} attempt(s)"
+                     + (f" ({delivery['last_error']})" if delivery["last_error"] else ""))
+        for attempt in delivery["tries"]:
+            status = f" HTTP {attempt['status']}" if attempt["status"] else ""
+            lines.append(f"  {attempt['started_at']}  {attempt['outcome']}{status}  {attempt['duration_ms']:.0f} ms")
+    for replay in history.get("replays", []):
+        lines.append(f"replayed {replay['requested_at']} by {replay['who']}: {replay['why']}"
+                     + (" (mapped again)" if replay["remapped"] else ""))
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ def describe_message(record: dict, validate: bool = False) -> dict:
         "ack": decode(ack).text if ack else None,
     }
     detail["summary"]["truncated"] = bool(record.get("truncated"))
+    if record.get("history") is not None:
+        detail["history"] = record["history"]
     conversion = record.get("conversion")
     if conversion:
         detail["conversion"] = {

@@ -331,6 +331,59 @@ class Journal:
         record["ids"] = [{"kind": kind, "value": value, "authority": authority} for kind, value, authority in rows]
         return record
 
+    def history(self, message_id: int) -> dict:
+        """What happened to a message after ingest: its deliveries with their attempts, and replays."""
+
+        def rows(sql, *params):
+            cursor = self.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor]
+
+        deliveries = rows("SELECT id, destination, key, state, attempts, created_at, next_attempt_at, delivered_at, "
+                          "last_error FROM deliveries WHERE message_id = ? ORDER BY id", message_id)
+        for delivery in deliveries:
+            delivery["tries"] = rows("SELECT started_at, duration_ms, outcome, status, response FROM attempts "
+                                     "WHERE delivery_id = ? ORDER BY id", delivery["id"])
+        replays = rows("SELECT requested_at, who, why, destination, remapped FROM replays WHERE message_id = ? ORDER BY id",
+                       message_id)
+        return {"deliveries": deliveries, "replays": replays}
+
+    def stats(self, since: str, until: str | None = None) -> dict:
+        """Counts per route, type and status, and latency percentiles, for messages received in a window."""
+        until = until or "9999"
+        window = "m.received_at >= ? AND m.received_at < ?"
+
+        def grouped(column):
+            return [{"value": v, "count": n} for v, n in self.conn.execute(
+                f"SELECT coalesce({column}, '-'), count(*) FROM messages m WHERE {window} "
+                f"GROUP BY 1 ORDER BY 2 DESC", (since, until))]
+
+        def percentiles(sql, *params):
+            values = sorted(v for (v,) in self.conn.execute(sql, (since, until, *params)) if v is not None)
+            if not values:
+                return None
+            pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+            return {"count": len(values), "p50": round(pick(0.5), 3), "p90": round(pick(0.9), 3),
+                    "p99": round(pick(0.99), 3), "max": round(values[-1], 3)}
+
+        seconds_between = ("(julianday(substr({b}, 1, 26)) - julianday(substr(m.received_at, 1, 26))) * 86400.0")
+        delivery = {}
+        for (destination,) in self.conn.execute("SELECT DISTINCT destination FROM deliveries ORDER BY 1"):
+            delivery[destination] = percentiles(
+                f"SELECT {seconds_between.format(b='d.delivered_at')} FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                f"WHERE {window} AND d.state = 'delivered' AND d.destination = ?", destination)
+        return {
+            "since": since, "until": None if until == "9999" else until,
+            "messages": self.conn.execute(f"SELECT count(*) FROM messages m WHERE {window}", (since, until)).fetchone()[0],
+            "by_route": grouped("m.route"),
+            "by_type": grouped("m.message_type || coalesce('^' || nullif(m.trigger_event, ''), '')"),
+            "by_status": grouped("m.status"),
+            "seconds_to_conversion": percentiles(
+                f"SELECT {seconds_between.format(b='c.converted_at')} FROM conversions c "
+                f"JOIN messages m ON m.id = c.message_id WHERE {window}"),
+            "seconds_to_delivery": delivery,
+        }
+
     def count(self, status: str | None = None) -> int:
         if status is None:
             return self.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
@@ -372,6 +425,8 @@ class SearchQuery:
     sending_facility: str | None = None
     route: str | None = None
     status: str | None = None
+    delivery: str | None = None  # "DESTINATION:STATE", or just a state (any destination)
+    oldest_first: bool = False
     since: str | None = None  # ISO timestamp, inclusive
     until: str | None = None  # ISO timestamp, exclusive
     text: str | None = None
@@ -415,6 +470,14 @@ class SearchQuery:
             if self.status not in ("accepted", "mapped"):
                 # lets SQLite use the partial exceptions index
                 where.append("m.status NOT IN ('accepted', 'mapped')")
+        if self.delivery:
+            destination, _, state = self.delivery.rpartition(":")
+            if destination:
+                where.append("m.id IN (SELECT message_id FROM deliveries WHERE destination = ? AND state = ?)")
+                params.extend([destination, state])
+            else:
+                where.append("m.id IN (SELECT message_id FROM deliveries WHERE state = ?)")
+                params.append(state)
         if self.since:
             where.append("m.received_at >= ?")
             params.append(self.since)
@@ -428,7 +491,7 @@ class SearchQuery:
         sql = f"SELECT {columns} FROM messages m"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.id DESC LIMIT ?"
+        sql += " ORDER BY m.id " + ("ASC" if self.oldest_first else "DESC") + " LIMIT ?"
         params.append(int(self.limit))
         return sql, params
 

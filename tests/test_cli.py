@@ -202,3 +202,32 @@ def test_show_includes_the_conversion(tmp_path):
     rows = json.loads(invoke("journal", "search", "--journal", path, "--route", "clinic-charges", "--json").output)
     assert [r["status"] for r in rows] == ["mapped"]
     assert invoke("journal", "search", "--journal", path, "--status", "mapping_error").exit_code == 1
+
+
+def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
+    from conftest import ROOT
+    from engine.outbox import OK, Result, due, finish, replay
+    from engine.project import Project
+
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    now = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
+    project = Project.load(ROOT)
+    ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
+    [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
+    [delivery] = due(journal, "erp-finance", now, 5)
+    finish(journal, delivery, project.destinations["erp-finance"], Result(OK, 201), now, now)
+    replay(journal, [outcome.message_id], ["erp-finance"], "alice", "test", now)
+    journal.close()
+    text = invoke("journal", "show", "--journal", path, str(outcome.message_id)).output
+    assert "delivery to erp-finance: pending after 0 attempt(s)" in text  # replayed
+    assert "delivery to fhir-main: pending after 0 attempt(s)" in text
+    assert "  2026-11-24T06:00:00.000000Z  ok HTTP 201  0 ms" in text
+    assert "replayed 2026-11-24T06:00:00.000000Z by alice: test" in text
+    rows = json.loads(invoke("journal", "search", "--journal", path, "--delivery", "fhir-main:pending", "--json").output)
+    assert [r["id"] for r in rows] == [outcome.message_id]
+    assert invoke("journal", "search", "--journal", path, "--delivery", "dead").exit_code == 1
+    stats = json.loads(invoke("journal", "stats", "--journal", path, "--since", "2026-11-24T00:00", "--json").output)
+    assert stats["messages"] == 1 and stats["by_status"] == [{"value": "mapped", "count": 1}]
+    assert stats["by_type"] == [{"value": "DFT^P03", "count": 1}]
+    assert stats["seconds_to_conversion"]["p50"] == 0.0
