@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean docs
+.PHONY: serve test bench clean docs browser
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ $(FHIR_SERVER)/node_modules/.installed: $(FHIR_SERVER)/package-lock.json
 	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: $(STAMP) $(FHIR_SERVER)/node_modules/.installed
+# The dashboard test drives Debian's Chromium; installed when missing and we may (root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	    else echo "chromium/chromedriver missing: the dashboard browser test will skip (apt-get install chromium chromium-driver)"; fi; }
+
+test: $(STAMP) $(FHIR_SERVER)/node_modules/.installed browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -70,6 +70,7 @@ class Settings:
     unrouted: str = "accept"  # what a message no route takes gets: accept (AA, journaled) or reject (AR)
     metrics_endpoint: str | None = DEFAULT_METRICS_ENDPOINT  # /metrics, /healthz, /readyz; None: off
     retention: tuple | None = None  # (older_than seconds, keep_errors, every seconds): prune on a schedule
+    dashboard_token: str | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
 
@@ -86,7 +87,7 @@ class Settings:
 
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
-    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics"},
+    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -99,6 +100,7 @@ KEYS = {
     "logging": {"level"},
     "routing": {"unrouted"},
     "metrics": {"endpoint", "enabled"},
+    "dashboard": {"token"},
 }
 
 
@@ -118,9 +120,22 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     def section(name):
         return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
 
-    journal, identity, charset, logging, routing, metrics = (
-        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics")
+    journal, identity, charset, logging, routing, metrics, dashboard = (
+        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard")
     )
+    dashboard_token = dashboard.get("token", str, None)
+    if dashboard_token:
+        import os
+        import re
+
+        def from_env(match):
+            if match.group(1) not in os.environ:
+                raise dashboard.error("token", f"environment variable {match.group(1)} is not set")
+            return os.environ[match.group(1)]
+
+        dashboard_token = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", from_env, dashboard_token)
+        if len(dashboard_token) < 12:
+            raise dashboard.error("token", "is too short", "use at least 12 characters, e.g. from: openssl rand -hex 16")
 
     default_charset = charset.get("default", str, "utf-8")
     if codec_for(default_charset) is None:
@@ -149,6 +164,7 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             raise policy.error("older_than", str(exc)) from None
     return Settings(
         retention=retention,
+        dashboard_token=dashboard_token,
         base=base,
         listeners=listeners,
         journal_path=base / journal.get("path", str, "var/journal.db"),

@@ -69,4 +69,8 @@ def site_root(engine) -> Resource:
     root.putChild(b"healthz", Text(healthz))
     root.putChild(b"readyz", Text(readyz))
     root.reader = reader
+    if engine.settings.dashboard_token:
+        from .dashboard import mount
+
+        mount(root, engine, reader, engine.settings.dashboard_token)
     return root
