@@ -484,9 +484,7 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
 @click.option("--until", "--to", "until", help="Window end (default: now).")
 @json_option
 def journal_stats(journal_path, since, until, as_json):
-    """Counts per route, message type and status, and latency from receipt to conversion and delivery.
-
-    ACK latency (receipt to ACK) is the engine's hl7bridge_ack_latency_seconds metric.
+    """Counts per route, message type and status, and latency from receipt to ACK, conversion and delivery.
 
     Example: hl7bridge journal stats --since 7d
     """
@@ -503,7 +501,7 @@ def journal_stats(journal_path, since, until, as_json):
         click.echo(f"by {title}:")
         for row in stats[key]:
             click.echo(f"  {row['value']:24} {row['count']:>8}")
-    latency = [("conversion", stats["seconds_to_conversion"])]
+    latency = [("ACK", stats["seconds_to_ack"]), ("conversion", stats["seconds_to_conversion"])]
     latency += [(f"delivery to {d}", p) for d, p in stats["seconds_to_delivery"].items()]
     click.echo("seconds from receipt to:")
     for label, p in latency:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Kinds of identifier kept in message_ids, with the HL7 path each is read from.
 ID_KINDS = {
@@ -147,7 +147,7 @@ class Journal:
             raise RuntimeError(
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
-        steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3}
+        steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3, 4: self._migrate_v4}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -238,6 +238,10 @@ class Journal:
             "CREATE TABLE replays (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL REFERENCES messages(id), "
             "destination TEXT, requested_at TEXT NOT NULL, who TEXT NOT NULL, why TEXT NOT NULL, remapped INTEGER NOT NULL)"
         )
+
+    def _migrate_v4(self):
+        """When each message's batch was committed: its ACK went out right after (journal stats)."""
+        self.conn.execute("ALTER TABLE messages ADD COLUMN acked_at TEXT")
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -373,6 +377,8 @@ class Journal:
                 f"SELECT {seconds_between.format(b='d.delivered_at')} FROM deliveries d JOIN messages m ON m.id = d.message_id "
                 f"WHERE {window} AND d.state = 'delivered' AND d.destination = ?", destination)
         return {
+            "seconds_to_ack": percentiles(
+                f"SELECT {seconds_between.format(b='m.acked_at')} FROM messages m WHERE {window} AND m.acked_at IS NOT NULL"),
             "since": since, "until": None if until == "9999" else until,
             "messages": self.conn.execute(f"SELECT count(*) FROM messages m WHERE {window}", (since, until)).fetchone()[0],
             "by_route": grouped("m.route"),
