@@ -60,7 +60,7 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> i
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int) -> int:
-    signals = WorkerSignals()
+    signals = WorkerSignals(parent)
     project = Project.load(config)
     journal = Journal(journal_path, create=False)
     try:
@@ -84,9 +84,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Map routed messages that were ACKed before mapping.")
     parser.add_argument("journal")
     parser.add_argument("--config")
+    parser.add_argument("--parent", type=int, help="the engine's process ID (the worker exits when it is gone)")
     parser.add_argument("--interval", type=float, default=0.2)
     args = parser.parse_args(argv)
-    return run(args.journal, args.config, args.interval, os.getppid())
+    return run(args.journal, args.config, args.interval, args.parent or os.getppid())
 
 
 if __name__ == "__main__":

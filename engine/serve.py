@@ -86,11 +86,12 @@ class Engine:
         journal_arg = str(self.journal.path)
         self.indexer = WorkerProcess(
             reactor, "text indexer",
-            ["engine.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL)],
+            ["engine.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid())],
         )
         self.project = project
         config_args = ["--config", str(project.directory)] if project is not None else []
-        self.converter = WorkerProcess(reactor, "converter", ["engine.converter", journal_arg, *config_args])
+        self.converter = WorkerProcess(reactor, "converter",
+                                       ["engine.converter", journal_arg, *config_args, "--parent", str(os.getpid())])
         self.ingestor = Ingestor(self.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # One writer thread owns the journal connection: the reactor keeps reading and parsing

@@ -20,7 +20,7 @@ from .worker import WorkerSignals, parent_gone
 
 
 def run(journal_path: str, interval: float, parent: int) -> int:
-    signals = WorkerSignals()
+    signals = WorkerSignals(parent)
     with TextIndex(journal_path) as index:
         while not signals.stop:
             index.catch_up_all()
@@ -34,9 +34,10 @@ def run(journal_path: str, interval: float, parent: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Keep a journal's free-text index up to date.")
     parser.add_argument("journal")
+    parser.add_argument("--parent", type=int, help="the engine's process ID (the worker exits when it is gone)")
     parser.add_argument("--interval", type=float, default=0.5)
     args = parser.parse_args(argv)
-    return run(args.journal, args.interval, os.getppid())
+    return run(args.journal, args.interval, args.parent or os.getppid())
 
 
 if __name__ == "__main__":

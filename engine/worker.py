@@ -11,12 +11,17 @@ WORKER_NICENESS = 10  # the engine's own work (ACKs) comes first
 class WorkerSignals:
     """SIGTERM/SIGINT ask the worker to stop after its current batch; SIGHUP asks it to reload."""
 
-    def __init__(self):
+    def __init__(self, parent: int | None = None):
         self.stop = False
         self.reload = False
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
+        if parent is not None:
+            die_with_parent()
+            # The engine may have died while we were still importing: then there is nobody to serve.
+            if parent_gone(parent):
+                self.stop = True
         try:
             os.nice(WORKER_NICENESS)
         except OSError:
@@ -36,3 +41,14 @@ class WorkerSignals:
 def parent_gone(parent: int) -> bool:
     """True once the engine that started us has exited: a worker must not linger."""
     return os.getppid() != parent
+
+
+def die_with_parent():
+    """On Linux, ask the kernel to send us SIGTERM when the engine dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent_gone() checks do it, a moment later

@@ -63,3 +63,13 @@ def test_sigkill_during_sending_loses_nothing_that_was_acked(tmp_path):
         conn.close()
     finally:
         engine.stop()
+
+
+def test_workers_do_not_outlive_a_killed_engine(tmp_path):
+    import subprocess
+
+    engine = EngineProcess(tmp_path)
+    engine.kill()  # right after start: the workers may still be importing
+    time.sleep(3)
+    left = subprocess.run(["pgrep", "-f", f"engine\\.(converter|textindexer) {engine.journal}"], capture_output=True)
+    assert left.stdout == b"", left.stdout
