@@ -363,9 +363,14 @@ def replay(journal_path, message_ids, control_id, dead_of, destinations, remap, 
         if not ids:
             raise Failure("nothing to replay: no message matched", EXIT_NOT_ACCEPTED)
         project = load_project(config_dir) if remap else None
+        options = dict(remapped=remap, only_dead=bool(dead_of) and not remap)
         try:
-            result = replay_messages(with_journal, project, ids, list(destinations) or None, who, why,
-                                     remapped=remap, only_dead=bool(dead_of) and not remap)
+            if len(ids) > 200 and sys.stderr.isatty() and not as_json:
+                with click.progressbar(length=len(ids), label="replaying", file=sys.stderr) as bar:
+                    result = replay_messages(with_journal, project, ids, list(destinations) or None, who, why,
+                                             progress=bar.update, **options)
+            else:
+                result = replay_messages(with_journal, project, ids, list(destinations) or None, who, why, **options)
         except ReplayError as exc:
             raise Failure(str(exc), EXIT_NOT_ACCEPTED) from None
     finally:

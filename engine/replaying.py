@@ -54,17 +54,26 @@ def remap(journal: Journal, project: Project, message_id: int, now: datetime) ->
 
 def replay_messages(journal: Journal, project: Project | None, message_ids: list[int], destinations: list[str] | None,
                     who: str, why: str, remapped: bool = False, only_dead: bool = False,
-                    now: datetime | None = None) -> dict:
-    """Replay each message; returns counts: messages, deliveries reset, and remap outcomes."""
+                    now: datetime | None = None, progress=None, batch: int = 200) -> dict:
+    """Replay each message; returns counts: messages, deliveries reset, and remap outcomes.
+
+    Works through the messages in batches (each its own transaction, so a running engine's
+    commits never wait long); ``progress(n)`` is called after each batch.
+    """
     now = now or datetime.now(timezone.utc)
+    if remapped and project is None:
+        raise ReplayError("remapping needs the routes and mappings (--config)")
     statuses: dict[str, int] = {}
-    if remapped:
-        if project is None:
-            raise ReplayError("remapping needs the routes and mappings (--config)")
-        for message_id in message_ids:
-            status = remap(journal, project, message_id, now)
-            statuses[status] = statuses.get(status, 0) + 1
-    reset = replay(journal, message_ids, destinations, who, why, now, only_dead=only_dead, remapped=remapped)
+    reset = 0
+    for start in range(0, len(message_ids), batch):
+        chunk = message_ids[start : start + batch]
+        if remapped:
+            for message_id in chunk:
+                status = remap(journal, project, message_id, now)
+                statuses[status] = statuses.get(status, 0) + 1
+        reset += replay(journal, chunk, destinations, who, why, now, only_dead=only_dead, remapped=remapped)
+        if progress is not None:
+            progress(len(chunk))
     return {"messages": len(message_ids), "deliveries": reset, "remapped": statuses}
 
 

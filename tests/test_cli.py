@@ -231,3 +231,43 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
     assert stats["messages"] == 1 and stats["by_status"] == [{"value": "mapped", "count": 1}]
     assert stats["by_type"] == [{"value": "DFT^P03", "count": 1}]
     assert stats["seconds_to_conversion"]["p50"] == 0.0
+
+
+def test_outbox_replay_and_stats_exact_output(tmp_path):
+    from conftest import ROOT
+    from engine.outbox import PERMANENT, Result, due, finish
+    from engine.project import Project
+
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    now = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
+    project = Project.load(ROOT)
+    ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
+    [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
+    [delivery] = due(journal, "erp-finance", now, 5)
+    finish(journal, delivery, project.destinations["erp-finance"], Result(PERMANENT, 400, error="HTTP 400"), now, now)
+    journal.close()
+    assert invoke("outbox", "--journal", path).output == (
+        "destination  pending  in_flight  retrying  dead  delivered  oldest_open\n"
+        "-----------  -------  ---------  --------  ----  ---------  ---------------------------\n"
+        "erp-finance  0        0          0         1     0          2026-11-24T06:00:00.000000Z\n"
+        "fhir-main    1        0          0         0     0          2026-11-24T06:00:00.000000Z\n"
+    )
+    assert invoke("outbox", "--journal", path, "--state", "dead").output == (
+        "id  message_id  control_id  destination  state  attempts  next_attempt_at              last_error\n"
+        "--  ----------  ----------  -----------  -----  --------  ---------------------------  ----------\n"
+        "2   1           EC000501    erp-finance  dead   1         2026-11-24T06:00:00.000000Z  HTTP 400\n"
+    )
+    result = invoke("replay", "--journal", path, "--dead", "erp-finance", "--who", "ops", "--why", "fixed")
+    assert (result.exit_code, result.output) == (0, "replayed 1 message(s): 1 deliveries queued again\n")
+    result = invoke("replay", "--journal", path, "--dead", "erp-finance", "--why", "again")
+    assert (result.exit_code, result.output) == (1, "Error: nothing to replay: no message matched\n")
+    lines = invoke("journal", "stats", "--journal", path, "--since", "2026-11-24T00:00").output.splitlines()
+    assert lines[:7] == [
+        "1 messages received since 2026-11-24T00:00:00.000000Z",
+        "by route:", "  clinic-charges                  1",
+        "by type:", "  DFT^P03                         1",
+        "by status:", "  mapped                          1",
+    ]
+    assert lines[7] == "seconds from receipt to:"
+    assert lines[8].startswith("  ACK ")
