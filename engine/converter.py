@@ -62,7 +62,9 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> i
 def run(journal_path: str, config: str | None, interval: float, parent: int) -> int:
     signals = WorkerSignals(parent)
     project = Project.load(config)
-    journal = Journal(journal_path, create=False)
+    # Not synchronous: if a power cut loses the last conversions, those messages are still
+    # 'accepted' with a route, so they are simply converted again.
+    journal = Journal(journal_path, "normal", create=False)
     try:
         while not signals.stop:
             if signals.take_reload():

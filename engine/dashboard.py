@@ -222,7 +222,7 @@ class Api(Resource):
             except ReplayError as exc:
                 return {"error": str(exc)}
 
-        return threads.deferToThreadPool(engine.reactor, engine._writer, run, engine.journal)
+        return threads.deferToThreadPool(engine.reactor, engine._writer, run, engine.bookkeeping)
 
 
 def mount(root: Resource, engine, reader, token: str):

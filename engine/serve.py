@@ -102,8 +102,13 @@ class Engine:
             run_commit=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
             checkpoint_interval=CHECKPOINT_INTERVAL,
         )
+        # Outbox bookkeeping (claims, attempts, states) commits without waiting for the disk: after a
+        # power cut the last few of these may be lost, which only means a delivery is sent again,
+        # and every send is idempotent. Ingest commits, which ACKs depend on, stay synchronous.
+        # Same writer thread, so the two connections never wait for each other's lock.
+        self.bookkeeping = Journal(self.journal.path, "normal", create=False, manual_checkpoints=True)
         self.dispatcher = Dispatcher(
-            reactor, self.journal, project.destinations if project is not None else {},
+            reactor, self.bookkeeping, project.destinations if project is not None else {},
             write=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
         )
         self.ports = []
@@ -188,12 +193,12 @@ class Engine:
         write = lambda fn, *args: threads.deferToThreadPool(self.reactor, self._writer, fn, *args)  # noqa: E731
         total, last = 0, 0
         while not self.stopping:
-            done, last = yield write(retention.prune_step, self.journal, cutoff, keep_errors, last)
+            done, last = yield write(retention.prune_step, self.bookkeeping, cutoff, keep_errors, last)
             if not done:
                 break
             total += done
         if total:
-            yield write(retention.reclaim, self.journal)
+            yield write(retention.reclaim, self.bookkeeping)
             log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
 
     def _listen_metrics(self):
@@ -255,6 +260,7 @@ class Engine:
         yield self.indexer.stop()
         yield self.converter.stop()
         self._log_stats()
+        self.bookkeeping.close()
         self.journal.close()
 
     def _log_stats(self):
