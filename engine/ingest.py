@@ -239,9 +239,14 @@ class Ingestor:
         """
         outcomes = []
         seen_in_batch: dict[tuple[str, str], Outcome] = {}
+        # The ACKs go out right after this batch's commit: its time is kept for 'journal stats'.
+        # (Set on insert: an UPDATE afterwards would rewrite each row, raw bytes and all. The real
+        # clock: an injected one is for received_at and ACKs, which tests compare byte for byte.)
+        acked_at = iso(utc_now())
         with self.journal.transaction():
             for prepared in batch:
                 entry, dedupe_key = prepared.entry, prepared.dedupe_key
+                entry.acked_at = acked_at
                 original = None
                 if dedupe_key is not None:
                     first = seen_in_batch.get(dedupe_key)
@@ -273,11 +278,6 @@ class Ingestor:
                 outcomes.append(outcome)
                 if dedupe_key is not None and entry.status != DUPLICATE:
                     seen_in_batch[dedupe_key] = outcome
-            # The ACKs go out right after this commit: keep the time for 'journal stats'. (The real
-            # clock: an injected one is for received_at and ACKs, which tests compare byte for byte.)
-            if outcomes:
-                self.journal.conn.execute("UPDATE messages SET acked_at = ? WHERE id BETWEEN ? AND ?",
-                                          (iso(utc_now()), outcomes[0].message_id, outcomes[-1].message_id))
         return outcomes
 
     def _raw_of(self, message_id: int, seen_in_batch) -> bytes | None:

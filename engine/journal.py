@@ -73,6 +73,7 @@ class Entry:
     ids: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, authority)
     route: str | None = None
     conversion: "ConversionRecord | None" = None  # when the route maps before the ACK
+    acked_at: str | None = None
 
     @property
     def patient_id(self) -> str | None:
@@ -98,7 +99,7 @@ _INSERT_COLUMNS = (
     "message_structure", "version", "processing_id", "sending_application", "sending_facility",
     "receiving_application", "receiving_facility", "patient_id", "placer_appointment_id",
     "filler_appointment_id", "transaction_id", "status", "error", "error_code", "error_location",
-    "warning", "duplicate_of", "charset", "size", "truncated", "ack_code", "ack", "ack_sent", "raw", "route",
+    "warning", "duplicate_of", "charset", "size", "truncated", "ack_code", "ack", "ack_sent", "raw", "route", "acked_at",
 )
 _INSERT_SQL = (
     f"INSERT INTO messages ({', '.join(_INSERT_COLUMNS)}) "
@@ -283,7 +284,7 @@ class Journal:
             entry.first_id("filler_appointment"), entry.first_id("transaction"), entry.status,
             entry.error, entry.error_code, entry.error_location, entry.warning, entry.duplicate_of,
             entry.charset, len(entry.raw), int(entry.truncated), entry.ack_code, entry.ack,
-            int(entry.ack_sent), entry.raw, entry.route,
+            int(entry.ack_sent), entry.raw, entry.route, entry.acked_at,
         )
         cursor = self.conn.execute(_INSERT_SQL, row)
         message_id = cursor.lastrowid
