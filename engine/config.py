@@ -15,7 +15,7 @@ from .charset import codec_for
 from .errors import ConfigError
 from .ingest import SUPPORTED_VERSIONS, AcceptPolicy
 from .journal import SYNCHRONOUS_MODES
-from .yamlconf import Section, load_yaml
+from .yamlconf import Section, expand_env, load_yaml
 
 CONFIG_FILE = "hl7bridge.yaml"
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
@@ -123,17 +123,8 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     journal, identity, charset, logging, routing, metrics, dashboard = (
         section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard")
     )
-    dashboard_token = dashboard.get("token", str, None)
+    dashboard_token = expand_env(dashboard.get("token", str, None), dashboard, "token")
     if dashboard_token:
-        import os
-        import re
-
-        def from_env(match):
-            if match.group(1) not in os.environ:
-                raise dashboard.error("token", f"environment variable {match.group(1)} is not set")
-            return os.environ[match.group(1)]
-
-        dashboard_token = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", from_env, dashboard_token)
         if len(dashboard_token) < 12:
             raise dashboard.error("token", "is too short", "use at least 12 characters, e.g. from: openssl rand -hex 16")
 

@@ -14,13 +14,12 @@ Every key is documented in docs/destinations.md.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .yamlconf import Section, load_yaml
+from .yamlconf import Section, expand_env, load_yaml
 
 TYPES = ("fhir", "file", "erp-http", "erp-tryton")
 PAYLOADS = ("bundle", "finance-events")
@@ -36,7 +35,6 @@ KEYS = {
     "retry": {"max_attempts", "max_age", "initial_delay", "max_delay", "multiplier", "jitter"},
 }
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def seconds(text, what: str) -> float:
@@ -89,19 +87,6 @@ class Destination:
     product: str = "Patient charge"  # erp-tryton: the product invoice lines use
 
 
-def _env(value, section, key):
-    if not isinstance(value, str):
-        return value
-
-    def replace(match):
-        name = match.group(1)
-        if name not in os.environ:
-            raise section.error(key, f"environment variable {name} is not set", f"export {name}=... before starting")
-        return os.environ[name]
-
-    return _ENV.sub(replace, value)
-
-
 def load_destination(path: Path, base: Path) -> Destination:
     data = load_yaml(path)
     top = Section(data, path, "destination", KEYS["destination"])
@@ -134,22 +119,22 @@ def load_destination(path: Path, base: Path) -> Destination:
     if kind.startswith("erp-") and fields["payload"] != "finance-events":
         raise top.error("payload", "an ERP destination takes finance-events")
     if kind in ("fhir", "erp-http", "erp-tryton"):
-        url = _env(top.get("url", str, None), top, "url")
+        url = expand_env(top.get("url", str, None), top, "url")
         if not url or not url.startswith(("http://", "https://")):
             raise top.error("url", "is required: the base URL", "e.g. https://fhir.example.org/fhir/R4")
         auth = Section(top.data.get("auth"), path, "auth", KEYS["auth"], top.line("auth"))
         basic = None
         if auth.data.get("basic") is not None:
             b = Section(auth.data["basic"], path, "auth.basic", KEYS["basic"], auth.line("basic"))
-            basic = (_env(b.get("username", str, ""), b, "username"), _env(b.get("password", str, ""), b, "password"))
+            basic = (expand_env(b.get("username", str, ""), b, "username"), expand_env(b.get("password", str, ""), b, "password"))
         oauth2 = None
         if auth.data.get("oauth2") is not None:
             o = Section(auth.data["oauth2"], path, "auth.oauth2", KEYS["oauth2"], auth.line("oauth2"))
-            token_url = _env(o.get("token_url", str, None), o, "token_url")
+            token_url = expand_env(o.get("token_url", str, None), o, "token_url")
             if not token_url:
                 raise o.error("token_url", "is required", "the authorization server's token endpoint")
-            oauth2 = (token_url, _env(o.get("client_id", str, ""), o, "client_id"),
-                      _env(o.get("client_secret", str, ""), o, "client_secret"), o.get("scope", str, ""))
+            oauth2 = (token_url, expand_env(o.get("client_id", str, ""), o, "client_id"),
+                      expand_env(o.get("client_secret", str, ""), o, "client_secret"), o.get("scope", str, ""))
         if sum(x is not None for x in (auth.data.get("bearer"), basic, oauth2)) > 1:
             raise top.error("auth", "give one of bearer, basic or oauth2")
         tls = Section(top.data.get("tls"), path, "tls", KEYS["tls"], top.line("tls"))
@@ -167,7 +152,7 @@ def load_destination(path: Path, base: Path) -> Destination:
                 raise auth.error("basic", "Tryton needs auth.basic with its user name and password")
         fields.update(
             url=url.rstrip("/"), mode=top.choice("mode", FHIR_MODES, "transaction"),
-            bearer=_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic, oauth2=oauth2,
+            bearer=expand_env(auth.get("bearer", str, None), auth, "bearer"), basic=basic, oauth2=oauth2,
             verify_tls=tls.get("verify", bool, True), ca=str(base / ca) if ca else None,
         )
     elif kind == "file":

@@ -8,6 +8,8 @@ are rejected instead of silently ignored.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -136,3 +138,20 @@ class Section:
             if not isinstance(item, (str, int, float)) or isinstance(item, bool):
                 raise self.error(key, f"items must be text, not {item!r}")
         return [str(item) for item in value]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value, section: "Section", key: str):
+    """``${NAME}`` in a text value read from the environment; a missing variable is refused by name."""
+    if not isinstance(value, str):
+        return value
+
+    def replace(match):
+        name = match.group(1)
+        if name not in os.environ:
+            raise section.error(key, f"environment variable {name} is not set", f"export {name}=... before starting")
+        return os.environ[name]
+
+    return _ENV.sub(replace, value)
