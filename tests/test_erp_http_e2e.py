@@ -88,9 +88,18 @@ def test_finance_events_reach_a_rest_erp_in_its_own_shape(tmp_path, erp, monkeyp
         assert auth == "Bearer s3cret" and key == first["reference"]
         assert first == {"kind": "charge.posted", "reference": key, "customer": "A2026120877",
                          "lines": [{"item": "99214", "amount": 185.0, "currency": "USD"}], "origin": "hl7bridge"}
-        conn = sqlite3.connect(engine.journal)
-        assert conn.execute("SELECT outcome, status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
-                            "WHERE d.destination = 'erp-finance' ORDER BY a.id").fetchall() == [("transient", 503), ("ok", 201)]
-        conn.close()
+        def attempts():
+            conn = sqlite3.connect(engine.journal)
+            try:
+                return conn.execute("SELECT outcome, status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                                    "WHERE d.destination = 'erp-finance' ORDER BY a.id").fetchall()
+            finally:
+                conn.close()
+
+        # The ERP has everything a moment before the engine records the attempt: wait for the record.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(attempts()) < 2:
+            time.sleep(0.05)
+        assert attempts() == [("transient", 503), ("ok", 201)]
     finally:
         engine.stop()
