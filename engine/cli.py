@@ -427,7 +427,7 @@ def parse_since(value: str, now: datetime | None = None) -> str:
     return iso(moment)
 
 
-STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "duplicate", "error")
+STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "duplicate", "held", "error")
 
 
 @journal.command("search", context_settings=CONTEXT)
@@ -442,6 +442,9 @@ STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "dupl
 @click.option("--status", type=click.Choice(STATUSES), help="Status: ingest, routing or mapping outcome.")
 @click.option("--delivery", metavar="[DESTINATION:]STATE",
               help="Delivery state: dead, retrying, pending, delivered; fhir-main:dead for one destination.")
+@click.option("--duplicate", type=click.Choice(["exact", "differing", "any"]),
+              help="Resends: exact (same content, answered with the original ACK), differing (a control ID "
+                   "reused with different content), or any.")
 @click.option("--since", "--from", "since", help="Received at or after: 30m, 2h, 7d, or an ISO time.")
 @click.option("--until", "--to", "until", help="Received before: an ISO time, or 30m, 2h, 7d ago.")
 @click.option("--oldest-first", is_flag=True, help="Sort oldest first (default: newest first).")
@@ -450,7 +453,7 @@ STATUSES = ("accepted", "mapped", "mapping_error", "unrouted", "rejected", "dupl
 @click.option("--raw", is_flag=True, help="Print the messages themselves (one per line block), for piping.")
 @json_option
 def journal_search(journal_path, patient, control_id, appointment, transaction, message_type, facility,
-                   route, status, delivery, since, until, oldest_first, text, limit, raw, as_json):
+                   route, status, delivery, duplicate, since, until, oldest_first, text, limit, raw, as_json):
     """Find messages by identifier, type, status, time or free text.
 
     Example: hl7bridge journal search --type SIU^S12 --since 2h --status rejected
@@ -460,7 +463,7 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
     query = SearchQuery(
         patient=patient, control_id=control_id, appointment=appointment, transaction=transaction,
         message_type=message_type, sending_facility=facility, route=route, status=status, delivery=delivery,
-        oldest_first=oldest_first,
+        duplicate=duplicate, oldest_first=oldest_first,
         since=parse_since(since) if since else None, until=parse_since(until) if until else None,
         text=text, limit=limit,
     )

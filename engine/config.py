@@ -173,10 +173,58 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     )
 
 
+# Arguments of an ssl: endpoint that name files (Twisted's serverFromString).
+SSL_FILE_ARGUMENTS = ("privateKey", "certKey", "extraCertChain", "caCertsDir", "dhParameters")
+
+
+def _split_endpoint(text: str) -> list[str]:
+    """An endpoint string's colon-separated parts; ``\\:`` is a literal colon, as Twisted reads it."""
+    parts, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current += "\\" + char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current + ("\\" if escaped else ""))
+    return parts
+
+
+def resolve_ssl_paths(endpoint: str, base: Path) -> tuple[str, list[tuple[str, Path]]]:
+    """An ``ssl:`` endpoint with its relative file arguments read from ``base`` (the config
+    directory), like every other path in hl7bridge.yaml; returns the endpoint and [(argument, file)].
+
+    Other endpoints come back unchanged.
+    """
+    if not endpoint.startswith("ssl:"):
+        return endpoint, []
+    parts = _split_endpoint(endpoint)
+    files = []
+    for index, part in enumerate(parts[1:], start=1):
+        key, equals, value = part.partition("=")
+        if not equals or key not in SSL_FILE_ARGUMENTS or not value:
+            continue
+        file = Path(value.replace("\\:", ":"))
+        if not file.is_absolute():
+            file = base / file
+        files.append((key, file))
+        parts[index] = f"{key}={str(file).replace(':', chr(92) + ':')}"
+    return ":".join(parts), files
+
+
 def _listener(data, path, base: Path, number: int) -> ListenerSettings:
     line = data.line if hasattr(data, "line") else 0
     section = Section(data, path, f"listeners[{number}]", KEYS["listener"], line)
-    endpoint = section.get("endpoint", str, DEFAULT_ENDPOINT)
+    endpoint, ssl_files = resolve_ssl_paths(section.get("endpoint", str, DEFAULT_ENDPOINT), base)
+    for key, file in ssl_files:
+        if not file.exists():
+            raise section.error("endpoint", f"{key} file {file} does not exist",
+                                "relative paths are read from the directory of hl7bridge.yaml")
     networks = []
     for item in section.strings("allow_peers", []):
         try:

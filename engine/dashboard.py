@@ -167,14 +167,17 @@ class Api(Resource):
     def api_exceptions(self, body, user):
         wrapper = type("J", (), {"conn": self.reader})()
         messages = self._rows(
-            "SELECT id, received_at, control_id, message_type, trigger_event, route, status, error "
-            "FROM messages WHERE status IN ('rejected', 'error', 'mapping_error') ORDER BY id DESC LIMIT 50")
+            "SELECT id, received_at, control_id, message_type, trigger_event, route, status, coalesce(error, warning) AS error "
+            "FROM messages WHERE status IN ('rejected', 'error', 'mapping_error', 'held') ORDER BY id DESC LIMIT 50")
         for row in messages:
             if row["status"] == "mapping_error":
                 problems = self.reader.execute("SELECT problems FROM conversions WHERE message_id = ?", (row["id"],)).fetchone()
                 if problems and problems[0]:
                     row["error"] = json.loads(problems[0])[0].split(" (from ")[0]
-        return {"messages": messages, "dead": list_deliveries(wrapper, state="dead", limit=50)}
+        differing = self._rows(
+            "SELECT id, received_at, control_id, sending_facility, message_type, trigger_event, status, duplicate_of, "
+            "warning FROM messages WHERE duplicate_of IS NOT NULL AND status != 'duplicate' ORDER BY id DESC LIMIT 50")
+        return {"messages": messages, "dead": list_deliveries(wrapper, state="dead", limit=50), "differing": differing}
 
     def api_search(self, body, user):
         fields = {k: body.get(k) or None for k in ("patient", "control_id", "appointment", "transaction",
@@ -258,10 +261,11 @@ input,select{margin-right:.5em}
 <h2>Exceptions</h2>
 <h3>Dead deliveries</h3><table id=dead><tr><th>message</th><th>control ID</th><th>destination</th><th>attempts</th><th>reason</th><th></th></tr></table>
 <h3>Rejected messages and mapping errors</h3><table id=errors><tr><th>message</th><th>received</th><th>control ID</th><th>type</th><th>status</th><th>reason</th></tr></table>
+<h3>Control IDs reused with different content</h3><table id=differing><tr><th>message</th><th>received</th><th>control ID</th><th>facility</th><th>type</th><th>status</th><th>first used by</th></tr></table>
 <h2>Search</h2>
 <form id=search><input id=q-patient placeholder="patient ID"><input id=q-control placeholder="control ID">
 <input id=q-appointment placeholder="appointment ID"><input id=q-text placeholder="free text">
-<select id=q-status><option value="">any status</option><option>accepted</option><option>mapped</option><option>mapping_error</option><option>unrouted</option><option>rejected</option><option>duplicate</option></select>
+<select id=q-status><option value="">any status</option><option>accepted</option><option>mapped</option><option>mapping_error</option><option>unrouted</option><option>rejected</option><option>duplicate</option><option>held</option></select>
 <button id=go>Search</button></form>
 <table id=results></table>
 <h2>Message</h2><div id=detail>(choose a message)</div>
@@ -296,6 +300,8 @@ async function refresh() {
   });
   const errors = document.getElementById('errors'); clear(errors);
   x.messages.forEach(m => row(errors, [link(m.id), m.received_at, m.control_id, (m.message_type || '') + (m.trigger_event ? '^' + m.trigger_event : ''), m.status, m.error]));
+  const differing = document.getElementById('differing'); clear(differing);
+  (x.differing || []).forEach(m => row(differing, [link(m.id), m.received_at, m.control_id, m.sending_facility, (m.message_type || '') + (m.trigger_event ? '^' + m.trigger_event : ''), m.status, link(m.duplicate_of)]).className = 'differing');
 }
 async function show(id) {
   const d = await call('message', {id: id});

@@ -26,7 +26,7 @@ PAYLOADS = ("bundle", "finance-events")
 FHIR_MODES = ("transaction", "resources")
 ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
-    "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "directory",
+    "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "connect_timeout", "directory",
                     "retry", "concurrency", "order_by", "payload", "body", "database", "product"},
     "auth": {"bearer", "basic", "oauth2"},
     "basic": {"username", "password"},
@@ -76,7 +76,8 @@ class Destination:
     oauth2: tuple | None = None  # (token_url, client_id, client_secret, scope)
     verify_tls: bool = True
     ca: str | None = None
-    timeout: float = 30.0
+    timeout: float = 30.0  # for the answer to each request
+    connect_timeout: float = 5.0  # for the connection (TCP, and the TLS handshake): a dead server frees its slots fast
     directory: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
@@ -108,11 +109,13 @@ def load_destination(path: Path, base: Path) -> Destination:
             jitter=retry_section.get("jitter", float, defaults.jitter),
         )
         timeout = seconds(top.data.get("timeout", "30s"), "timeout")
+        connect_timeout = seconds(top.data.get("connect_timeout", "5s"), "connect_timeout")
     except ValueError as exc:
-        raise ConfigError(str(exc), path, top.line("retry")) from None
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(str(exc), path, top.line(key) if key in top.data else top.line("retry")) from None
     fields = dict(
         name=name, type=kind, path=str(path), description=top.get("description", str, ""), retry=retry,
-        timeout=timeout, concurrency=top.positive("concurrency", int, 4),
+        timeout=timeout, connect_timeout=connect_timeout, concurrency=top.positive("concurrency", int, 4),
         order_by=top.choice("order_by", ORDER_KEYS, "patient"),
         payload=top.choice("payload", PAYLOADS, "finance-events" if kind.startswith("erp-") else "bundle"),
     )

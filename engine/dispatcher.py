@@ -38,13 +38,27 @@ class Dispatcher:
         self._loop = task.LoopingCall(self.poll_all)
         self._loop.clock = reactor
         self._running: set = set()
+        self.resumed: set[int] = set()  # deliveries that were in flight at start-up
 
     @defer.inlineCallbacks
     def start(self):
+        for name, sender in self.senders.items():
+            self._start_sender(name, sender)
         recovered = yield self.write(outbox.recover, self.journal, self.clock())
+        self.resumed.update(recovered)
         if recovered:
-            log.info("resuming {count} deliveries that were in flight when the engine stopped", count=recovered)
+            log.info("resuming {count} deliveries that were in flight when the engine stopped", count=len(recovered))
         self._loop.start(POLL_INTERVAL, now=True)
+
+    def _start_sender(self, name, sender):
+        """A sender's own start-up work (the file destination repairs torn records), logged."""
+        start = getattr(sender, "start", None)
+        if start is None:
+            return
+        for file_name, size in start():
+            log.warn("{destination}: the last record of {file} was torn ({size} bytes, the engine stopped while "
+                     "writing it); set aside in {file}.torn, the delivery will be written again",
+                     destination=name, file=file_name, size=size)
 
     def update(self, destinations: dict):
         """New destination settings after a reload; senders of changed destinations are rebuilt."""
@@ -54,6 +68,7 @@ class Dispatcher:
                 if old is not None:
                     old.close()
                 self.senders[name] = sender_for(destination, self.reactor)
+                self._start_sender(name, self.senders[name])
             self.in_flight.setdefault(name, 0)
             self.polling.setdefault(name, False)
         self.destinations = destinations
@@ -101,12 +116,16 @@ class Dispatcher:
         if not delivery.bundle:
             result = outbox.Result(outbox.PERMANENT, None, "", error="no converted Bundle for this message")
         else:
+            delivery.resumed = delivery.id in self.resumed
+            self.resumed.discard(delivery.id)
             try:
-                result = yield self.senders[name].send(delivery.bundle, delivery.control_id, delivery.message_id)
+                result = yield self.senders[name].send(delivery)
             except Exception as exc:  # a bug in a sender must not lose the delivery
                 log.failure("sender for {destination} failed", destination=name)
                 result = outbox.Result(outbox.TRANSIENT, None, "", error=f"internal error: {type(exc).__name__}")
         finished = self.clock()
+        if result.notice:
+            log.warn("{destination}: {notice}", destination=name, notice=result.notice)
         state = yield self.write(outbox.finish, self.journal, delivery, destination, result, started, finished)
         self.outcomes[(name, state)] = self.outcomes.get((name, state), 0) + 1
         if state == outbox.DELIVERED:
@@ -122,6 +141,14 @@ class Dispatcher:
                       "'hl7bridge replay' sends it again",
                       id=delivery.id, message_id=delivery.message_id, control_id=delivery.control_id,
                       destination=name, error=result.error)
+
+    def sender_counters(self) -> dict[tuple[str, str], int]:
+        """(destination, counter) -> count, from senders that keep counters (the file destination)."""
+        found = {}
+        for name, sender in self.senders.items():
+            for counter, value in getattr(sender, "counters", {}).items():
+                found[(name, counter)] = value
+        return found
 
     @defer.inlineCallbacks
     def stop(self):

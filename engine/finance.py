@@ -53,17 +53,23 @@ def _coding(concept: dict | None) -> dict:
     return {**codings[0], "text": (concept or {}).get("text")}
 
 
-def events(bundle: dict, message_id: int, control_id: str) -> list[dict]:
-    """The finance events a converted message gives (ChargeItems; Appointments booked or cancelled)."""
+def events(bundle: dict, message_id: int, control_id: str, discriminator: str = "") -> list[dict]:
+    """The finance events a converted message gives (ChargeItems; Appointments booked or cancelled).
+
+    ``discriminator`` goes into every event ID: empty for an ordinary message, so a replay gives
+    the same IDs; set for a message that reused an earlier message's control ID with different
+    content, so its events are not taken by the ERP for the earlier message's.
+    """
     resources = _by_url(bundle)
+    key = f"{control_id}~{discriminator}" if discriminator else control_id
     out = []
     for entry in bundle.get("entry", []):
         resource = entry["resource"]
         kind = resource["resourceType"]
         if kind == "ChargeItem":
-            out.append(_charge_event(resource, resources, message_id, control_id))
+            out.append(_charge_event(resource, resources, message_id, control_id, key))
         elif kind == "Appointment" and resource.get("status") in ("booked", "cancelled", "noshow", "entered-in-error"):
-            out.append(_appointment_event(resource, resources, message_id, control_id))
+            out.append(_appointment_event(resource, resources, message_id, control_id, key))
     return [event for event in out if event is not None]
 
 
@@ -75,7 +81,7 @@ def _account(resource: dict, resources: dict) -> dict:
     return {"number": _first_identifier(account), "patient_id": _first_identifier(patient), "patient_name": _name(patient)}
 
 
-def _charge_event(item: dict, resources: dict, message_id: int, control_id: str) -> dict | None:
+def _charge_event(item: dict, resources: dict, message_id: int, control_id: str, key: str) -> dict | None:
     ttype = None
     for extension in item.get("extension", []) or []:
         if extension.get("url") == TRANSACTION_TYPE_URL:
@@ -89,7 +95,7 @@ def _charge_event(item: dict, resources: dict, message_id: int, control_id: str)
     return {
         "schema": SCHEMA,
         "event": event,
-        "event_id": stable_id("finance", control_id, transaction_id or code.get("code") or "", event),
+        "event_id": stable_id("finance", key, transaction_id or code.get("code") or "", event),
         "occurred_at": item.get("occurrenceDateTime"),
         "account": _account(item, resources),
         "transaction": {
@@ -108,7 +114,7 @@ def _charge_event(item: dict, resources: dict, message_id: int, control_id: str)
     }
 
 
-def _appointment_event(appointment: dict, resources: dict, message_id: int, control_id: str) -> dict:
+def _appointment_event(appointment: dict, resources: dict, message_id: int, control_id: str, key: str) -> dict:
     patient_ref = next((p["actor"]["reference"] for p in appointment.get("participant", [])
                         if resources.get(p.get("actor", {}).get("reference", ""), {}).get("resourceType") == "Patient"), "")
     patient = resources.get(patient_ref)
@@ -120,7 +126,7 @@ def _appointment_event(appointment: dict, resources: dict, message_id: int, cont
     return {
         "schema": SCHEMA,
         "event": event,
-        "event_id": stable_id("finance", control_id, filler or "", event),
+        "event_id": stable_id("finance", key, filler or "", event),
         "occurred_at": appointment.get("start"),
         "account": {"number": None, "patient_id": _first_identifier(patient), "patient_name": _name(patient)},
         "appointment": {"id": filler, "status": status, "start": appointment.get("start"),

@@ -24,7 +24,7 @@ from .outbox import create_deliveries
 from .transform import decide
 
 # Statuses a journal row can have after ingest.
-ACCEPTED, REJECTED, DUPLICATE, FAILED = "accepted", "rejected", "duplicate", "error"
+ACCEPTED, REJECTED, DUPLICATE, FAILED, HELD = "accepted", "rejected", "duplicate", "error", "held"
 SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
 
 
@@ -72,6 +72,7 @@ class Outcome:
     control_id: str = ""
     message_code: str = ""
     entry: Entry = field(repr=False, default=None)
+    differing_policy: str | None = None  # set when the message reused a control ID with different content
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Prepared:
     frame: Frame
     entry: Entry
     dedupe_key: tuple[str, str] | None
+    header: Header | None = None  # to answer again if it turns out to reuse a control ID
 
 
 def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
@@ -171,6 +173,24 @@ def identifiers(message: Message) -> list[tuple[str, str, str]]:
     return found
 
 
+def same_message(a: bytes, b: bytes) -> bool:
+    """Whether two messages are the same but for MSH-7 (a resend is often stamped anew) and line ends."""
+    if a == b:
+        return True
+    return _comparable(a) == _comparable(b)
+
+
+def _comparable(raw: bytes) -> list[bytes]:
+    lines = [line.rstrip() for line in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")]
+    lines = [line for line in lines if line]
+    if lines and lines[0].startswith(b"MSH") and len(lines[0]) > 3:
+        fields = lines[0].split(lines[0][3:4])
+        if len(fields) > 6:
+            fields[6] = b""
+        lines[0] = lines[0][3:4].join(fields)
+    return lines
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -228,8 +248,8 @@ class Ingestor:
         The engine runs this in the reactor thread as each frame arrives, so that the journal
         writer thread spends its time in SQLite (which releases the GIL) and not in Python.
         """
-        entry, dedupe_key = self._entry(frame)
-        return Prepared(frame, entry, dedupe_key)
+        entry, dedupe_key, header = self._entry(frame)
+        return Prepared(frame, entry, dedupe_key, header)
 
     def record(self, batch: list[Prepared]) -> list[Outcome]:
         """Journal prepared frames in one transaction, detecting duplicates; returns their outcomes.
@@ -238,7 +258,7 @@ class Ingestor:
         caller answers with an error ACK that tells the sender to resend.
         """
         outcomes = []
-        seen_in_batch: dict[tuple[str, str], Outcome] = {}
+        seen_in_batch: dict[tuple[str, str], list[Outcome]] = {}
         # The ACKs go out right after this batch's commit: its time is kept for 'journal stats'.
         # (Set on insert: an UPDATE afterwards would rewrite each row, raw bytes and all. The real
         # clock: an injected one is for received_at and ACKs, which tests compare byte for byte.)
@@ -247,20 +267,11 @@ class Ingestor:
             for prepared in batch:
                 entry, dedupe_key = prepared.entry, prepared.dedupe_key
                 entry.acked_at = acked_at
-                original = None
+                policy = None
                 if dedupe_key is not None:
-                    first = seen_in_batch.get(dedupe_key)
-                    if first is not None:
-                        original = (first.message_id, first.entry.ack, first.ack_code)
-                    else:
-                        original = self.journal.find_accepted(*dedupe_key)
-                if original is not None:
-                    entry.status = DUPLICATE
-                    entry.conversion = None  # a resend is not processed again
-                    # A resend gets the very ACK the original got.
-                    entry.duplicate_of, entry.ack, entry.ack_code = original
-                    if entry.raw != self._raw_of(original[0], seen_in_batch):
-                        entry.warning = "resend differs from the original message"
+                    earlier = [(o.message_id, o.entry.ack, o.ack_code, o.entry.raw) for o in seen_in_batch.get(dedupe_key, [])]
+                    earlier = self.journal.accepted_with_key(*dedupe_key) + earlier
+                    policy = self._resend(prepared, earlier) if earlier else None
                 message_id = self.journal.insert(entry)
                 if entry.conversion is not None and entry.conversion.status == "mapped" and self.project is not None:
                     route = self.project.routes.get(entry.route)
@@ -274,20 +285,56 @@ class Ingestor:
                     entry.control_id,
                     f"{entry.message_type}^{entry.trigger_event}".rstrip("^"),
                     entry,
+                    differing_policy=policy if policy != DUPLICATE else None,
                 )
                 outcomes.append(outcome)
-                if dedupe_key is not None and entry.status != DUPLICATE:
-                    seen_in_batch[dedupe_key] = outcome
+                if dedupe_key is not None and entry.status != DUPLICATE and entry.ack_code in ("AA", "CA"):
+                    seen_in_batch.setdefault(dedupe_key, []).append(outcome)
         return outcomes
 
-    def _raw_of(self, message_id: int, seen_in_batch) -> bytes | None:
-        for outcome in seen_in_batch.values():
-            if outcome.message_id == message_id:
-                return outcome.entry.raw
-        row = self.journal.conn.execute("SELECT raw FROM messages WHERE id = ?", (message_id,)).fetchone()
-        return row[0] if row else None
+    def _resend(self, prepared: Prepared, earlier: list[tuple]) -> str:
+        """A message whose (sending facility, control ID) was accepted before: an exact resend
+        gets the very ACK the original got and is not processed again; one with different content
+        is handled as its route says. Returns DUPLICATE or the policy applied."""
+        entry = prepared.entry
+        for original_id, ack, code, raw in earlier:
+            if same_message(entry.raw, raw):
+                entry.status = DUPLICATE
+                entry.conversion = None  # a resend is not processed again
+                entry.duplicate_of, entry.ack, entry.ack_code = original_id, ack, code
+                if entry.raw != raw:
+                    entry.warning = "resend differs from the original only in MSH-7 (time of message) or line ends"
+                return DUPLICATE
+        first = earlier[0][0]
+        route = self.project.routes.get(entry.route) if self.project is not None and entry.route else None
+        policy = route.differing_duplicates if route is not None else "process"
+        entry.duplicate_of = first
+        reused = (f"control ID {entry.control_id} from {entry.sending_facility or 'this sender'} was already used "
+                  f"by message {first}, with different content")
+        if policy == "process":
+            entry.warning = f"{reused}; processed as a new message (route policy duplicates.differing: process)"
+            return policy
+        entry.conversion = None
+        header, charset = prepared.header, entry.charset
+        frame_policy = prepared.frame.policy or self.policy
+        if policy == "reject":
+            error = AckError(205, f"{reused}; send it with a new control ID", "MSH-10")
+            code = ack_code(REJECT, header)
+            entry.status = REJECTED
+            entry.error, entry.error_code, entry.error_location = error.text, error.code, error.location
+        else:  # hold: the sender is told we have it; an operator decides (replay --remap processes it)
+            error = None
+            code = ack_code(ACCEPT, header)
+            entry.status = HELD
+            entry.error = entry.error_code = entry.error_location = None
+            entry.warning = f"{reused}; held for an operator (route policy duplicates.differing: hold)"
+        text = build_ack(header, code, now=self.clock(), control_id=self.next_control_id(), error=error,
+                         identity=frame_policy.identity)
+        entry.ack, entry.ack_code = charsets.encode(text, charset), code
+        entry.ack_sent = ack_wanted(code, header)
+        return policy
 
-    def _entry(self, frame: Frame) -> tuple[Entry, tuple[str, str] | None]:
+    def _entry(self, frame: Frame) -> tuple[Entry, tuple[str, str] | None, Header | None]:
         now = self.clock()
         policy = frame.policy or self.policy
         if frame.truncated:
@@ -344,4 +391,4 @@ class Ingestor:
             entry.ids = identifiers(assessment.message)
             if code in ("AA", "CA"):
                 dedupe_key = (entry.sending_facility, entry.control_id)
-        return entry, dedupe_key
+        return entry, dedupe_key, header

@@ -280,13 +280,14 @@ class Journal:
         """
         return self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    def find_accepted(self, sending_facility: str, control_id: str):
-        """The first accepted message with this (sending facility, control ID): (id, ack) or None."""
+    def accepted_with_key(self, sending_facility: str, control_id: str) -> list[tuple]:
+        """Every accepted message with this (sending facility, control ID), oldest first:
+        [(id, ack, ack_code, raw)]. Exact resends are left out: they are never the original."""
         return self.conn.execute(
-            "SELECT id, ack, ack_code FROM messages WHERE sending_facility = ? AND control_id = ? "
-            "AND ack_code IN ('AA', 'CA') ORDER BY id LIMIT 1",
+            "SELECT id, ack, ack_code, raw FROM messages WHERE sending_facility = ? AND control_id = ? "
+            "AND ack_code IN ('AA', 'CA') AND status != 'duplicate' ORDER BY id",
             (sending_facility, control_id),
-        ).fetchone()
+        ).fetchall()
 
     def insert(self, entry: Entry) -> int:
         """Insert one entry inside the current transaction; returns its message ID."""
@@ -447,6 +448,7 @@ class SearchQuery:
     route: str | None = None
     status: str | None = None
     delivery: str | None = None  # "DESTINATION:STATE", or just a state (any destination)
+    duplicate: str | None = None  # "exact" (resends), "differing" (control ID reused, content differs), "any"
     oldest_first: bool = False
     since: str | None = None  # ISO timestamp, inclusive
     until: str | None = None  # ISO timestamp, exclusive
@@ -499,6 +501,13 @@ class SearchQuery:
             else:
                 where.append("m.id IN (SELECT message_id FROM deliveries WHERE state = ?)")
                 params.append(state)
+        if self.duplicate:
+            # Both use the partial index on duplicate_of.
+            where.append("m.duplicate_of IS NOT NULL")
+            if self.duplicate == "exact":
+                where.append("m.status = 'duplicate'")
+            elif self.duplicate == "differing":
+                where.append("m.status != 'duplicate'")
         if self.since:
             where.append("m.received_at >= ?")
             params.append(self.since)

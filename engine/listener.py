@@ -10,7 +10,7 @@ Logs carry control IDs, message types, peers, statuses and counts; never message
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -42,6 +42,8 @@ class Counters:
     journal_failures: int = 0
     discarded_bytes: int = 0
     refused_connections: int = 0
+    differing_duplicates: dict = field(default_factory=dict)  # policy -> count
+    tls_failures: dict = field(default_factory=dict)  # (listener, reason code) -> count
 
     def count(self, outcome: Outcome):
         self.frames += 1
@@ -51,6 +53,9 @@ class Counters:
             self.accepted += 1
         else:
             self.rejected += 1
+        if outcome.differing_policy:
+            policy = outcome.differing_policy
+            self.differing_duplicates[policy] = self.differing_duplicates.get(policy, 0) + 1
         if outcome.status == "unrouted":
             self.unrouted += 1
         elif outcome.status == "mapping_error":
@@ -165,6 +170,51 @@ class GroupCommit:
         return Outcome(0, "error", code, ack, control_id, header.message_code if header else "")
 
 
+# OpenSSL's reason for a failed handshake -> (a code for /metrics, what it means for the operator).
+TLS_REFUSALS = (
+    (("peer did not return a certificate", "certificate required"),
+     "no_client_certificate", "the client sent no certificate, and this listener requires one (tls.client_ca)"),
+    (("certificate verify failed",),
+     "untrusted_client_certificate",
+     "the client's certificate is not signed by the listener's client_ca, or it has expired"),
+    (("alert unknown ca", "alert bad certificate", "alert certificate unknown", "alert certificate expired",
+      "alert unsupported certificate", "alert decrypt error"),
+     "client_refused_server_certificate",
+     "the client refused this listener's certificate (it does not trust the CA that signed it, or the "
+     "name or date does not match)"),
+    (("wrong version number", "http request", "unknown protocol", "packet length too long",
+      "unsupported protocol", "no protocols available", "version too low", "alert protocol version",
+      "record layer failure", "unexpected message"),
+     "protocol_mismatch",
+     "the client does not speak a TLS version this listener accepts, or sent plain MLLP to a TLS port"),
+    (("no shared cipher", "alert handshake failure"),
+     "no_shared_cipher", "the client and this listener have no cipher suite in common"),
+)
+
+
+def tls_refusal(reason: Failure) -> tuple[str, str, str] | None:
+    """Why a TLS connection failed, from the Failure its protocol was closed with:
+    (reason code, explanation, OpenSSL's own words); None when it was not a TLS error."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # no TLS support installed: no TLS listener either
+        return None
+    if reason is None or not reason.check(SSL.Error):
+        return None
+    words = []
+    for item in (reason.value.args[0] if reason.value.args else []) or []:
+        if isinstance(item, (tuple, list)) and item:
+            words.append(str(item[-1]))
+        else:
+            words.append(str(item))
+    text = "; ".join(w for w in words if w) or str(reason.value) or "TLS error"
+    lowered = text.lower()
+    for needles, code, meaning in TLS_REFUSALS:
+        if any(needle in lowered for needle in needles):
+            return code, meaning, text
+    return "other", "the TLS handshake failed", text
+
+
 class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
     """One MLLP connection: frames in, one message at a time, ACKs out in order."""
 
@@ -212,6 +262,16 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
         self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
 
     def _reply(self, outcome: Outcome):
+        if outcome.differing_policy:
+            entry = outcome.entry
+            log.warn(
+                "listener {listener}: control ID {control_id} from {facility} reused with different content: "
+                "message {message_id} differs from message {original}; {action}",
+                listener=self.factory.name, control_id=outcome.control_id or "-",
+                facility=entry.sending_facility or "-", message_id=outcome.message_id, original=entry.duplicate_of,
+                action={"process": "processed as a new message", "reject": f"rejected ({outcome.ack_code})",
+                        "hold": "held for an operator ('hl7bridge replay --remap' processes it)"}[outcome.differing_policy],
+            )
         if outcome.status not in NORMAL_STATUSES:
             log.warn(
                 "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}"
@@ -252,12 +312,20 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
                  listener=self.factory.name, peer=self.peer, seconds=self.factory.settings.idle_timeout)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason=None):
         self.setTimeout(None)
         if not self._open:
             return
         self._open = False
         self.factory.open_connections -= 1
+        refusal = tls_refusal(reason)
+        if refusal is not None:
+            code, meaning, words = refusal
+            key = (self.factory.name, code)
+            failures = self.factory.counters.tls_failures
+            failures[key] = failures.get(key, 0) + 1
+            log.warn("listener {listener}: TLS with {peer} failed: {meaning} (OpenSSL: {words})",
+                     listener=self.factory.name, peer=self.peer, meaning=meaning, words=words)
         if self.discardedBytes:
             self.factory.counters.discarded_bytes += self.discardedBytes
             log.info("listener {listener}: {count} bytes outside MLLP frames discarded from {peer}",

@@ -8,9 +8,13 @@ Served at ``/metrics`` by ``engine.webapi``. Names and labels (docs/operations.m
     hl7bridge_journal_failures_total                     batches the journal could not store
     hl7bridge_connections_refused_total                  over max_connections or not in allow_peers
     hl7bridge_bytes_discarded_total                      bytes outside MLLP frames
+    hl7bridge_tls_handshake_failures_total{listener,reason}  TLS connections refused, and why
+    hl7bridge_differing_duplicates_total{policy}         control IDs reused with different content
     hl7bridge_deliveries_total{destination,outcome}      delivered, retrying, dead (per attempt result)
     hl7bridge_outbox_depth{destination,state}            pending, in_flight, retrying, dead now
     hl7bridge_outbox_oldest_age_seconds{destination}     age of the oldest undelivered delivery
+    hl7bridge_file_torn_records_total{destination}       torn records set aside (file destinations)
+    hl7bridge_file_already_written_total{destination}    retried deliveries found already in the file
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def _labels(**labels) -> str:
 
 
 def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts: dict,
-           outbox_open: list[tuple[str, str, int, str | None]], now: datetime) -> str:
+           outbox_open: list[tuple[str, str, int, str | None]], now: datetime,
+           sender_counts: dict | None = None) -> str:
     """The whole /metrics page.
 
     ``delivery_counts`` maps (destination, outcome) to a count; ``outbox_open`` is rows of
@@ -78,6 +83,13 @@ def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts
            [f"hl7bridge_journal_failures_total {counters.journal_failures}"])
     metric("hl7bridge_connections_refused_total", "counter", "Connections refused by a listener's limits.",
            [f"hl7bridge_connections_refused_total {counters.refused_connections}"])
+    metric("hl7bridge_tls_handshake_failures_total", "counter", "TLS connections refused, by listener and reason.",
+           [f"hl7bridge_tls_handshake_failures_total{_labels(listener=name, reason=code)} {n}"
+            for (name, code), n in sorted(getattr(counters, "tls_failures", {}).items())])
+    metric("hl7bridge_differing_duplicates_total", "counter",
+           "Messages that reused a control ID with different content, by the route's policy.",
+           [f"hl7bridge_differing_duplicates_total{_labels(policy=p)} {n}"
+            for p, n in sorted(getattr(counters, "differing_duplicates", {}).items())])
     metric("hl7bridge_bytes_discarded_total", "counter", "Bytes received outside MLLP frames.",
            [f"hl7bridge_bytes_discarded_total {counters.discarded_bytes}"])
     metric("hl7bridge_deliveries_total", "counter", "Delivery attempts by what they came to.",
@@ -94,4 +106,13 @@ def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts
         age = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
         ages.append(f"hl7bridge_outbox_oldest_age_seconds{_labels(destination=destination)} {max(0.0, age):.3f}")
     metric("hl7bridge_outbox_oldest_age_seconds", "gauge", "Age of the oldest undelivered delivery.", ages)
+    sender_counts = sender_counts or {}
+    for counter, name, help_text in (
+        ("torn_records_set_aside", "hl7bridge_file_torn_records_total",
+         "Torn records (a crash during a write) cut off a file destination's file and set aside."),
+        ("already_written", "hl7bridge_file_already_written_total",
+         "Retried or resumed deliveries whose records were already in the file (not written twice)."),
+    ):
+        metric(name, "counter", help_text,
+               [f"{name}{_labels(destination=d)} {n}" for (d, c), n in sorted(sender_counts.items()) if c == counter])
     return "\n".join(lines) + "\n"

@@ -47,6 +47,10 @@ class Delivery:
     created_at: str
     control_id: str = ""
     bundle: str | None = None
+    # The message reused an earlier message's control ID with different content: its finance
+    # event IDs carry this (its message ID) so the ERP does not take them for the earlier ones.
+    discriminator: str = ""
+    resumed: bool = False  # it was in flight when the engine stopped: its send may have happened
 
 
 def ordering_key(destination: Destination, ids: list[dict], message_id: int) -> str:
@@ -78,7 +82,8 @@ def create_deliveries(journal: Journal, message_id: int, destinations: list[Dest
 def due(journal: Journal, destination: str, now: datetime, limit: int) -> list[Delivery]:
     """Deliveries of ``destination`` whose time has come and whose key nothing earlier holds back."""
     rows = journal.conn.execute(
-        "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle "
+        "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle, "
+        "CASE WHEN m.duplicate_of IS NOT NULL THEN CAST(m.id AS TEXT) ELSE '' END "
         "FROM deliveries d JOIN messages m ON m.id = d.message_id "
         "LEFT JOIN conversions c ON c.message_id = d.message_id "
         "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
@@ -108,6 +113,7 @@ class Result:
     response: str = ""  # the start of the response body, or the error
     retry_after: float | None = None  # seconds, from a 429/503 Retry-After
     error: str = ""  # a short reason, for the journal and the log (no message content)
+    notice: str = ""  # something the operator should know even though it worked (logged; no content)
 
 
 def finish(journal: Journal, delivery: Delivery, destination: Destination, result: Result,
@@ -142,14 +148,19 @@ def finish(journal: Journal, delivery: Delivery, destination: Destination, resul
     return state
 
 
-def recover(journal: Journal, now: datetime) -> int:
-    """After a crash, deliveries left in flight are retried at once (the writes are idempotent)."""
+def recover(journal: Journal, now: datetime) -> list[int]:
+    """After a crash, deliveries left in flight are retried at once; returns their IDs.
+
+    Their send may or may not have happened: FHIR and ERP writes are idempotent, and the file
+    destination looks for its own record first (``Delivery.resumed``).
+    """
     with journal.transaction():
-        cursor = journal.conn.execute(
+        ids = [row[0] for row in journal.conn.execute("SELECT id FROM deliveries WHERE state = 'in_flight'")]
+        journal.conn.execute(
             "UPDATE deliveries SET state = 'retrying', next_attempt_at = ?, updated_at = ? WHERE state = 'in_flight'",
             (iso(now), iso(now)),
         )
-    return cursor.rowcount
+    return ids
 
 
 def summary(journal: Journal) -> list[dict]:

@@ -63,6 +63,15 @@ def replay_messages(journal: Journal, project: Project | None, message_ids: list
     now = now or datetime.now(timezone.utc)
     if remapped and project is None:
         raise ReplayError("remapping needs the routes and mappings (--config)")
+    if not remapped:
+        held = []
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start : start + 500]
+            held += [row[0] for row in journal.conn.execute(
+                f"SELECT id FROM messages WHERE status = 'held' AND id IN ({', '.join('?' for _ in chunk)})", chunk)]
+        if held:
+            raise ReplayError(f"message {held[0]} is held (it reused a control ID with different content) and was "
+                              "never mapped: replay it with --remap to process it")
     statuses: dict[str, int] = {}
     reset = 0
     for start in range(0, len(message_ids), batch):

@@ -1,7 +1,7 @@
 """Retention: deleting old messages by policy and giving the space back to the file system.
 
 A message is pruned when it was received before the cutoff, when nothing is still owed for it
-(not waiting for the converter; no delivery pending, in flight, retrying or dead), and, with ``keep_errors``, when it was not an
+(not waiting for the converter or held for an operator; no delivery pending, in flight, retrying or dead), and, with ``keep_errors``, when it was not an
 error (rejected, error, mapping_error stay for the operator). Its identifiers, conversion,
 deliveries, attempts, replays and free-text entry go with it. Then the freed pages are returned
 to the file system (``PRAGMA incremental_vacuum``: the journal is created with
@@ -49,6 +49,7 @@ def _files_size(path) -> int:
 def candidates_sql(keep_errors: bool) -> str:
     sql = ("SELECT id FROM messages m WHERE received_at < ? AND id > ? "
            "AND NOT (status = 'accepted' AND route IS NOT NULL) "  # still to be converted
+           "AND status != 'held' "  # waiting for an operator
            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id AND d.state != 'delivered')")
     if keep_errors:
         sql += f" AND status NOT IN ({', '.join(repr(s) for s in ERROR_STATUSES)})"

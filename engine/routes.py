@@ -15,7 +15,12 @@ from .mapping.expr import Context, ExpressionError, compile_condition
 from .mapping.mappings import MappingSet, check_timezone
 from .yamlconf import Section, load_yaml
 
-ROUTE_KEYS = {"name", "description", "order", "match", "mapping", "timezone", "validate", "ack", "destinations"}
+ROUTE_KEYS = {"name", "description", "order", "match", "mapping", "timezone", "validate", "ack", "destinations",
+              "duplicates"}
+DUPLICATES_KEYS = {"differing"}
+# A message that reuses an earlier message's (sending facility, control ID) with different content:
+# process it as a new message (flagged), reject it (AR), or hold it for an operator (AA, not mapped).
+DIFFERING_POLICIES = ("process", "reject", "hold")
 MATCH_KEYS = {"message", "version", "sending_application", "sending_facility", "receiving_application",
               "receiving_facility", "processing_id", "where"}
 ACK_KEYS = {"after", "mapping_error"}
@@ -48,6 +53,7 @@ class Route:
     mapping_error: str = "AE"
     destinations: tuple = ()
     destinations_line: int = 0
+    differing_duplicates: str = "process"
 
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
@@ -110,6 +116,7 @@ def load_route(path: Path, mappings: MappingSet) -> Route:
         raise top.error("name", "is required", "a short unique name, e.g. clinic-scheduling")
     match = Section(top.data.get("match"), path, "match", MATCH_KEYS, top.line("match"))
     ack = Section(top.data.get("ack"), path, "ack", ACK_KEYS, top.line("ack"))
+    duplicates = Section(top.data.get("duplicates"), path, "duplicates", DUPLICATES_KEYS, top.line("duplicates"))
     mapping = top.get("mapping", str, None)
     if not mapping:
         raise top.error("mapping", "is required", f"one of: {', '.join(sorted(mappings.messages))}")
@@ -157,4 +164,5 @@ def load_route(path: Path, mappings: MappingSet) -> Route:
         mapping_error=ack.choice("mapping_error", MAPPING_ERROR_CODES, "AE"),
         destinations=tuple(destinations),
         destinations_line=top.line("destinations"),
+        differing_duplicates=duplicates.choice("differing", DIFFERING_POLICIES, "process"),
     )

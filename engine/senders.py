@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
 from twisted.internet import defer, threads
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError as TxTimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.internet.ssl import Certificate as TLSCertificate
 from twisted.web.client import (
@@ -24,16 +26,18 @@ from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
     PartialDownloadError,
+    RequestTransmissionFailed,
     ResponseFailed,
     readBody,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from .destinations import Destination
+from . import ndjson
 from .finance import events
-from .outbox import OK, PERMANENT, TRANSIENT, Result
+from .outbox import OK, PERMANENT, TRANSIENT, Result, parse_iso as outbox_time
 
 FHIR_JSON = b"application/fhir+json"
 TOKEN_EARLY_REFRESH = 30.0  # seconds before an OAuth2 token expires that a new one is fetched
@@ -43,6 +47,33 @@ class TokenError(Exception):
     def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
+
+
+NETWORK_ERRORS = (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, RequestTransmissionFailed,
+                  ConnectionLost, defer.TimeoutError)
+
+
+def network_error(exc: Exception, destination: Destination) -> str:
+    """A failed request in words for the journal and the log (never a Python class name)."""
+    if isinstance(exc, DNSLookupError):
+        return "the server's host name could not be resolved"
+    if isinstance(exc, TxTimeoutError):
+        return f"no connection within connect_timeout ({destination.connect_timeout:g}s)"
+    if isinstance(exc, defer.TimeoutError):
+        return f"no answer within timeout ({destination.timeout:g}s)"
+    if isinstance(exc, ConnectError):
+        code = getattr(exc, "osError", None)
+        reason = os.strerror(code) if isinstance(code, int) else (exc.__doc__ or "refused")
+        return f"cannot connect: {str(reason).strip().rstrip('.').lower()}"
+    tls = destination.url.startswith("https:")
+    if any("ssl" in type(r.value).__module__.lower() for r in getattr(exc, "reasons", []) or []):
+        return "the TLS handshake with the server failed"
+    if isinstance(exc, RequestTransmissionFailed):
+        return "the connection was lost before the request was sent" + (
+            " (the TLS handshake failed, or did not finish within connect_timeout)" if tls else "")
+    if isinstance(exc, ResponseFailed):
+        return "the connection closed before the server answered"
+    return "the connection was lost"
 
 
 def classify_status(status: int) -> str:
@@ -128,6 +159,49 @@ class _CustomCA:
         return optionsForClientTLS(hostname.decode(), trustRoot=self.trust)
 
 
+class _HandshakeWithin:
+    """A TLS client endpoint whose connection counts as made only once the handshake is done:
+    a server that accepts TCP connections but never finishes TLS is given up on after the
+    connect timeout, not after the (longer) request timeout."""
+
+    def __init__(self, endpoint, reactor, timeout: float):
+        self.endpoint, self.reactor, self.timeout = endpoint, reactor, timeout
+
+    def connect(self, factory):
+        started = self.reactor.seconds()
+
+        def connected(protocol):
+            transport = protocol.transport
+            # TLSMemoryBIOProtocol keeps whether its handshake finished; give it what is left.
+            if getattr(transport, "_handshakeDone", True) is False:
+                remaining = max(0.0, self.timeout - (self.reactor.seconds() - started))
+                self.reactor.callLater(remaining, self._give_up_unless_done, transport)
+            return protocol
+
+        return self.endpoint.connect(factory).addCallback(connected)
+
+    @staticmethod
+    def _give_up_unless_done(transport):
+        if getattr(transport, "_handshakeDone", True) is False and not getattr(transport, "disconnected", False):
+            transport.abortConnection()
+
+
+@implementer(IAgentEndpointFactory)
+class ConnectWithin:
+    """Endpoints for the HTTP agent with ``connect_timeout`` on the TCP connect and the TLS handshake."""
+
+    def __init__(self, reactor, policy, timeout: float):
+        self.reactor, self.policy, self.timeout = reactor, policy, timeout
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode("ascii")
+        endpoint = HostnameEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+        if uri.scheme == b"https":
+            creator = self.policy.creatorForNetloc(uri.host, uri.port)
+            return _HandshakeWithin(wrapClientTLS(creator, endpoint), self.reactor, self.timeout)
+        return endpoint
+
+
 class FhirSender:
     """Delivers Bundles to a FHIR server: one transaction, or one PUT per resource."""
 
@@ -142,7 +216,7 @@ class FhirSender:
             policy = _CustomCA(destination.ca)
         else:
             policy = BrowserLikePolicyForHTTPS(platformTrust())
-        self.agent = Agent(reactor, contextFactory=policy, pool=pool)
+        self.agent = Agent.usingEndpointFactory(reactor, ConnectWithin(reactor, policy, destination.connect_timeout), pool)
         self.pool = pool
         self._token = None  # OAuth2: (access token, expiry as reactor seconds)
         self._token_request = None
@@ -197,7 +271,7 @@ class FhirSender:
             response = yield d
             body = yield readBody(response)
         except Exception as exc:  # reported as a transient failure of the delivery that needed it
-            return TokenError(f"token request failed: {type(exc).__name__}")
+            return TokenError(f"token request failed: {network_error(exc, self.destination)}")
         if response.code != 200:
             return TokenError(f"token endpoint answered HTTP {response.code}", response.code)
         try:
@@ -230,14 +304,14 @@ class FhirSender:
         return response.code, content, response.headers.getRawHeaders(b"retry-after", [None])[0]
 
     @defer.inlineCallbacks
-    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+    def send(self, delivery):
         try:
             if self.destination.mode == "transaction":
-                result = yield self._transaction(bundle_json)
+                result = yield self._transaction(delivery.bundle)
             else:
-                result = yield self._resources(bundle_json)
-        except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
-            result = Result(TRANSIENT, None, "", error=f"{type(exc).__name__}: {exc}"[:300])
+                result = yield self._resources(delivery.bundle)
+        except NETWORK_ERRORS as exc:
+            result = Result(TRANSIENT, None, str(exc)[:300], error=network_error(exc, self.destination))
         except TokenError as exc:
             # A refused client (400/401 from the token endpoint) will not get better by itself.
             outcome = PERMANENT if exc.status in (400, 401, 403) else TRANSIENT
@@ -305,10 +379,11 @@ class ErpHttpSender(FhirSender):
         return headers
 
     @defer.inlineCallbacks
-    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+    def send(self, delivery):
         status = None
         try:
-            for event in events(json.loads(bundle_json), message_id, control_id):
+            for event in events(json.loads(delivery.bundle), delivery.message_id, delivery.control_id,
+                                delivery.discriminator):
                 body = shape(self.destination.body, event) if self.destination.body else event
                 status, content, after = yield self.request(
                     b"POST", self.destination.url, json.dumps(body).encode(),
@@ -318,42 +393,70 @@ class ErpHttpSender(FhirSender):
                 if outcome != OK:
                     return Result(outcome, status, content.decode("utf-8", errors="replace"), retry_after(after),
                                   error=f"HTTP {status} on {event['event']}")
-        except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
-            return Result(TRANSIENT, None, "", error=f"{type(exc).__name__}: {exc}"[:300])
+        except NETWORK_ERRORS as exc:
+            return Result(TRANSIENT, None, str(exc)[:300], error=network_error(exc, self.destination))
         return Result(OK, status, "")
 
 
 class FileSender:
     """Appends each Bundle (or each finance event) as one line of NDJSON to
-    DIRECTORY/YYYY-MM-DD.ndjson, flushed to disk."""
+    DIRECTORY/YYYY-MM-DD.ndjson, fsynced before the delivery counts as delivered.
 
-    def __init__(self, destination: Destination, reactor):
+    Every record carries its delivery ID. A torn record left by a crash is cut off and kept aside
+    before anything is appended (``engine.ndjson``), and a delivery that is tried again (after a
+    failure, or resumed after a crash) first looks whether its records already reached the file:
+    each delivery is in the file once, whole. Appends are serialized (one lock per destination),
+    so records never interleave.
+    """
+
+    def __init__(self, destination: Destination, reactor, clock=None):
         self.destination = destination
         self.reactor = reactor
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.lock = threading.Lock()
+        # For /metrics: torn records set aside, and resumed deliveries found already written.
+        self.counters = {"torn_records_set_aside": 0, "already_written": 0}
 
-    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
-        return threads.deferToThread(self._append, bundle_json, control_id, message_id)
+    def start(self) -> list[tuple[str, int]]:
+        """Repair every day file of the directory (at start-up); returns [(file, bytes set aside)]."""
+        with self.lock:
+            repaired = ndjson.repair_directory(self.destination.directory)
+        self.counters["torn_records_set_aside"] += len(repaired)
+        return repaired
 
-    def _append(self, bundle_json: str, control_id: str, message_id: int) -> Result:
+    def send(self, delivery):
+        pool = self.reactor.getThreadPool()
+        return threads.deferToThreadPool(self.reactor, pool, self.write, delivery)
+
+    def write(self, delivery) -> Result:
+        """Write one delivery's records (blocking: run in a thread)."""
         directory = self.destination.directory
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            now = datetime.now(timezone.utc)
-            bundle = json.loads(bundle_json)
+            bundle = json.loads(delivery.bundle)
             if self.destination.payload == "finance-events":
-                records = events(bundle, message_id, control_id)
+                records = events(bundle, delivery.message_id, delivery.control_id, delivery.discriminator)
             else:
-                records = [{"message_id": message_id, "control_id": control_id, "bundle": bundle}]
-            text = "".join(json.dumps({**record, "written_at": now.isoformat()}, separators=(",", ":"),
-                                      ensure_ascii=False) + "\n" for record in records)
-            path = directory / f"{now:%Y-%m-%d}.ndjson"
-            with open(path, "a", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
+                records = [{"message_id": delivery.message_id, "control_id": delivery.control_id, "bundle": bundle}]
+            with self.lock:
+                directory.mkdir(parents=True, exist_ok=True)
+                if delivery.attempts or delivery.resumed:
+                    since = outbox_time(delivery.created_at)
+                    if ndjson.written_since(directory, delivery.id, since):
+                        self.counters["already_written"] += 1
+                        return Result(OK, None, "already in the file from an earlier attempt; not written again")
+                now = self.clock()
+                path = ndjson.file_for(directory, now)
+                torn = ndjson.repair_tail(path)
+                if torn:
+                    self.counters["torn_records_set_aside"] += 1
+                ndjson.append(path, ndjson.encode_records(delivery.id, now, records))
         except OSError as exc:
             return Result(TRANSIENT, None, "", error=f"cannot write {directory}: {exc.strerror}")
-        return Result(OK, None, str(path.name))
+        notice = ""
+        if torn:
+            notice = (f"the last record of {path.name} was torn ({torn} bytes); set aside in "
+                      f"{path.name}{ndjson.TORN_SUFFIX} before appending")
+        return Result(OK, None, path.name + (f"; {notice}" if notice else ""), notice=notice)
 
     def close(self):
         return defer.succeed(None)

@@ -21,13 +21,11 @@ import json
 from decimal import Decimal
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError as TxTimeoutError
-from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from .finance import events
 from .outbox import OK, PERMANENT, TRANSIENT, Result
-from .senders import FhirSender
+from .senders import NETWORK_ERRORS, FhirSender, network_error
 
 POSTED_EVENTS = ("charge.posted", "credit.posted", "adjustment.posted", "copay.posted")
 
@@ -71,7 +69,7 @@ class TrytonSender(FhirSender):
             self.session = None
             raise SessionExpired()
         if status >= 500 or status in (408, 429):
-            raise TxTimeoutError(f"Tryton answered HTTP {status}")
+            raise TrytonError("ServerError", f"Tryton answered HTTP {status}")
         answer = json.loads(body)
         if answer.get("error"):
             error = answer["error"]
@@ -182,10 +180,11 @@ class TrytonSender(FhirSender):
         return f"{reference}: invoice {invoice} posted"
 
     @defer.inlineCallbacks
-    def send(self, bundle_json: str, control_id: str = "", message_id: int = 0):
+    def send(self, delivery):
         done = []
         try:
-            for event in events(json.loads(bundle_json), message_id, control_id):
+            for event in events(json.loads(delivery.bundle), delivery.message_id, delivery.control_id,
+                                delivery.discriminator):
                 if event["event"] not in POSTED_EVENTS:
                     done.append(f"{event['event_id']}: {event['event']} is not posted to Tryton")
                     continue
@@ -197,6 +196,6 @@ class TrytonSender(FhirSender):
             return Result(outcome, None, "\n".join(done), error=f"Tryton {exc.kind} (details in the journal)")
         except SessionExpired:
             return Result(TRANSIENT, 401, "\n".join(done), error="Tryton session expired twice")
-        except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed, ConnectionLost, defer.TimeoutError) as exc:
-            return Result(TRANSIENT, None, "\n".join(done), error=f"{type(exc).__name__}: {exc}"[:300])
+        except NETWORK_ERRORS as exc:
+            return Result(TRANSIENT, None, "\n".join(done + [str(exc)[:300]]), error=network_error(exc, self.destination))
         return Result(OK, 200, "\n".join(done))

@@ -46,7 +46,8 @@ def site_root(engine) -> Resource:
     def metrics():
         dispatcher = engine.dispatcher
         text = render(engine.counters, engine.frames_by_listener, engine.ack_latency,
-                      dispatcher.outcomes, open_outbox(reader), datetime.now(timezone.utc))
+                      dispatcher.outcomes, open_outbox(reader), datetime.now(timezone.utc),
+                      dispatcher.sender_counters())
         return 200, text
 
     def healthz():

@@ -134,6 +134,18 @@ def engine(tmp_path):
     proc.stop()
 
 
+def wait_for(predicate, seconds=15, interval=0.05):
+    """Poll ``predicate`` until it returns something true; that value, or an AssertionError after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {seconds} s: {getattr(predicate, '__name__', predicate)}")
+        time.sleep(interval)
+
+
 def run_cli(*args, input=None, timeout=60):
     """Run the real console command (for end-to-end tests); returns CompletedProcess."""
     return subprocess.run([*HL7BRIDGE, *map(str, args)], cwd=ROOT, capture_output=True, input=input, timeout=timeout)

@@ -63,6 +63,8 @@ def engine(tmp_path):
     with MLLPClient("127.0.0.1", process.port) as client:
         client.send((EXAMPLES / "siu_s12.hl7").read_bytes())
         client.send((EXAMPLES / "bad_msh.hl7").read_bytes())
+        # The sender's counter was reset: the same control ID, another patient's message.
+        client.send((EXAMPLES / "siu_s12.hl7").read_bytes().replace(b"DOE", b"ROE", 1).replace(b"100234", b"100999"))
     yield process
     process.stop()
 
@@ -89,7 +91,7 @@ def test_everything_but_healthz_needs_the_token(engine):
 def test_dashboard_in_chromium(engine, browser):
     from selenium.webdriver.common.by import By
 
-    assert wait_for(lambda: dead_count(engine.journal) == 1)
+    assert wait_for(lambda: dead_count(engine.journal) == 2)
     base = f"http://127.0.0.1:{engine.metrics_port}"
     browser.get(base + "/dashboard")
     assert browser.current_url.endswith("/login")
@@ -107,6 +109,8 @@ def test_dashboard_in_chromium(engine, browser):
     dead = wait_for(lambda: browser.find_element(By.ID, "dead").text if "NC000123" in browser.find_element(By.ID, "dead").text else None)
     assert "fhir-main" in dead
     assert "MSH-9 message type is missing" in browser.find_element(By.ID, "errors").text
+    differing = browser.find_element(By.ID, "differing").text
+    assert "NC000123" in differing and "NORTHCLINIC" in differing
 
     # Search (a POST: the patient ID never appears in a URL) and a message's detail view.
     browser.find_element(By.ID, "q-patient").send_keys("100234")

@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from conftest import CORPUS, EXAMPLES, EngineProcess, corpus_dir, run_cli
+from conftest import CORPUS, EXAMPLES, EngineProcess, corpus_dir, run_cli, shipped_config, wait_for
 from engine.batch import split_messages
 from engine.client import MLLPClient, TlsClientOptions
 from engine.framing import frame
@@ -143,9 +143,61 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tmp_path):
                 with MLLPClient("127.0.0.1", proc.port, tls=options, timeout=5) as client:
                     client.send((EXAMPLES / "siu_s15.hl7").read_bytes())
         assert len(journal_rows(proc.journal)) == 1
-        assert "mutual TLS" in proc.log()
+        log = wait_for(lambda: proc.log().count("TLS with 127.0.0.1:") == 2 and proc.log())
+        assert "mutual TLS" in log
+        # An operator can tell the clinic why: each refusal is logged with its reason, and counted.
+        assert "TLS with 127.0.0.1:" in log
+        assert "failed: the client sent no certificate, and this listener requires one (tls.client_ca)" in log
+        assert "failed: the client's certificate is not signed by the listener's client_ca" in log
+        metrics = metrics_text(proc)
+        assert 'hl7bridge_tls_handshake_failures_total{listener="secure",reason="no_client_certificate"} 1' in metrics
+        assert 'hl7bridge_tls_handshake_failures_total{listener="secure",reason="untrusted_client_certificate"} 1' in metrics
     finally:
         proc.stop()
+
+
+def metrics_text(proc) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_ssl_endpoint_files_are_read_from_the_config_directory(tmp_path):
+    # The engine runs from the repository root; the config directory is elsewhere and names its
+    # certificate files relative to itself, as docs/configuration.md says every path is read.
+    config = shipped_config(tmp_path / "config")
+    (config / "pki").mkdir()
+    make_pki(config / "pki")
+    (config / "hl7bridge.yaml").write_text(
+        "listeners:\n"
+        "  - name: clinic\n"
+        "    endpoint: ssl:0:interface=127.0.0.1:privateKey=pki/server.key:certKey=pki/server.pem\n"
+    )
+    proc = EngineProcess(tmp_path, listen=(), config=config)
+    try:
+        ok = TlsClientOptions(ca=str(config / "pki" / "ca.pem"))
+        with MLLPClient("127.0.0.1", proc.port, tls=ok) as client:
+            assert b"MSA|AA|NC000123" in client.send((EXAMPLES / "siu_s12.hl7").read_bytes())
+        # Plain MLLP sent to the TLS port: refused, and the log says so in words.
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as plain:
+            plain.sendall(frame((EXAMPLES / "siu_s15.hl7").read_bytes()))
+            assert plain.recv(100) == b""
+        wait_for(lambda: "sent plain MLLP to a TLS port (OpenSSL: wrong version number)" in proc.log())
+        assert 'reason="protocol_mismatch"} 1' in metrics_text(proc)
+    finally:
+        proc.stop()
+
+
+def test_a_missing_ssl_endpoint_file_is_refused_with_file_and_line(tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "hl7bridge.yaml").write_text(
+        "listeners:\n  - name: clinic\n    endpoint: ssl:0:privateKey=pki/none.key:certKey=pki/none.pem\n")
+    result = run_cli("serve", "--config", config, "--journal", tmp_path / "j.db")
+    assert result.returncode == 2
+    assert f"{config / 'hl7bridge.yaml'}:3: listeners[1].endpoint: privateKey file {config / 'pki/none.key'} does not exist" \
+        in result.stderr.decode()
 
 
 def test_two_listeners_in_one_process(tmp_path):

@@ -64,13 +64,70 @@ def test_duplicates_inside_one_group_commit_are_caught(ingestor, journal):
     assert outcomes[1].ack == outcomes[0].ack == outcomes[2].ack
 
 
-def test_resend_with_different_content_is_flagged(ingestor, journal):
-    ingestor.ingest([Frame(SIU)])
+def test_resend_restamped_with_a_new_msh7_is_still_a_duplicate(ingestor, journal):
+    # Some senders stamp MSH-7 anew when they resend: the message is the same one.
+    [first] = ingestor.ingest([Frame(SIU)])
+    restamped = SIU.replace(b"|20261120101512-0600|", b"|20261120101999-0600|", 1)
+    assert restamped != SIU
+    [second] = ingestor.ingest([Frame(restamped)])
+    assert (second.status, second.ack) == ("duplicate", first.ack)
+    assert "only in MSH-7" in journal.get(second.message_id)["warning"]
+
+
+def test_a_reused_control_id_with_different_content_is_processed_and_flagged(ingestor, journal):
+    # A sender's counter reset after a restart: the same control ID, another message. Never dropped.
+    [first] = ingestor.ingest([Frame(SIU)])
     changed = SIU.replace(b"DOE", b"ROE", 1)
-    assert changed != SIU
-    [outcome] = ingestor.ingest([Frame(changed)])
-    assert outcome.status == "duplicate"
-    assert journal.get(outcome.message_id)["warning"] == "resend differs from the original message"
+    [second] = ingestor.ingest([Frame(changed)])
+    assert (second.status, second.ack_code, second.differing_policy) == ("accepted", "AA", "process")
+    assert second.ack != first.ack  # its own ACK, not the first message's
+    row = journal.get(second.message_id)
+    assert row["duplicate_of"] == first.message_id
+    assert f"already used by message {first.message_id}, with different content; processed as a new message" in row["warning"]
+    found = [r["id"] for r in journal.search(SearchQuery(duplicate="differing"))]
+    assert found == [second.message_id]
+    # An exact resend of the second message gets the second message's ACK.
+    [third] = ingestor.ingest([Frame(changed)])
+    assert (third.status, third.ack) == ("duplicate", second.ack)
+    assert journal.get(third.message_id)["duplicate_of"] == second.message_id
+    assert [r["id"] for r in journal.search(SearchQuery(duplicate="exact"))] == [third.message_id]
+
+
+def policy_ingestor(tmp_path, journal, policy):
+    """An ingestor with the shipped routes, the scheduling route set to ``duplicates.differing: policy``."""
+    from conftest import shipped_config
+    from engine.project import Project
+
+    config = shipped_config(tmp_path / "config")
+    route = config / "routes" / "10-scheduling.yaml"
+    route.write_text(route.read_text().replace("differing: process", f"differing: {policy}"))
+    assert f"differing: {policy}" in route.read_text()
+    counter = itertools.count(1)
+    return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}",
+                    project=Project.load(config))
+
+
+def test_reused_control_id_rejected_when_the_route_says_so(tmp_path, journal):
+    ingestor = policy_ingestor(tmp_path, journal, "reject")
+    [first] = ingestor.ingest([Frame(SIU)])
+    [second] = ingestor.ingest([Frame(SIU.replace(b"DOE", b"ROE", 1))])
+    assert (second.status, second.ack_code, second.differing_policy) == ("rejected", "AR", "reject")
+    assert b"MSA|AR|NC000123" in second.ack and b"ERR||MSH^1^10^1|205^Duplicate key identifier^HL70357|E" in second.ack
+    row = journal.get(second.message_id)
+    assert (row["duplicate_of"], row["error_code"], row["route"]) == (first.message_id, 205, "clinic-scheduling")
+    assert journal.conversion(second.message_id) is None
+    assert journal.conn.execute("SELECT count(*) FROM deliveries WHERE message_id = ?", (second.message_id,)).fetchone() == (0,)
+
+
+def test_reused_control_id_held_for_an_operator(tmp_path, journal):
+    ingestor = policy_ingestor(tmp_path, journal, "hold")
+    ingestor.ingest([Frame(SIU)])
+    [held] = ingestor.ingest([Frame(SIU.replace(b"DOE", b"ROE", 1))])
+    assert (held.status, held.ack_code, held.differing_policy) == ("held", "AA", "hold")
+    assert "held for an operator" in journal.get(held.message_id)["warning"]
+    # A resend of the held message is a duplicate of it, not processed either.
+    [again] = ingestor.ingest([Frame(SIU.replace(b"DOE", b"ROE", 1))])
+    assert (again.status, again.ack) == ("duplicate", held.ack)
 
 
 def test_same_control_id_from_another_facility_is_not_a_duplicate(ingestor):

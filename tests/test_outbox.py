@@ -99,8 +99,9 @@ def test_retry_after_is_honoured(journal, ingest):
 
 def test_in_flight_after_a_crash_is_retried(journal, ingest):
     ingest(dft("C1"))
-    claim(journal, due(journal, "erp-finance", T0, 10), T0)
-    assert recover(journal, T0) == 1
+    [claimed] = due(journal, "erp-finance", T0, 10)
+    claim(journal, [claimed], T0)
+    assert recover(journal, T0) == [claimed.id]
     assert [d.state for d in due(journal, "erp-finance", T0, 10)] == [RETRYING]
 
 
