@@ -23,10 +23,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-from engine.charset import decode
-from engine.er7 import parse
-from engine.ingest import identifiers
-from engine.project import Project
+from engine.hl7.charset import decode
+from engine.hl7.er7 import parse
+from engine.mllp.ingest import identifiers
+from engine.transform.project import Project
 
 
 def variants(raw: bytes):

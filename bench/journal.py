@@ -65,9 +65,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from engine import charset as charsets
-from engine.ingest import Frame, Ingestor, iso
-from engine.journal import Journal, SearchQuery, TextIndex, text_index_path
-from engine.retention import PruneResult, candidates_sql, count_candidates, prune
+from engine.mllp.ingest import Frame, Ingestor, iso
+from engine.store.journal import Journal, SearchQuery, TextIndex, text_index_path
+from engine.store.retention import PruneResult, candidates_sql, count_candidates, prune
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

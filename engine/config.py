@@ -10,11 +10,11 @@ import ipaddress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .ack import Identity
-from .charset import codec_for
+from .hl7.ack import Identity
+from .hl7.charset import codec_for
 from .errors import ConfigError
-from .ingest import SUPPORTED_VERSIONS, AcceptPolicy
-from .journal import SYNCHRONOUS_MODES
+from .mllp.ingest import SUPPORTED_VERSIONS, AcceptPolicy
+from .store.journal import SYNCHRONOUS_MODES
 from .yamlconf import Section, expand_env, load_yaml
 
 CONFIG_FILE = "hl7bridge.yaml"
@@ -72,7 +72,7 @@ class Settings:
     retention: tuple | None = None  # (older_than seconds, keep_errors, every seconds): prune on a schedule
     dashboard_token: str | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
-    config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
+    config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
 
     def policy(self, listener: ListenerSettings) -> AcceptPolicy:
         """The ingest policy of one listener."""
@@ -143,7 +143,7 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             raise top.error("listeners", "listener names must be unique")
     retention = None
     if journal.data.get("retention") is not None:
-        from .destinations import seconds
+        from .delivery.destinations import seconds
 
         policy = Section(journal.data["retention"], path, "journal.retention", KEYS["retention"], journal.line("retention"))
         if policy.data.get("older_than") is None:

@@ -28,15 +28,15 @@ from twisted.web.server import Site
 from twisted.python.threadpool import ThreadPool
 
 from .config import ListenerSettings, Settings, TlsSettings
-from .ingest import Ingestor
-from .dispatcher import Dispatcher
-from . import retention
-from .metrics import Histogram
-from .webapi import site_root
+from .mllp.ingest import Ingestor
+from .delivery.dispatcher import Dispatcher
+from .store import retention
+from .ops.metrics import Histogram
+from .ops.webapi import site_root
 from .errors import ConfigError
-from .journal import Checkpointer, Journal
-from .project import Project
-from .listener import Counters, GroupCommit, MLLPServerFactory
+from .store.journal import Checkpointer, Journal
+from .transform.project import Project
+from .mllp.listener import Counters, GroupCommit, MLLPServerFactory
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
@@ -86,12 +86,12 @@ class Engine:
         journal_arg = str(self.journal.path)
         self.indexer = WorkerProcess(
             reactor, "text indexer",
-            ["engine.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid())],
+            ["engine.store.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid())],
         )
         self.project = project
         config_args = ["--config", str(project.directory)] if project is not None else []
         self.converter = WorkerProcess(reactor, "converter",
-                                       ["engine.converter", journal_arg, *config_args, "--parent", str(os.getpid())])
+                                       ["engine.transform.converter", journal_arg, *config_args, "--parent", str(os.getpid())])
         self.ingestor = Ingestor(self.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # One writer thread owns the journal connection: the reactor keeps reading and parsing

@@ -48,7 +48,7 @@ def shipped_config(directory: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path):
     """A fresh journal file."""
-    from engine.journal import Journal
+    from engine.store.journal import Journal
 
     j = Journal(tmp_path / "journal.db")
     yield j

@@ -4,9 +4,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from engine.ack import AckError, Identity, ack_code, ack_wanted, build_ack
-from engine.er7 import parse
-from engine.header import read_header
+from engine.hl7.ack import AckError, Identity, ack_code, ack_wanted, build_ack
+from engine.hl7.er7 import parse
+from engine.hl7.header import read_header
 
 NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone(timedelta(hours=-6)))
 

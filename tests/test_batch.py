@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import EXAMPLES
-from engine.batch import split_messages
+from engine.mllp.batch import split_messages
 from engine.errors import BatchError
 
 M1 = b"MSH|^~\\&|A|B|C|D|1||SIU^S12|1|P|2.5"

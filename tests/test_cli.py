@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLES
 from engine.cli import cli, parse_since
-from engine.ingest import Frame, Ingestor
-from engine.journal import Journal
+from engine.mllp.ingest import Frame, Ingestor
+from engine.store.journal import Journal
 
 SHORT = (
     b"MSH|^~\\&|SCHED|NORTHCLINIC|HL7BRIDGE|FINANCE|20261201093000||SIU^S12^SIU_S12|NC1|P|2.5.1\r"
@@ -184,7 +184,7 @@ def test_every_command_has_help_with_an_example():
 
 def test_show_includes_the_conversion(tmp_path):
     from conftest import ROOT
-    from engine.project import Project
+    from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
     journal = Journal(path)
@@ -206,8 +206,8 @@ def test_show_includes_the_conversion(tmp_path):
 
 def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
     from conftest import ROOT
-    from engine.outbox import OK, Result, due, finish, replay
-    from engine.project import Project
+    from engine.delivery.outbox import OK, Result, due, finish, replay
+    from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
     journal = Journal(path)
@@ -235,8 +235,8 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
 
 def test_outbox_replay_and_stats_exact_output(tmp_path):
     from conftest import ROOT
-    from engine.outbox import PERMANENT, Result, due, finish
-    from engine.project import Project
+    from engine.delivery.outbox import PERMANENT, Result, due, finish
+    from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
     journal = Journal(path)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import EXAMPLES, EngineProcess
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 from engine.errors import FramingError
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import EXAMPLES, EngineProcess, shipped_config
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-dashboard-token-1234"

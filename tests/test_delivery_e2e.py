@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def wait_until(predicate, seconds=30, interval=0.1):
 
 def distinct_appointments(names):
     """Messages about the same appointment (same SCH-2) update one Appointment."""
-    from engine.er7 import parse
+    from engine.hl7.er7 import parse
 
     return len({parse((EXAMPLES / n).read_bytes().decode()).value("SCH-2.1") for n in names})
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from engine.cli import cli
-from engine.clidoc import commands, render
+from engine.cli.clidoc import commands, render
 from engine.config import KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ def test_every_config_key_is_documented():
 
 
 def test_every_route_key_and_mapping_directive_is_documented():
-    from engine.mapping.templates import DIRECTIVES
-    from engine.routes import ACK_KEYS, MATCH_KEYS, ROUTE_KEYS
+    from engine.transform.templates import DIRECTIVES
+    from engine.transform.routes import ACK_KEYS, MATCH_KEYS, ROUTE_KEYS
 
     routes = (ROOT / "docs/routes.md").read_text()
     for key in sorted(ROUTE_KEYS | MATCH_KEYS | ACK_KEYS):
@@ -46,7 +46,7 @@ def test_every_route_key_and_mapping_directive_is_documented():
 
 
 def test_every_destination_key_is_documented():
-    from engine.destinations import KEYS as DESTINATION_KEYS
+    from engine.delivery.destinations import KEYS as DESTINATION_KEYS
 
     text = (ROOT / "docs/destinations.md").read_text()
     for key in sorted(set().union(*DESTINATION_KEYS.values())):

@@ -8,9 +8,9 @@ import ssl
 import pytest
 
 from conftest import CORPUS, EXAMPLES, EngineProcess, corpus_dir, run_cli, shipped_config, wait_for
-from engine.batch import split_messages
-from engine.client import MLLPClient, TlsClientOptions
-from engine.framing import frame
+from engine.mllp.batch import split_messages
+from engine.mllp.client import MLLPClient, TlsClientOptions
+from engine.mllp.framing import frame
 from tlscerts import make_pki
 
 pytestmark = pytest.mark.slow
@@ -289,7 +289,7 @@ def test_malformed_corpus_batches_are_refused_by_send_with_the_line(engine, name
 def test_free_text_is_indexed_in_the_background_and_the_indexer_stops_with_the_engine(engine):
     import time
 
-    from engine.journal import text_index_path
+    from engine.store.journal import text_index_path
 
     assert run_cli("send", "-q", engine.address, EXAMPLES / "siu_s12.hl7", EXAMPLES / "dft_p03.hl7").returncode == 0
     text_db = text_index_path(engine.journal)
@@ -309,5 +309,5 @@ def test_free_text_is_indexed_in_the_background_and_the_indexer_stops_with_the_e
     engine.stop()
     import subprocess
 
-    leftover = subprocess.run(["pgrep", "-f", f"engine.textindexer {engine.journal}"], capture_output=True)
+    leftover = subprocess.run(["pgrep", "-f", f"engine.store.textindexer {engine.journal}"], capture_output=True)
     assert leftover.stdout == b""

@@ -3,9 +3,9 @@
 import pytest
 
 from conftest import EXAMPLES, corpus_dir
-from engine.er7 import Separators, escape, parse, split_segments, unescape
+from engine.hl7.er7 import Separators, escape, parse, split_segments, unescape
 from engine.errors import ParseError, PathError
-from engine.paths import parse_path
+from engine.hl7.paths import parse_path
 
 SIU = (
     "MSH|^~\\&|SCHED|NORTHCLINIC|HL7BRIDGE|FINANCE|20261201093000-0600||SIU^S12^SIU_S12|NC1|P|2.5.1\r"

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import EXAMPLES, EngineProcess, shipped_config
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 
 pytestmark = pytest.mark.slow
 

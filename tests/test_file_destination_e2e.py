@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import pytest
 
 from conftest import EXAMPLES, EngineProcess, shipped_config, wait_for
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 from engine.errors import FramingError
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from engine.framing import MLLPFraming, frame
+from engine.mllp.framing import MLLPFraming, frame
 
 
 class Collector(MLLPFraming):

@@ -17,12 +17,12 @@ from twisted.internet.testing import StringTransport
 
 from conftest import CORPUS, EXAMPLES
 from engine.config import ListenerSettings, Settings
-from engine.er7 import parse
+from engine.hl7.er7 import parse
 from engine.errors import ParseError
-from engine.framing import frame
-from engine.ingest import Ingestor, assess
-from engine.journal import Journal
-from engine.listener import GroupCommit, MLLPServerFactory
+from engine.mllp.framing import frame
+from engine.mllp.ingest import Ingestor, assess
+from engine.store.journal import Journal
+from engine.mllp.listener import GroupCommit, MLLPServerFactory
 
 SEEDS = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.hl7"))]
 if CORPUS.is_dir():

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 import pytest
 
 from conftest import EXAMPLES
-from engine import charset
-from engine.ingest import AcceptPolicy, Frame, Ingestor, assess
-from engine.journal import Journal, SearchQuery
+from engine.hl7 import charset
+from engine.mllp.ingest import AcceptPolicy, Frame, Ingestor, assess
+from engine.store.journal import Journal, SearchQuery
 
 NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
@@ -96,7 +96,7 @@ def test_a_reused_control_id_with_different_content_is_processed_and_flagged(ing
 def policy_ingestor(tmp_path, journal, policy):
     """An ingestor with the shipped routes, the scheduling route set to ``duplicates.differing: policy``."""
     from conftest import shipped_config
-    from engine.project import Project
+    from engine.transform.project import Project
 
     config = shipped_config(tmp_path / "config")
     route = config / "routes" / "10-scheduling.yaml"
@@ -250,9 +250,9 @@ def test_charset_fallback_and_declared_mismatch():
 
 def test_fast_identifier_reader_agrees_with_the_documented_paths():
     from conftest import corpus_files
-    from engine.er7 import parse
-    from engine.ingest import identifiers
-    from engine.journal import ID_KINDS
+    from engine.hl7.er7 import parse
+    from engine.mllp.ingest import identifiers
+    from engine.store.journal import ID_KINDS
 
     for path in [*sorted(EXAMPLES.glob("*.hl7")), *corpus_files()]:
         if path.name in ("bad_msh.hl7",):

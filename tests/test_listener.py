@@ -14,10 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from conftest import EXAMPLES
 from engine.config import ListenerSettings, Settings
-from engine.framing import frame
-from engine.ingest import Ingestor
-from engine.journal import Journal
-from engine.listener import GroupCommit, MLLPServerFactory
+from engine.mllp.framing import frame
+from engine.mllp.ingest import Ingestor
+from engine.store.journal import Journal
+from engine.mllp.listener import GroupCommit, MLLPServerFactory
 
 NOW = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()

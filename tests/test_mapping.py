@@ -7,10 +7,10 @@ from datetime import datetime
 import pytest
 
 from conftest import CORPUS, EXAMPLES, ROOT, corpus_dir, corpus_files
-from engine.batch import split_messages
+from engine.mllp.batch import split_messages
 from engine.errors import ConfigError
-from engine.project import Project
-from engine.regression import run_directory
+from engine.transform.project import Project
+from engine.transform.regression import run_directory
 
 
 @pytest.fixture(scope="module")

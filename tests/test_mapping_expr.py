@@ -5,9 +5,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.er7 import parse
-from engine.mapping.expr import Context, ExpressionError, compile_condition, compile_expression, fhir_datetime
-from engine.mapping.mappings import CodeMap
+from engine.hl7.er7 import parse
+from engine.transform.expr import Context, ExpressionError, compile_condition, compile_expression, fhir_datetime
+from engine.transform.mappings import CodeMap
 
 MESSAGE = parse(
     "MSH|^~\\&|SCHED|NORTHCLINIC|HL7BRIDGE|FINANCE|20261201093000||SIU^S15^SIU_S12|NC1|P|2.5.1\r"

@@ -6,9 +6,9 @@ from datetime import datetime, timezone
 import pytest
 
 from conftest import EXAMPLES, EngineProcess
-from engine.client import MLLPClient
-from engine.listener import Counters
-from engine.metrics import Histogram, render
+from engine.mllp.client import MLLPClient
+from engine.mllp.listener import Counters
+from engine.ops.metrics import Histogram, render
 
 
 def test_render():

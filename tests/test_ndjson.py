@@ -4,10 +4,10 @@ import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from engine import ndjson
-from engine.destinations import Destination
-from engine.outbox import OK, Delivery, iso
-from engine.senders import FileSender
+from engine.delivery import ndjson
+from engine.delivery.destinations import Destination
+from engine.delivery.outbox import OK, Delivery, iso
+from engine.delivery.senders import FileSender
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
 

@@ -5,11 +5,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import EXAMPLES, ROOT
-from engine.destinations import Destination, RetryPolicy, seconds
-from engine.ingest import Frame, Ingestor
-from engine.outbox import (DEAD, DELIVERED, PERMANENT, RETRYING, TRANSIENT, OK, Result, claim, due, finish,
+from engine.delivery.destinations import Destination, RetryPolicy, seconds
+from engine.mllp.ingest import Frame, Ingestor
+from engine.delivery.outbox import (DEAD, DELIVERED, PERMANENT, RETRYING, TRANSIENT, OK, Result, claim, due, finish,
                            list_deliveries, recover, replay, summary)
-from engine.project import Project
+from engine.transform.project import Project
 
 T0 = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
 DFT = (EXAMPLES / "dft_p03.hl7").read_bytes()

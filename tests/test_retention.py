@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLES, ROOT
 from engine.cli import cli
-from engine.ingest import Frame, Ingestor
-from engine.journal import Journal, SearchQuery
-from engine.project import Project
-from engine.retention import prune
+from engine.mllp.ingest import Frame, Ingestor
+from engine.store.journal import Journal, SearchQuery
+from engine.transform.project import Project
+from engine.store.retention import prune
 
 OLD = datetime(2026, 1, 1, tzinfo=timezone.utc)
 NEW = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -49,7 +49,7 @@ def test_keep_errors_and_owed_deliveries_stay(tmp_path):
     fill(journal, 3, OLD, project)  # routed, waiting for the converter
     assert prune(journal, NEW).messages == 0
     journal.conn.execute("UPDATE messages SET status = 'mapped' WHERE route IS NOT NULL")
-    from engine.outbox import create_deliveries
+    from engine.delivery.outbox import create_deliveries
 
     for (message_id,) in journal.conn.execute("SELECT id FROM messages").fetchall():
         create_deliveries(journal, message_id, list(project.destinations.values()), OLD)

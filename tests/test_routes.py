@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLES, ROOT
 from engine.cli import cli
-from engine.er7 import parse
-from engine.project import Project
+from engine.hl7.er7 import parse
+from engine.transform.project import Project
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import EXAMPLES, ROOT, EngineProcess, run_cli
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 
 pytestmark = pytest.mark.slow
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()

@@ -9,9 +9,9 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from engine.destinations import Destination
-from engine.outbox import TRANSIENT, Delivery
-from engine.senders import FhirSender
+from engine.delivery.destinations import Destination
+from engine.delivery.outbox import TRANSIENT, Delivery
+from engine.delivery.senders import FhirSender
 
 BUNDLE = '{"resourceType": "Bundle", "type": "transaction", "entry": []}'
 

@@ -1,7 +1,7 @@
 """hl7apy where it pays: field names and data types, and structural validation on request."""
 
 from conftest import EXAMPLES
-from engine.standard import field_info, segment_fields, validate
+from engine.hl7.standard import field_info, segment_fields, validate
 
 
 def test_field_names_and_types():

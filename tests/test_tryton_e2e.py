@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import EXAMPLES, EngineProcess, run_cli, shipped_config
-from engine.client import MLLPClient
+from engine.mllp.client import MLLPClient
 
 pytestmark = pytest.mark.slow
 

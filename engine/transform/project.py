@@ -1,0 +1,105 @@
+"""A configuration directory as a whole: routes and mappings, loaded and cross-checked together.
+
+    DIR/hl7bridge.yaml   engine settings (engine.config)
+    DIR/routes/*.yaml    routes (engine.transform.routes)
+    DIR/mappings/...     mappings (engine.transform.mappings)
+
+Without ``--config`` (or with one that holds only ``hl7bridge.yaml``) the engine uses the directory
+it runs in when that has ``mappings/``, else the routes and mappings shipped beside the package
+(the repository's own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..hl7.charset import decode
+from ..delivery.destinations import load_destinations
+from ..hl7.er7 import Message, parse
+from ..errors import ConfigError
+from ..hl7.header import Header, read_header
+from .expr import Context
+from .mappings import MappingError, MappingSet
+from .routes import Route, RouteTable, load_routes
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_dir(given: str | Path | None) -> Path:
+    """The directory routes and mappings are read from (see the module docstring).
+
+    A given directory with neither ``routes/`` nor ``mappings/`` (only engine settings) uses the
+    defaults, like every other setting it leaves out.
+    """
+    if given is not None and ((Path(given) / "mappings").is_dir() or (Path(given) / "routes").is_dir()):
+        return Path(given)
+    here = Path.cwd()
+    if (here / "mappings").is_dir():
+        return here
+    return PACKAGE_ROOT
+
+
+@dataclass
+class Project:
+    directory: Path
+    mappings: MappingSet
+    routes: RouteTable
+    destinations: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: str | Path | None = None) -> "Project":
+        """Load routes, mappings and destinations; raises ``ConfigError`` (file, line, hint) on the first problem."""
+        directory = config_dir(directory)
+        if not (directory / "mappings").is_dir():
+            raise ConfigError(f"{directory} has no mappings/ directory")
+        mappings = MappingSet(directory / "mappings")
+        routes = load_routes(directory / "routes", mappings)
+        destinations = load_destinations(directory / "destinations", directory)
+        for route in routes:
+            for name in route.destinations:
+                if name not in destinations:
+                    raise ConfigError(
+                        f"route {route.name!r} sends to {name!r}, which no file in destinations/ defines",
+                        route.path, route.destinations_line,
+                        f"known destinations: {', '.join(sorted(destinations)) or 'none'}",
+                    )
+        return cls(directory, mappings, routes, destinations)
+
+    def destinations_of(self, route: Route) -> list:
+        return [self.destinations[name] for name in route.destinations]
+
+    def route_for(self, message: Message, header: Header | None = None) -> Route | None:
+        header = header or read_header(message)
+        return self.routes.match(header, Context(message, tables=self.mappings.tables))
+
+    def convert(self, raw: bytes, route_name: str | None = None) -> "Converted":
+        """Dry run of one message: route (or the named one) and mapping. Never sends anything."""
+        message = parse(decode(raw).text)
+        header = read_header(message)
+        if route_name is not None:
+            route = self.routes.get(route_name)
+            if route is None:
+                raise ConfigError(f"no route named {route_name!r}",
+                                  hint=f"routes: {', '.join(r.name for r in self.routes) or 'none'}")
+        else:
+            route = self.route_for(message, header)
+        if route is None:
+            return Converted(header, None, None, [f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
+        try:
+            bundle = self.mappings.convert(message, route.mapping, route.timezone)
+        except MappingError as exc:
+            return Converted(header, route, None, exc.problems)
+        return Converted(header, route, bundle, [])
+
+
+@dataclass
+class Converted:
+    header: Header
+    route: Route | None
+    bundle: dict | None
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return self.bundle is not None and not self.problems

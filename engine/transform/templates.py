@@ -1,0 +1,257 @@
+"""Mapping templates: YAML that looks like the FHIR JSON it produces, compiled once at load time.
+
+A template is a YAML value:
+
+- text is an expression (``engine.transform.expr``): ``SCH-1.1``, ``dateTime(AIS-4)``, ``'booked'``;
+- a number or true/false is itself;
+- a list gives a FHIR array (items that come out empty are dropped; ``$each`` items are spread);
+- a mapping gives a FHIR object (elements that come out empty are dropped; an object with
+  nothing in it is dropped too), and may carry directives, the keys that start with ``$``:
+
+  ``$each: SEL``        one object per value (or segment) the selector picks: ``AIP[*]``, ``PID-3[*]``
+  ``$when: CONDITION``  the object only when the condition holds: ``PV1-2 != P``
+  ``$datatype: NAME``   the object is ``mappings/datatype/NAME.yaml`` applied to ``$from``
+  ``$reference: TYPE``  a reference to a ``TYPE`` resource built from ``$from``
+                        with ``mappings/resource/TYPE.yaml`` and added to the Bundle
+  ``$from: SEL``        the field (or component) the datatype or resource is built from
+  ``$const: VALUE``     a value taken as it is
+
+Other keys next to ``$datatype`` or ``$reference`` are added to (or override) what they give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
+
+DIRECTIVES = {"$each", "$when", "$datatype", "$reference", "$from", "$const"}
+
+
+@dataclass
+class Origin:
+    """Where a template node came from, for error messages: file, line and the expression."""
+
+    path: str
+    line: int
+    source: str
+
+    def __str__(self):
+        return f"{self.path}:{self.line} ({self.source})"
+
+
+class Node:
+    origin: Origin
+
+    def build(self, ctx: Context, out: "Output", where: tuple):
+        raise NotImplementedError
+
+
+class Const(Node):
+    def __init__(self, value, origin):
+        self.value, self.origin = value, origin
+
+    def build(self, ctx, out, where):
+        return self.value
+
+
+class Expr(Node):
+    def __init__(self, getter, origin):
+        self.getter, self.origin = getter, origin
+
+    def build(self, ctx, out, where):
+        try:
+            value = self.getter(ctx)
+        except (ValueError, ArithmeticError) as exc:
+            out.fail(where, self.origin, str(exc))
+            return None
+        if value is not None and out.tracking:
+            out.note(where, self.origin)
+        return value
+
+
+class Array(Node):
+    def __init__(self, items, origin):
+        self.items, self.origin = items, origin
+
+    def build(self, ctx, out, where):
+        result = []
+        for item in self.items:
+            value = item.build(ctx, out, (*where, len(result)))
+            if isinstance(item, Obj) and item.each is not None:
+                result.extend(v for v in (value or []) if v not in (None, {}, []))
+            elif value not in (None, {}, [], ""):
+                result.append(value)
+        return result or None
+
+
+class Obj(Node):
+    """An object template, with optional $each, $when, $datatype or $reference."""
+
+    def __init__(self, fields, origin, each=None, when=None, datatype=None, reference=None, source=None):
+        self.fields = fields  # [(key, Node)]
+        self.origin = origin
+        self.each = each  # raw selector
+        self.when = when  # condition
+        self.datatype = datatype  # name, resolved at build time through the mapping set
+        self.reference = reference  # resource type name
+        self.source = source  # raw selector for $from
+
+    def build(self, ctx, out, where):
+        if self.each is None:
+            return self._one(ctx, out, where)
+        results = []
+        for item in self.each(ctx):
+            item_ctx = item if isinstance(item, Context) else ctx.at(value=item)
+            value = self._one(item_ctx, out, where)
+            if value not in (None, {}, []):
+                results.append(value)
+        return results
+
+    def _one(self, ctx, out, where):
+        if self.when is not None and not self.when(ctx):
+            return None
+        base = {}
+        if self.datatype is not None or self.reference is not None:
+            values = self.source(ctx) if self.source is not None else ([ctx.value] if ctx.value else [])
+            if not values:
+                return None
+            inner = ctx.at(value=values[0])
+            if self.datatype is not None:
+                base = out.mappings.datatype(self.datatype).build(inner, out, where) or {}
+                if not base:
+                    return None
+            else:
+                base = out.reference(self.reference, inner, self.origin)
+                if base is None:
+                    return None
+        result = dict(base)
+        for key, node in self.fields:
+            value = node.build(ctx, out, (*where, key))
+            if value not in (None, {}, [], ""):
+                result[key] = value
+        return result or None
+
+
+class Output:
+    """What a build collects besides the value: provenance, errors, referenced resources."""
+
+    def __init__(self, mappings, converter, tracking: bool = False):
+        self.mappings = mappings
+        self.converter = converter
+        # Recording where each value came from costs time on every value; it is only needed to
+        # explain a validation error, so a conversion that fails validation is built again with it.
+        self.tracking = tracking
+        self.origins: dict[tuple, Origin] = {}
+        self.errors: list[str] = []
+
+    def note(self, where, origin):
+        self.origins[element_path(where)] = origin
+
+    def origin_of(self, where) -> Origin | None:
+        """The template node that produced the FHIR element at ``where`` (or its nearest parent)."""
+        key = element_path(where)
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key[:-1]
+        return None
+
+    def fail(self, where, origin, message):
+        self.errors.append(f"{'.'.join(element_path(where)) or '(resource)'}: {message} (from {origin})")
+
+    def reference(self, resource_type, ctx, origin):
+        return self.converter.referenced(resource_type, ctx, self, origin)
+
+
+def element_path(where) -> tuple:
+    """A FHIR element path without array indexes: ('Appointment', 'participant', 'status')."""
+    return tuple(str(part) for part in where if not isinstance(part, int))
+
+
+def compile_template(value, path, line, tables: set[str], what: str) -> Node:
+    """Compile a YAML template value into nodes; raises ``ConfigError`` with file and line."""
+    line = getattr(value, "line", line)
+    origin = Origin(str(path), line, what)
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return Const(value, origin)
+    if value is None:
+        raise ConfigError(f"{what}: empty value", path, line, "remove the key or give it an expression")
+    if isinstance(value, str):
+        try:
+            return Expr(compile_expression(value, tables), Origin(str(path), line, value))
+        except ExpressionError as exc:
+            raise ConfigError(f"{what}: {exc}", path, line) from None
+    if isinstance(value, list):
+        return Array([compile_template(item, path, line, tables, f"{what}[{i}]") for i, item in enumerate(value)], origin)
+    if isinstance(value, dict):
+        return _compile_object(value, path, line, tables, what)
+    raise ConfigError(f"{what}: {value!r} is not a template value", path, line)
+
+
+def _compile_object(value, path, line, tables, what) -> Node:
+    line_of = getattr(value, "line_of", lambda key: line)
+    unknown = [k for k in value if isinstance(k, str) and k.startswith("$") and k not in DIRECTIVES]
+    if unknown:
+        raise ConfigError(f"{what}: unknown directive {unknown[0]!r}", path, line_of(unknown[0]),
+                          f"known: {', '.join(sorted(DIRECTIVES))}")
+    if "$const" in value:
+        if len(value) > 1:
+            raise ConfigError(f"{what}: $const stands alone", path, line_of("$const"))
+        return Const(value["$const"], Origin(str(path), line_of("$const"), repr(value["$const"])))
+
+    def selector(key):
+        text = value.get(key)
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            raise ConfigError(f"{what}.{key}: must be a path such as AIP[*] or PID-3[*]", path, line_of(key))
+        try:
+            return raw_selector(text)
+        except ExpressionError as exc:
+            raise ConfigError(f"{what}.{key}: {exc}", path, line_of(key)) from None
+
+    each = selector("$each")
+    if each is not None:
+        each = _each(each, value["$each"])
+    when = None
+    if "$when" in value:
+        try:
+            when = compile_condition(value["$when"], tables)
+        except ExpressionError as exc:
+            raise ConfigError(f"{what}.$when: {exc}", path, line_of("$when")) from None
+    datatype, reference = value.get("$datatype"), value.get("$reference")
+    if datatype is not None and reference is not None:
+        raise ConfigError(f"{what}: use $datatype or $reference, not both", path, line_of("$reference"))
+    source = selector("$from")
+    if source is not None and datatype is None and reference is None:
+        raise ConfigError(f"{what}.$from goes with $datatype or $reference", path, line_of("$from"))
+    fields = [
+        (key, compile_template(item, path, line_of(key), tables, f"{what}.{key}"))
+        for key, item in value.items()
+        if not (isinstance(key, str) and key.startswith("$"))
+    ]
+    origin = Origin(str(path), line, what)
+    return Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
+
+
+def _each(select, text):
+    """$each over segments (``AIP[*]``: the segment becomes ``$``) or values (``PID-3[*]``)."""
+    from ..hl7.paths import parse_path
+
+    first = text.split("|")[0].strip()
+    whole_segments = not first.startswith("$") and parse_path(first).field is None
+    if not whole_segments:
+        return select
+    segment_name = parse_path(first)
+
+    def segments(ctx):
+        found = ctx.message.all(segment_name.segment)
+        if segment_name.segment_index is not None:
+            found = found[segment_name.segment_index - 1 : segment_name.segment_index]
+        elif not segment_name.every_segment:
+            found = found[:1]
+        return [ctx.at(segment=seg, value=None) for seg in found]
+
+    return segments
