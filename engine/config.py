@@ -13,9 +13,10 @@ from pathlib import Path
 from .hl7.ack import Identity
 from .hl7.charset import codec_for
 from .errors import ConfigError
-from .mllp.ingest import SUPPORTED_VERSIONS, AcceptPolicy
-from .store.journal import SYNCHRONOUS_MODES
-from .yamlconf import Section, expand_env, load_yaml
+from .hl7.assess import AcceptPolicy
+from .hl7.versions import SUPPORTED_VERSIONS
+from .store.base import SYNCHRONOUS_MODES
+from .yamlconf import Section, expand_env, load_yaml, seconds
 
 CONFIG_FILE = "hl7bridge.yaml"
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
@@ -143,8 +144,6 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             raise top.error("listeners", "listener names must be unique")
     retention = None
     if journal.data.get("retention") is not None:
-        from .delivery.destinations import seconds
-
         policy = Section(journal.data["retention"], path, "journal.retention", KEYS["retention"], journal.line("retention"))
         if policy.data.get("older_than") is None:
             raise policy.error("older_than", "is required", "e.g. 90d")

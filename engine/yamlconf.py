@@ -140,6 +140,18 @@ class Section:
         return [str(item) for item in value]
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+
+
+def seconds(text, what: str) -> float:
+    """'500ms', '2s', '10m', '24h', '7d' (or a number of seconds) in seconds."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{what}: {text!r} is not a duration; write 500ms, 2s, 10m, 24h or 7d")
+    factor = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

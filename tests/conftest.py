@@ -48,9 +48,9 @@ def shipped_config(directory: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path):
     """A fresh journal file."""
-    from engine.store.journal import Journal
+    from engine.store import open_journal
 
-    j = Journal(tmp_path / "journal.db")
+    j = open_journal(tmp_path / "journal.db")
     yield j
     j.close()
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import EXAMPLES
 from engine.cli import cli, parse_since
 from engine.mllp.ingest import Frame, Ingestor
-from engine.store.journal import Journal
+from engine.store.sqlite import SqliteJournal as Journal
 
 SHORT = (
     b"MSH|^~\\&|SCHED|NORTHCLINIC|HL7BRIDGE|FINANCE|20261201093000||SIU^S12^SIU_S12|NC1|P|2.5.1\r"
@@ -206,7 +206,7 @@ def test_show_includes_the_conversion(tmp_path):
 
 def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
     from conftest import ROOT
-    from engine.delivery.outbox import OK, Result, due, finish, replay
+    from engine.delivery.outbox import OK, Result, finish
     from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
@@ -215,9 +215,9 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
     project = Project.load(ROOT)
     ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
     [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
-    [delivery] = due(journal, "erp-finance", now, 5)
+    [delivery] = journal.due_deliveries("erp-finance", now, 5)
     finish(journal, delivery, project.destinations["erp-finance"], Result(OK, 201), now, now)
-    replay(journal, [outcome.message_id], ["erp-finance"], "alice", "test", now)
+    journal.replay([outcome.message_id], ["erp-finance"], "alice", "test", now)
     journal.close()
     text = invoke("journal", "show", "--journal", path, str(outcome.message_id)).output
     assert "delivery to erp-finance: pending after 0 attempt(s)" in text  # replayed
@@ -235,7 +235,7 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
 
 def test_outbox_replay_and_stats_exact_output(tmp_path):
     from conftest import ROOT
-    from engine.delivery.outbox import PERMANENT, Result, due, finish
+    from engine.delivery.outbox import PERMANENT, Result, finish
     from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
@@ -244,7 +244,7 @@ def test_outbox_replay_and_stats_exact_output(tmp_path):
     project = Project.load(ROOT)
     ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
     [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
-    [delivery] = due(journal, "erp-finance", now, 5)
+    [delivery] = journal.due_deliveries("erp-finance", now, 5)
     finish(journal, delivery, project.destinations["erp-finance"], Result(PERMANENT, 400, error="HTTP 400"), now, now)
     journal.close()
     assert invoke("outbox", "--journal", path).output == (

@@ -72,5 +72,5 @@ def test_workers_do_not_outlive_a_killed_engine(tmp_path):
     engine = EngineProcess(tmp_path)
     engine.kill()  # right after start: the workers may still be importing
     time.sleep(3)
-    left = subprocess.run(["pgrep", "-f", f"engine\\.(converter|textindexer) {engine.journal}"], capture_output=True)
+    left = subprocess.run(["pgrep", "-f", f"engine\\.(transform\\.converter|store\\.textindexer) {engine.journal}"], capture_output=True)
     assert left.stdout == b"", left.stdout

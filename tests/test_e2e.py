@@ -289,7 +289,7 @@ def test_malformed_corpus_batches_are_refused_by_send_with_the_line(engine, name
 def test_free_text_is_indexed_in_the_background_and_the_indexer_stops_with_the_engine(engine):
     import time
 
-    from engine.store.journal import text_index_path
+    from engine.store.sqlite_text import text_index_path
 
     assert run_cli("send", "-q", engine.address, EXAMPLES / "siu_s12.hl7", EXAMPLES / "dft_p03.hl7").returncode == 0
     text_db = text_index_path(engine.journal)

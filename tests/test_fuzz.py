@@ -20,8 +20,9 @@ from engine.config import ListenerSettings, Settings
 from engine.hl7.er7 import parse
 from engine.errors import ParseError
 from engine.mllp.framing import frame
-from engine.mllp.ingest import Ingestor, assess
-from engine.store.journal import Journal
+from engine.hl7.assess import assess
+from engine.mllp.ingest import Ingestor
+from engine.store.sqlite import SqliteJournal as Journal
 from engine.mllp.listener import GroupCommit, MLLPServerFactory
 
 SEEDS = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.hl7"))]

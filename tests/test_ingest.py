@@ -8,8 +8,10 @@ import pytest
 
 from conftest import EXAMPLES
 from engine.hl7 import charset
-from engine.mllp.ingest import AcceptPolicy, Frame, Ingestor, assess
-from engine.store.journal import Journal, SearchQuery
+from engine.hl7.assess import AcceptPolicy, assess
+from engine.mllp.ingest import Frame, Ingestor
+from engine.store import SearchQuery
+from engine.store.sqlite import SqliteJournal as Journal, search_sql
 
 NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
@@ -217,7 +219,7 @@ def test_free_text_search_and_keyed_filters(ingestor, journal):
 def test_keyed_searches_use_indexes(ingestor, journal):
     ingestor.ingest([Frame(SIU)])
     for query in (SearchQuery(patient="100234"), SearchQuery(control_id="X"), SearchQuery(transaction="T")):
-        sql, params = query.to_sql()
+        sql, params = search_sql(query)
         plan = " ".join(row[3] for row in journal.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
         assert "SCAN m" not in plan.replace("SCAN m USING INTEGER PRIMARY KEY", ""), plan
 
@@ -251,8 +253,8 @@ def test_charset_fallback_and_declared_mismatch():
 def test_fast_identifier_reader_agrees_with_the_documented_paths():
     from conftest import corpus_files
     from engine.hl7.er7 import parse
-    from engine.mllp.ingest import identifiers
-    from engine.store.journal import ID_KINDS
+    from engine.hl7.identifiers import identifiers
+    from engine.hl7.identifiers import ID_KINDS
 
     for path in [*sorted(EXAMPLES.glob("*.hl7")), *corpus_files()]:
         if path.name in ("bad_msh.hl7",):

@@ -16,7 +16,7 @@ from conftest import EXAMPLES
 from engine.config import ListenerSettings, Settings
 from engine.mllp.framing import frame
 from engine.mllp.ingest import Ingestor
-from engine.store.journal import Journal
+from engine.store.sqlite import SqliteJournal as Journal
 from engine.mllp.listener import GroupCommit, MLLPServerFactory
 
 NOW = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)

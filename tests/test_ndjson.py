@@ -6,7 +6,8 @@ from pathlib import Path
 
 from engine.delivery import ndjson
 from engine.delivery.destinations import Destination
-from engine.delivery.outbox import OK, Delivery, iso
+from engine.delivery.outbox import OK, Delivery
+from engine.stamps import iso
 from engine.delivery.senders import FileSender
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
@@ -93,7 +94,7 @@ def delivery(id_, attempts=0, resumed=False, created=T0, message_id=1):
 
 def file_sender(tmp_path, now):
     destination = Destination(name="files", type="file", path="x.yaml", directory=tmp_path / "out")
-    return FileSender(destination, reactor=None, clock=lambda: now[0])
+    return FileSender(destination, run_blocking=None, clock=lambda: now[0])
 
 
 def test_file_sender_writes_a_resumed_delivery_once(tmp_path):

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from conftest import EXAMPLES, ROOT
 from engine.cli import cli
 from engine.mllp.ingest import Frame, Ingestor
-from engine.store.journal import Journal, SearchQuery
+from engine.store import SearchQuery
+from engine.store.sqlite import SqliteJournal as Journal
 from engine.transform.project import Project
-from engine.store.retention import prune
 
 OLD = datetime(2026, 1, 1, tzinfo=timezone.utc)
 NEW = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -31,7 +31,7 @@ def test_prune_half_gives_the_space_back(tmp_path):
     fill(journal, 1500, OLD)
     fill(journal, 1500, NEW)
     journal.search(SearchQuery(text="DOE"))  # builds the free-text index too
-    result = prune(journal, datetime(2026, 6, 1, tzinfo=timezone.utc))
+    result = journal.prune(datetime(2026, 6, 1, tzinfo=timezone.utc))
     assert result.messages == 1500
     assert journal.count() == 1500
     assert result.bytes_after <= 0.6 * result.bytes_before, (result.bytes_before, result.bytes_after)
@@ -47,19 +47,19 @@ def test_keep_errors_and_owed_deliveries_stay(tmp_path):
     journal = Journal(tmp_path / "journal.db")
     project = Project.load(ROOT)
     fill(journal, 3, OLD, project)  # routed, waiting for the converter
-    assert prune(journal, NEW).messages == 0
+    assert journal.prune(NEW).messages == 0
     journal.conn.execute("UPDATE messages SET status = 'mapped' WHERE route IS NOT NULL")
-    from engine.delivery.outbox import create_deliveries
+    from engine.delivery.outbox import queue
 
     for (message_id,) in journal.conn.execute("SELECT id FROM messages").fetchall():
-        create_deliveries(journal, message_id, list(project.destinations.values()), OLD)
+        queue(journal, message_id, list(project.destinations.values()), OLD)
     Ingestor(journal, clock=lambda: OLD).ingest([Frame((EXAMPLES / "bad_msh.hl7").read_bytes())])
-    assert prune(journal, NEW, keep_errors=True).messages == 0  # deliveries still owed, and an error
+    assert journal.prune(NEW, keep_errors=True).messages == 0  # deliveries still owed, and an error
     journal.conn.execute("UPDATE deliveries SET state = 'delivered'")
-    assert prune(journal, NEW, keep_errors=True).messages == 3
+    assert journal.prune(NEW, keep_errors=True).messages == 3
     assert journal.count() == 1 and journal.count("rejected") == 1
     assert journal.conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
-    assert prune(journal, NEW).messages == 1
+    assert journal.prune(NEW).messages == 1
     journal.close()
 
 

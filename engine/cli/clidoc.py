@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 from click.testing import CliRunner
 
-from ..cli import cli
+from . import cli
 
 HEADER = """# Command reference
 

@@ -14,12 +14,11 @@ Every key is documented in docs/destinations.md.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..yamlconf import Section, expand_env, load_yaml
+from ..yamlconf import Section, expand_env, load_yaml, seconds
 
 TYPES = ("fhir", "file", "erp-http", "erp-tryton")
 PAYLOADS = ("bundle", "finance-events")
@@ -34,18 +33,6 @@ KEYS = {
     "tls": {"verify", "ca"},
     "retry": {"max_attempts", "max_age", "initial_delay", "max_delay", "multiplier", "jitter"},
 }
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-
-
-def seconds(text, what: str) -> float:
-    """'500ms', '2s', '10m', '24h', '7d' (or a number of seconds) in seconds."""
-    match = _DURATION.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{what}: {text!r} is not a duration; write 500ms, 2s, 10m, 24h or 7d")
-    factor = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return float(match.group(1)) * factor
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter; a delivery is dead after ``max_attempts`` or ``max_age``."""

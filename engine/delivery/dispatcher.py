@@ -4,15 +4,19 @@ Runs in ``serve`` on the reactor. Every outbox read and write goes through the j
 (``write``), so it shares the single connection with ingest and never races it. Each destination
 has its own concurrency limit; a slow or dead destination never holds back another.
 Logs carry delivery and message IDs, control IDs, destinations and outcomes; never content.
+
+Everything it needs is handed in: the reactor (its clock, and the HTTP senders' connections),
+the journal and ``write``, ``run_blocking`` for the file sender's writes, and ``senders`` (the
+factory of a destination's sender; tests give fake ones).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..stamps import utc_now
+from ..store.base import Journal
 from . import outbox
 from .senders import sender_for
 
@@ -20,18 +24,22 @@ log = Logger(namespace="hl7bridge.delivery")
 POLL_INTERVAL = 0.25  # how soon a new or due delivery is noticed, in seconds
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+def run_here(fn, *args):
+    """Run blocking work at once, in this thread (tests; serve hands down a thread pool)."""
+    return defer.maybeDeferred(fn, *args)
 
 
 class Dispatcher:
-    def __init__(self, reactor, journal, destinations: dict, write, clock=utc_now):
+    def __init__(self, reactor, journal: Journal, destinations: dict, write, clock=utc_now, run_blocking=run_here,
+                 senders=sender_for):
         self.reactor = reactor
         self.journal = journal
-        self.write = write  # runs a function of the journal in the writer thread; returns a Deferred
+        self.write = write  # runs a function in the journal writer's thread; returns a Deferred
         self.clock = clock
+        self.run_blocking = run_blocking
+        self.sender_for = lambda destination: senders(destination, reactor, run_blocking)
         self.destinations = destinations
-        self.senders = {name: sender_for(d, reactor) for name, d in destinations.items()}
+        self.senders = {name: self.sender_for(d) for name, d in destinations.items()}
         self.in_flight = {name: 0 for name in destinations}
         self.polling = {name: False for name in destinations}
         self.outcomes: dict[tuple[str, str], int] = {}  # (destination, state after the attempt) -> count
@@ -44,7 +52,7 @@ class Dispatcher:
     def start(self):
         for name, sender in self.senders.items():
             self._start_sender(name, sender)
-        recovered = yield self.write(outbox.recover, self.journal, self.clock())
+        recovered = yield self.write(self.journal.recover_in_flight, self.clock())
         self.resumed.update(recovered)
         if recovered:
             log.info("resuming {count} deliveries that were in flight when the engine stopped", count=len(recovered))
@@ -67,7 +75,7 @@ class Dispatcher:
                 old = self.senders.get(name)
                 if old is not None:
                     old.close()
-                self.senders[name] = sender_for(destination, self.reactor)
+                self.senders[name] = self.sender_for(destination)
                 self._start_sender(name, self.senders[name])
             self.in_flight.setdefault(name, 0)
             self.polling.setdefault(name, False)
@@ -87,9 +95,9 @@ class Dispatcher:
         self.polling[name] = True
 
         def take(journal, now):
-            found = outbox.due(journal, name, now, room)
+            found = journal.due_deliveries(name, now, room)
             if found:
-                outbox.claim(journal, found, now)
+                journal.claim(found, now)
             return found
 
         d = self.write(take, self.journal, self.clock())

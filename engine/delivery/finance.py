@@ -21,7 +21,7 @@ the senders we know. Plain Python: no I/O.
 
 from __future__ import annotations
 
-from ..transform.expr import stable_id
+from ..stamps import stable_id
 
 SCHEMA = "hl7bridge.finance/v1"
 MONEY_EVENTS = {"CG": "charge.posted", "CD": "credit.posted", "AJ": "adjustment.posted",

@@ -21,11 +21,11 @@ import json
 from decimal import Decimal
 
 from twisted.internet import defer
-from twisted.web.http_headers import Headers
 
+from .destinations import Destination
 from .finance import events
+from .http import NETWORK_ERRORS, HttpClient, network_error, transient_status
 from .outbox import OK, PERMANENT, TRANSIENT, Result
-from .senders import NETWORK_ERRORS, FhirSender, network_error
 
 POSTED_EVENTS = ("charge.posted", "credit.posted", "adjustment.posted", "copay.posted")
 
@@ -46,29 +46,36 @@ def decimal(value) -> dict:
     return {"__class__": "Decimal", "decimal": str(Decimal(str(value)).quantize(Decimal("0.01")))}
 
 
-class TrytonSender(FhirSender):
-    def __init__(self, destination, reactor):
-        super().__init__(destination, reactor)
+class TrytonSender:
+    """Posts finance events to Tryton as invoices, over its JSON-RPC API with a session of its own
+    (the destination's basic credentials log in; they are not sent with every request)."""
+
+    def __init__(self, destination: Destination, reactor, http: HttpClient | None = None):
+        self.destination = destination
+        self.http = http or HttpClient(destination, reactor)
         self.endpoint = f"{destination.url}/{destination.database}/rpc/"
         self.session = None  # (header value, context)
         self.lookups = None  # receivable account, journal, product, unit, revenue account, currency, company
         self.ids = 0
 
-    def headers(self) -> Headers:
-        headers = Headers({b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]})
+    def headers(self) -> dict:
+        headers = {b"Content-Type": b"application/json", b"Accept": b"application/json"}
         if self.session:
-            headers.addRawHeader(b"Authorization", self.session[0])
+            headers[b"Authorization"] = self.session[0]
         return headers
+
+    def close(self):
+        return self.http.close()
 
     @defer.inlineCallbacks
     def rpc(self, method: str, params: list):
         self.ids += 1
-        status, body, _ = yield self.request(b"POST", self.endpoint, json.dumps(
-            {"id": self.ids, "method": method, "params": params}).encode())
+        status, body, _ = yield self.http.request(b"POST", self.endpoint, json.dumps(
+            {"id": self.ids, "method": method, "params": params}).encode(), self.headers(), authorize=False)
         if status == 401:
             self.session = None
             raise SessionExpired()
-        if status >= 500 or status in (408, 429):
+        if transient_status(status):
             raise TrytonError("ServerError", f"Tryton answered HTTP {status}")
         answer = json.loads(body)
         if answer.get("error"):

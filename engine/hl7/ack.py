@@ -19,6 +19,7 @@ from .er7 import DEFAULT_SEPARATORS, escape
 from ..errors import PathError
 from .header import Header
 from .paths import parse_path
+from .versions import FALLBACK_VERSION, version_tuple
 
 # HL7 table 0357, message error condition codes.
 TABLE_0357 = {
@@ -47,10 +48,6 @@ _CODES = {
     (ERROR, True): "CE",
     (REJECT, True): "CR",
 }
-
-# The version a minimal reject claims when the inbound message has no readable MSH.
-FALLBACK_VERSION = "2.5.1"
-
 
 @dataclass(frozen=True)
 class AckError:
@@ -90,14 +87,6 @@ def ack_wanted(code: str, header: Header | None) -> bool:
     if condition == "SU":
         return code == "CA"
     return True
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'2.5.1' -> (2, 5, 1); anything unreadable sorts as the fallback version."""
-    try:
-        return tuple(int(part) for part in version.split("."))
-    except ValueError:
-        return version_tuple(FALLBACK_VERSION)
 
 
 def build_ack(

@@ -177,7 +177,8 @@ class Segment:
         return f"<Segment {self.name} ({len(self.fields) - 1} fields)>"
 
 
-def _component(raw: str, index: int, sep: str) -> str:
+def component(raw: str, index: int, sep: str) -> str:
+    """Part ``index`` (1-based) of ``raw`` split on ``sep``; '' when there is no such part."""
     parts = raw.split(sep)
     return parts[index - 1] if index - 1 < len(parts) else ""
 
@@ -234,9 +235,9 @@ class Message:
                 if p.component is None:
                     out.append(rep)
                     continue
-                value = _component(rep, p.component, seps.component)
+                value = component(rep, p.component, seps.component)
                 if p.subcomponent is not None:
-                    value = _component(value, p.subcomponent, seps.subcomponent)
+                    value = component(value, p.subcomponent, seps.subcomponent)
                 out.append(value)
         return out
 

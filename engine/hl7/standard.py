@@ -22,9 +22,8 @@ from hl7apy.parser import parse_message
 from hl7apy.validation import Validator
 
 from .er7 import split_segments
-
-SUPPORTED = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2")
-DEFAULT_VERSION = "2.5"
+from .versions import DEFAULT_REFERENCE as DEFAULT_VERSION
+from .versions import REFERENCE_ALIASES, reference_version
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,6 @@ class FieldInfo:
     repeats: bool
 
 
-def _version(version: str) -> str:
-    return version if version in SUPPORTED else DEFAULT_VERSION
-
-
 def _title(constant: str, segment: str) -> str:
     """PATIENT_IDENTIFIER_LIST -> Patient Identifier List; SET_ID_PID -> Set ID PID."""
     return " ".join(word if word in ("ID", segment) else word.capitalize() for word in constant.split("_"))
@@ -52,7 +47,7 @@ def _title(constant: str, segment: str) -> str:
 def segment_fields(segment: str, version: str = DEFAULT_VERSION) -> tuple[FieldInfo, ...]:
     """The fields of ``segment`` in ``version`` (empty for Z-segments and unknown segments)."""
     try:
-        reference = load_reference(segment, "Segment", _version(version))
+        reference = load_reference(segment, "Segment", reference_version(version))
     except (HL7apyException, KeyError, ValueError):
         return ()
     fields = []
@@ -99,7 +94,7 @@ def validate(text: str) -> ValidationReport:
 
     Slow (tens of milliseconds): for routes that ask for it and for tools, not for every message.
     """
-    normalized = "\r".join(split_segments(text))
+    normalized = "\r".join(_as_reference_version(split_segments(text)))
     report = ValidationReport()
     try:
         message = parse_message(normalized, find_groups=True, validation_level=VALIDATION_LEVEL.TOLERANT)
@@ -123,3 +118,17 @@ def validate(text: str) -> ValidationReport:
     finally:
         os.unlink(report_path)
     return report
+
+
+def _as_reference_version(segments: list[str]) -> list[str]:
+    """The segments with MSH-12 replaced by the version hl7apy knows it as (2.7.1 is read as 2.7)."""
+    if not segments or not segments[0].startswith("MSH") or len(segments[0]) < 4:
+        return segments
+    separator = segments[0][3]
+    fields = segments[0].split(separator)
+    if len(fields) > 11:
+        version, component_separator, rest = fields[11].partition(fields[1][:1] or "^")
+        if version in REFERENCE_ALIASES:
+            fields[11] = REFERENCE_ALIASES[version] + component_separator + rest
+            return [separator.join(fields), *segments[1:]]
+    return segments

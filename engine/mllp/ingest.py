@@ -1,42 +1,41 @@
 """From received frame to journal row and ACK: plain Python, no sockets, no reactor.
 
-``assess`` reads one frame and decides what it is (accepted, or rejected and why).
-``Ingestor.ingest`` takes a batch of frames, detects duplicates, builds each ACK, and journals the
-whole batch in one transaction (group commit). Only after that commit does the caller get the ACKs
-to send, so an ACK never promises a message the journal does not hold.
+``Ingestor.prepare`` reads one frame (``engine.hl7.assess``), routes it, and builds its journal row
+and its ACK; for a route that ACKs after mapping, ``map_before_ack`` then runs the pipeline and
+finishes the row and the ACK (the listener runs that in a thread pool, never on the reactor).
+``Ingestor.record`` journals a batch of prepared frames in one transaction (group commit),
+detecting duplicates, and queues the deliveries of those mapped already. Only after that commit
+does the caller get the ACKs to send, so an ACK never promises a message the journal does not hold.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable
 
 from ..hl7 import charset as charsets
-from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, Identity, ack_code, ack_wanted, build_ack, version_tuple
-from ..hl7.er7 import Message, parse, unescape
-from ..errors import ParseError
-from ..hl7.header import Header, read_header
-from ..store.journal import Entry, Journal
-from ..delivery.outbox import create_deliveries
-from ..transform.pipeline import decide
+from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, ack_code, ack_wanted, build_ack
+from ..hl7.assess import AcceptPolicy, Assessment, assess
+from ..hl7.er7 import Message
+from ..hl7.header import Header
+from ..hl7.identifiers import identifiers
+from ..stamps import control_id_factory, iso, utc_now
+from ..store.base import (
+    ACCEPTED,
+    DUPLICATE,
+    FAILED,
+    HELD,
+    MAPPING_ERROR,
+    REJECTED,
+    UNROUTED,
+    Entry,
+    Journal,
+)
+from ..transform import pipeline
+from ..transform.routes import Route
 
-# Statuses a journal row can have after ingest.
-ACCEPTED, REJECTED, DUPLICATE, FAILED, HELD = "accepted", "rejected", "duplicate", "error", "held"
-SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
-
-
-@dataclass(frozen=True)
-class AcceptPolicy:
-    """What the engine accepts at ingest. Everything else is answered AR/CR with the reason."""
-
-    processing_ids: frozenset = frozenset({"P", "T", "D"})
-    versions: tuple = SUPPORTED_VERSIONS
-    message_types: frozenset | None = None  # None accepts any type; routes decide later
-    default_charset: str = charsets.DEFAULT_CHARSET
-    identity: Identity = Identity()
+ACKED_NOW = ("AA", "CA")
 
 
 @dataclass
@@ -48,17 +47,6 @@ class Frame:
     peer: str = ""
     truncated: bool = False  # an oversized frame, cut at the limit
     policy: AcceptPolicy | None = None  # the listener's; the ingestor's own when None
-
-
-@dataclass
-class Assessment:
-    """What ``assess`` found: the outcome, the error if any, and what could be read."""
-
-    outcome: str  # ACCEPT, ERROR or REJECT (see engine.hl7.ack)
-    decoded: charsets.Decoded
-    header: Header | None = None
-    message: Message | None = None
-    error: AckError | None = None
 
 
 @dataclass
@@ -77,100 +65,22 @@ class Outcome:
 
 @dataclass
 class Prepared:
-    """A frame read and answered in memory, waiting to be journaled."""
+    """A frame read and answered in memory, waiting to be journaled.
+
+    When ``mapping_route`` is set the route ACKs after mapping and ``map_before_ack`` has not run
+    yet: ``entry`` is None until it has.
+    """
 
     frame: Frame
-    entry: Entry
+    entry: Entry | None
     dedupe_key: tuple[str, str] | None
     header: Header | None = None  # to answer again if it turns out to reuse a control ID
-
-
-def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
-    """Read a frame and decide whether it is acceptable HL7 v2. Never raises for bad input."""
-    decoded = charsets.decode(raw, policy.default_charset)
-    try:
-        message = parse(decoded.text)
-    except ParseError as exc:
-        code = 100 if str(exc.location or "").startswith("segment") else 102
-        # With a readable MSH line the reject can still be addressed to the sender.
-        header = _header_only(decoded.text)
-        return Assessment(REJECT, decoded, header, None, AckError(code, str(exc), exc.location))
-    header = read_header(message)
-    error = _check_header(header, policy)
-    if error is not None:
-        return Assessment(REJECT, decoded, header, message, error)
-    return Assessment(ACCEPT, decoded, header, message)
-
-
-def _header_only(text: str) -> Header | None:
-    first = text.split("\r", 1)[0].split("\n", 1)[0]
-    try:
-        return read_header(parse(first))
-    except ParseError:
-        return None
-
-
-def _check_header(header: Header, policy: AcceptPolicy) -> AckError | None:
-    if not header.message_type:
-        return AckError(101, "MSH-9 message type is missing", "MSH-9")
-    if not header.control_id.strip():
-        return AckError(101, "MSH-10 message control ID is missing", "MSH-10")
-    if not header.processing_id:
-        return AckError(101, "MSH-11 processing ID is missing", "MSH-11")
-    if not header.version:
-        return AckError(101, "MSH-12 version ID is missing", "MSH-12")
-    if header.version not in policy.versions:
-        return AckError(203, f"HL7 version {header.version} is not supported", "MSH-12")
-    if header.processing_id not in policy.processing_ids:
-        return AckError(
-            202, f"processing ID {header.processing_id} is not accepted by this listener", "MSH-11"
-        )
-    if policy.message_types is not None and header.message_type not in policy.message_types:
-        return AckError(200, f"message type {header.message_type} is not accepted", "MSH-9")
-    if header.message_type not in ("ACK",) and not header.trigger_event and version_tuple(header.version) >= (2, 3):
-        return AckError(201, "MSH-9 has no trigger event", "MSH-9.2")
-    if header.accept_ack_type and header.accept_ack_type not in ("AL", "NE", "ER", "SU"):
-        return AckError(103, f"MSH-15 {header.accept_ack_type} is not in HL7 table 0155", "MSH-15")
-    return None
-
-
-def identifiers(message: Message) -> list[tuple[str, str, str]]:
-    """The searchable identifiers of a message: (kind, value, assigning authority).
-
-    Reads the fields named in ``engine.store.journal.ID_KINDS`` directly (this runs for every message;
-    a test checks it against the generic path reader).
-    """
-    seps = message.seps
-    comp, sub = seps.component, seps.subcomponent
-    found = []
-
-    def first(segment, number):
-        reps = segment.repetitions(number) if segment is not None else []
-        value = reps[0].split(comp, 1)[0] if reps else ""
-        return unescape(value, seps).strip() if value else ""
-
-    pid = message.segment("PID")
-    if pid is not None:
-        for cx in pid.repetitions(3):
-            parts = cx.split(comp)
-            value = unescape(parts[0], seps).strip()
-            if value:
-                authority = parts[3].split(sub, 1)[0] if len(parts) > 3 else ""
-                found.append(("patient", value, unescape(authority, seps).strip()))
-    for kind, segment, number in (
-        ("account", pid, 18),
-        ("visit", message.segment("PV1"), 19),
-        ("placer_appointment", message.segment("SCH"), 1),
-        ("filler_appointment", message.segment("SCH"), 2),
-    ):
-        value = first(segment, number)
-        if value:
-            found.append((kind, value, ""))
-    for ft1 in message.all("FT1"):
-        value = first(ft1, 2)
-        if value:
-            found.append(("transaction", value, ""))
-    return found
+    converted: pipeline.Converted | None = None  # mapped before the ACK
+    mapping_route: Route | None = None
+    # What map_before_ack needs to finish the frame:
+    received: datetime | None = None
+    assessment: Assessment | None = None
+    project: object = None
 
 
 def same_message(a: bytes, b: bytes) -> bool:
@@ -189,32 +99,6 @@ def _comparable(raw: bytes) -> list[bytes]:
             fields[6] = b""
         lines[0] = lines[0][3:4].join(fields)
     return lines
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(moment: datetime) -> str:
-    """Journal timestamps: ISO 8601 in UTC with microseconds, so text order is time order."""
-    m = moment.astimezone(timezone.utc)
-    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
-
-
-def control_id_factory(prefix: str = "HB") -> Callable[[], str]:
-    """Unique ACK control IDs across restarts: prefix, start time in base 36, a counter."""
-    start = _base36(int(time.time() * 1000))
-    counter = itertools.count(1)
-    return lambda: f"{prefix}{start}{next(counter):06d}"
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    out = ""
-    while number:
-        number, rem = divmod(number, 36)
-        out = digits[rem] + out
-    return out or "0"
 
 
 class Ingestor:
@@ -240,16 +124,61 @@ class Ingestor:
 
     def ingest(self, frames: list[Frame]) -> list[Outcome]:
         """Journal a batch of frames in one transaction and return each one's outcome and ACK."""
-        return self.record([self.prepare(frame) for frame in frames])
+        prepared = []
+        for frame in frames:
+            item = self.prepare(frame)
+            prepared.append(self.map_before_ack(item) if item.mapping_route is not None else item)
+        return self.record(prepared)
 
     def prepare(self, frame: Frame) -> Prepared:
-        """Everything that needs no database: read the frame, build its journal row and its ACK.
+        """What needs no database and no mapping: read the frame, route it, build its row and ACK.
 
-        The engine runs this in the reactor thread as each frame arrives, so that the journal
-        writer thread spends its time in SQLite (which releases the GIL) and not in Python.
+        The engine runs this in the reactor thread as each frame arrives (it takes tens of
+        microseconds), so that the journal writer thread spends its time in SQLite and not in
+        Python. A route that ACKs after mapping leaves the row and the ACK to ``map_before_ack``.
         """
-        entry, dedupe_key, header = self._entry(frame)
-        return Prepared(frame, entry, dedupe_key, header)
+        now = self.clock()
+        policy = frame.policy or self.policy
+        if frame.truncated:
+            assessment = Assessment(
+                REJECT,
+                charsets.decode(frame.raw, policy.default_charset),
+                error=AckError(207, "frame exceeded the listener's size limit and was cut off"),
+            )
+        else:
+            assessment = assess(frame.raw, policy)
+        outcome, error = assessment.outcome, assessment.error
+        status = {ACCEPT: ACCEPTED, ERROR: FAILED, REJECT: REJECTED}[outcome]
+        project = self.project
+        route = None
+        if outcome == ACCEPT and project is not None:
+            route = project.route_for(assessment.message, assessment.header)
+            if route is None:
+                status = UNROUTED
+                if self.unrouted == "reject":
+                    header = assessment.header
+                    text = f"no route takes {header.message_code} from {header.sending_facility or 'this sender'}"
+                    outcome, error, status = REJECT, AckError(200, text, "MSH-9"), REJECTED
+            elif route.ack_after == "mapping":
+                return Prepared(frame, None, None, assessment.header, mapping_route=route, received=now,
+                                assessment=assessment, project=project)
+        return self._finish(frame, now, assessment, outcome, error, status, route)
+
+    def map_before_ack(self, prepared: Prepared) -> Prepared:
+        """Map a frame whose route ACKs after mapping, and finish its row and ACK (blocking: the
+        listener runs it in a thread pool). A message that cannot be mapped gets AE, AR or AA as
+        the route says, with the first problem (the sender learns what failed, not where our
+        mapping files live)."""
+        route, assessment = prepared.mapping_route, prepared.assessment
+        converted = pipeline.convert(prepared.project, assessment.message, header=assessment.header, route=route)
+        outcome, error, status = ACCEPT, None, converted.status
+        if converted.status == MAPPING_ERROR:
+            first = converted.problems[0].split(" (from ")[0]
+            outcome = {"AE": ERROR, "AR": REJECT, "AA": ACCEPT}[route.mapping_error]
+            error = AckError(207, f"cannot be mapped: {first}") if outcome != ACCEPT else None
+        done = self._finish(prepared.frame, prepared.received, assessment, outcome, error, status, route)
+        done.converted = converted
+        return done
 
     def record(self, batch: list[Prepared]) -> list[Outcome]:
         """Journal prepared frames in one transaction, detecting duplicates; returns their outcomes.
@@ -273,10 +202,8 @@ class Ingestor:
                     earlier = self.journal.accepted_with_key(*dedupe_key) + earlier
                     policy = self._resend(prepared, earlier) if earlier else None
                 message_id = self.journal.insert(entry)
-                if entry.conversion is not None and entry.conversion.status == "mapped" and self.project is not None:
-                    route = self.project.routes.get(entry.route)
-                    if route is not None:
-                        create_deliveries(self.journal, message_id, self.project.destinations_of(route), self.clock())
+                if prepared.converted is not None:
+                    pipeline.record(self.journal, message_id, prepared.converted, entry.received_at, self.clock())
                 outcome = Outcome(
                     message_id,
                     entry.status,
@@ -288,9 +215,26 @@ class Ingestor:
                     differing_policy=policy if policy != DUPLICATE else None,
                 )
                 outcomes.append(outcome)
-                if dedupe_key is not None and entry.status != DUPLICATE and entry.ack_code in ("AA", "CA"):
+                if dedupe_key is not None and entry.status != DUPLICATE and entry.ack_code in ACKED_NOW:
                     seen_in_batch.setdefault(dedupe_key, []).append(outcome)
         return outcomes
+
+    def failure_outcome(self, prepared: Prepared) -> Outcome:
+        """The outcome for a frame the journal could not store: an error ACK (AE/CE, table 0357
+        code 207) so its sender resends it; nothing is claimed to be stored."""
+        frame = prepared.frame
+        policy = frame.policy or self.policy
+        assessment = assess(frame.raw, policy)
+        header = assessment.header
+        code = ack_code(ERROR, header)
+        text = build_ack(
+            header, code, now=self.clock(), control_id=self.next_control_id(),
+            error=AckError(207, "message could not be stored; send it again"),
+            identity=policy.identity,
+        )
+        ack = charsets.encode(text, assessment.decoded.charset) if ack_wanted(code, header) else None
+        control_id = header.control_id.strip() if header else ""
+        return Outcome(0, "error", code, ack, control_id, header.message_code if header else "")
 
     def _resend(self, prepared: Prepared, earlier: list[tuple]) -> str:
         """A message whose (sending facility, control ID) was accepted before: an exact resend
@@ -300,7 +244,7 @@ class Ingestor:
         for original_id, ack, code, raw in earlier:
             if same_message(entry.raw, raw):
                 entry.status = DUPLICATE
-                entry.conversion = None  # a resend is not processed again
+                prepared.converted = None  # a resend is not processed again
                 entry.duplicate_of, entry.ack, entry.ack_code = original_id, ack, code
                 if entry.raw != raw:
                     entry.warning = "resend differs from the original only in MSH-7 (time of message) or line ends"
@@ -314,7 +258,7 @@ class Ingestor:
         if policy == "process":
             entry.warning = f"{reused}; processed as a new message (route policy duplicates.differing: process)"
             return policy
-        entry.conversion = None
+        prepared.converted = None
         header, charset = prepared.header, entry.charset
         frame_policy = prepared.frame.policy or self.policy
         if policy == "reject":
@@ -334,24 +278,11 @@ class Ingestor:
         entry.ack_sent = ack_wanted(code, header)
         return policy
 
-    def _entry(self, frame: Frame) -> tuple[Entry, tuple[str, str] | None, Header | None]:
-        now = self.clock()
+    def _finish(self, frame: Frame, now: datetime, assessment: Assessment, outcome: str, error: AckError | None,
+                status: str, route: Route | None) -> Prepared:
+        """The journal row and the ACK of a frame whose outcome is decided."""
         policy = frame.policy or self.policy
-        if frame.truncated:
-            assessment = Assessment(
-                REJECT,
-                charsets.decode(frame.raw, policy.default_charset),
-                error=AckError(207, "frame exceeded the listener's size limit and was cut off"),
-            )
-        else:
-            assessment = assess(frame.raw, policy)
         header, decoded = assessment.header, assessment.decoded
-        outcome, error = assessment.outcome, assessment.error
-        status = {ACCEPT: ACCEPTED, ERROR: FAILED, REJECT: REJECTED}[outcome]
-        decision = None
-        if outcome == ACCEPT and self.project is not None:
-            decision = decide(self.project, assessment.message, header, self.unrouted, iso(now))
-            outcome, error, status = decision.outcome, decision.error, decision.status
         code = ack_code(outcome, header)
         ack_text = build_ack(
             header, code, now=now, control_id=self.next_control_id(), error=error,
@@ -372,9 +303,8 @@ class Ingestor:
         )
         if error is not None:
             entry.error, entry.error_code, entry.error_location = error.text, error.code, error.location
-        if decision is not None:
-            entry.route = decision.route.name if decision.route else None
-            entry.conversion = decision.conversion
+        if route is not None:
+            entry.route = route.name
         dedupe_key = None
         if header is not None:
             entry.control_id = header.control_id.strip()
@@ -387,8 +317,9 @@ class Ingestor:
             entry.sending_facility = header.sending_facility
             entry.receiving_application = header.receiving_application
             entry.receiving_facility = header.receiving_facility
-        if assessment.message is not None:
-            entry.ids = identifiers(assessment.message)
-            if code in ("AA", "CA"):
+        message: Message | None = assessment.message
+        if message is not None:
+            entry.ids = identifiers(message)
+            if code in ACKED_NOW:
                 dedupe_key = (entry.sending_facility, entry.control_id)
-        return entry, dedupe_key, header
+        return Prepared(frame, entry, dedupe_key, header)

@@ -3,7 +3,9 @@
 The protocol frames bytes (``engine.mllp.framing``), keeps one message in flight per connection, and
 writes each ACK only when the journal has committed the message. ``GroupCommit`` batches the frames
 that arrive in one turn of the reactor, from any number of connections, into one journal
-transaction: with eight busy connections one fsync covers eight messages.
+transaction: with eight busy connections one fsync covers eight messages. Mapping before the ACK
+(routes with ``ack.after: mapping``) runs in a thread pool handed down from ``serve``, so a slow
+mapping delays only its own message's ACK.
 
 Logs carry control IDs, message types, peers, statuses and counts; never message content.
 """
@@ -17,12 +19,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from ..hl7.ack import AckError, ack_code, ack_wanted, build_ack
-from ..hl7.charset import encode
 from ..config import ListenerSettings
-from .framing import MLLPFraming
 from ..ops.metrics import Histogram
-from .ingest import ERROR, AcceptPolicy, Frame, Ingestor, Outcome, Prepared, assess
+from .framing import MLLPFraming
+from .ingest import AcceptPolicy, Frame, Ingestor, Outcome, Prepared
 
 log = Logger(namespace="hl7bridge.listener")
 NORMAL_STATUSES = ("accepted", "mapped")  # logged at debug level; everything else at warn
@@ -67,20 +67,26 @@ class GroupCommit:
 
     ``submit`` reads the frame and builds its ACK at once (in the caller's thread), then returns a
     Deferred that fires with the frame's ``Outcome`` after the commit. Commits run through
-    ``run_commit`` (in ``serve``, a dedicated writer thread): while one batch is being committed
+    ``run_commit`` (in ``serve``, the journal writer's thread): while one batch is being committed
     (and fsynced), the next one fills up, so with many busy connections each fsync covers many
     messages. If the journal write fails, every frame of that batch gets an error ACK (AE/CE,
     table 0357 code 207) so its sender resends it, and nothing is claimed to be stored.
+
+    A frame whose route ACKs after mapping is mapped through ``run_mapping`` first (in ``serve``,
+    a thread pool) and joins the batch that is filling when its mapping is done.
     """
 
     def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None, run_commit=None,
-                 checkpoint_interval: float | None = None):
+                 checkpoint_interval: float | None = None, run_mapping=None):
         self.ingestor = ingestor
         self.clock = clock
         self.counters = counters or Counters()
-        # How a batch is committed: synchronously by default (tests), in a thread in serve.
+        # How a batch is committed and a frame mapped: synchronously by default (tests), in
+        # threads in serve. Each takes (function, *args) and returns a Deferred.
         self.run_commit = run_commit or (lambda fn, *args: defer.maybeDeferred(fn, *args))
+        self.run_mapping = run_mapping or (lambda fn, *args: defer.maybeDeferred(fn, *args))
         self._pending: list[tuple[Prepared, defer.Deferred]] = []
+        self._mapping: set[defer.Deferred] = set()  # frames being mapped before their ACK
         self._scheduled = None
         self._committing = None  # the Deferred of the batch being committed
         # With a journal opened with manual_checkpoints, how often (seconds) to checkpoint.
@@ -89,17 +95,37 @@ class GroupCommit:
 
     def submit(self, frame: Frame) -> defer.Deferred:
         d = defer.Deferred()
-        self._pending.append((self.ingestor.prepare(frame), d))
+        prepared = self.ingestor.prepare(frame)
+        if prepared.mapping_route is None:
+            self._enqueue(prepared, d)
+            return d
+        mapping = self.run_mapping(self.ingestor.map_before_ack, prepared)
+        self._mapping.add(mapping)
+
+        def mapped(done):
+            self._mapping.discard(mapping)
+            self._enqueue(done, d)
+
+        def failed(failure):
+            self._mapping.discard(mapping)
+            d.errback(failure)
+
+        mapping.addCallbacks(mapped, failed)
+        return d
+
+    def _enqueue(self, prepared: Prepared, d: defer.Deferred):
+        self._pending.append((prepared, d))
         if self._scheduled is None and self._committing is None:
             # Wait for the rest of this turn of the reactor: frames from other connections join.
             self._scheduled = self.clock.callLater(0, self._flush)
-        return d
 
     @defer.inlineCallbacks
     def drain(self):
-        """Commit everything pending, then fire (used at shutdown)."""
-        while self._pending or self._committing is not None:
-            if self._committing is not None:
+        """Map and commit everything pending, then fire (used at shutdown)."""
+        while self._mapping or self._pending or self._committing is not None:
+            if self._mapping:
+                yield defer.DeferredList(list(self._mapping))
+            elif self._committing is not None:
                 yield self._committing
             else:
                 self._flush()
@@ -124,7 +150,7 @@ class GroupCommit:
     def _failed(self, failure, batch):
         self.counters.journal_failures += len(batch)
         log.failure("journal write failed; {count} message(s) answered with an error ACK", failure, count=len(batch))
-        return [self._failure_outcome(prepared) for prepared, _ in batch]
+        return [self.ingestor.failure_outcome(prepared) for prepared, _ in batch]
 
     def _committed(self, outcomes, batch):
         self._committing = None
@@ -153,21 +179,6 @@ class GroupCommit:
     def _checkpointed(self, _):
         self._committing = None
         self._flush()
-
-    def _failure_outcome(self, prepared: Prepared) -> Outcome:
-        frame = prepared.frame
-        policy = frame.policy or self.ingestor.policy
-        assessment = assess(frame.raw, policy)
-        header = assessment.header
-        code = ack_code(ERROR, header)
-        text = build_ack(
-            header, code, now=self.ingestor.clock(), control_id=self.ingestor.next_control_id(),
-            error=AckError(207, "message could not be stored; send it again"),
-            identity=policy.identity,
-        )
-        ack = encode(text, assessment.decoded.charset) if ack_wanted(code, header) else None
-        control_id = header.control_id.strip() if header else ""
-        return Outcome(0, "error", code, ack, control_id, header.message_code if header else "")
 
 
 # OpenSSL's reason for a failed handshake -> (a code for /metrics, what it means for the operator).

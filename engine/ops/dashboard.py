@@ -15,14 +15,15 @@ import json
 import secrets
 from datetime import datetime, timedelta, timezone
 
-from twisted.internet import threads
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..delivery.outbox import summarize
+from ..store.base import SearchQuery
+from ..transform.replay import ReplayError
 from .detail import describe_message
-from ..store.journal import SearchQuery
-from ..delivery.outbox import list_deliveries, summary
-from ..transform.replay import ReplayError, replay_messages
+from .status import Status
 
 COOKIE = b"hl7bridge_session"
 
@@ -110,13 +111,14 @@ class Page(Resource):
 
 
 class Api(Resource):
-    """POST /api/<name> with a JSON body; answers JSON. Reads use a read-only connection."""
+    """POST /api/<name> with a JSON body; answers JSON. Journal reads run in the engine's reader
+    threads (``Status.read``), the replay in its writer thread: never on the reactor."""
 
     isLeaf = True
 
-    def __init__(self, engine, reader, auth: Auth):
+    def __init__(self, status: Status, auth: Auth):
         super().__init__()
-        self.engine, self.reader, self.auth = engine, reader, auth
+        self.status, self.auth = status, auth
 
     def render_POST(self, request):
         name = request.postpath[0].decode() if request.postpath else ""
@@ -130,112 +132,81 @@ class Api(Resource):
         if handler is None or not isinstance(body, dict):
             request.setResponseCode(404 if handler is None else 400)
             return json.dumps({"error": "unknown call or bad body"}).encode()
-        result = handler(body, self.auth.user(request))
-        if hasattr(result, "addCallback"):
-            def done(value):
-                request.write(json.dumps(value, default=str).encode())
-                request.finish()
 
-            def failed(failure):
-                request.setResponseCode(400)
-                request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
-                request.finish()
+        def done(value):
+            request.write(json.dumps(value, default=str).encode())
+            request.finish()
 
-            result.addCallbacks(done, failed)
-            return NOT_DONE_YET
-        return json.dumps(result, default=str).encode()
+        def failed(failure):
+            request.setResponseCode(400)
+            request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
+            request.finish()
 
-    def _rows(self, sql, *params):
-        cursor = self.reader.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        defer.maybeDeferred(handler, body, self.auth.user(request)).addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def api_summary(self, body, user):
         since = (datetime.now(timezone.utc) - timedelta(hours=24)).strftime("%Y-%m-%dT%H")
-        flow = self._rows(
-            "SELECT substr(received_at, 1, 13) AS hour, coalesce(route, '(no route)') AS route, count(*) AS messages "
-            "FROM messages WHERE received_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since)
-        delivered = self._rows(
-            "SELECT substr(delivered_at, 1, 13) AS hour, destination, count(*) AS deliveries FROM deliveries "
-            "WHERE state = 'delivered' AND delivered_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since)
-        wrapper = type("J", (), {"conn": self.reader})()
-        return {"flow": flow, "delivered": delivered, "outbox": summary(wrapper), "user": user,
-                "ack_latency": {"count": self.engine.ack_latency.count,
-                                "mean_ms": round(1000 * self.engine.ack_latency.total / self.engine.ack_latency.count, 3)
-                                if self.engine.ack_latency.count else None}}
+        latency = self.status.ack_latency
+
+        def read(journal):
+            return {**journal.traffic(since), "outbox": summarize(journal.outbox_counts())}
+
+        def page(found):
+            return {"flow": found["flow"], "delivered": found["delivered"], "outbox": found["outbox"], "user": user,
+                    "ack_latency": {"count": latency.count,
+                                    "mean_ms": round(1000 * latency.total / latency.count, 3) if latency.count else None}}
+
+        return self.status.read(read).addCallback(page)
 
     def api_exceptions(self, body, user):
-        wrapper = type("J", (), {"conn": self.reader})()
-        messages = self._rows(
-            "SELECT id, received_at, control_id, message_type, trigger_event, route, status, coalesce(error, warning) AS error "
-            "FROM messages WHERE status IN ('rejected', 'error', 'mapping_error', 'held') ORDER BY id DESC LIMIT 50")
-        for row in messages:
-            if row["status"] == "mapping_error":
-                problems = self.reader.execute("SELECT problems FROM conversions WHERE message_id = ?", (row["id"],)).fetchone()
-                if problems and problems[0]:
-                    row["error"] = json.loads(problems[0])[0].split(" (from ")[0]
-        differing = self._rows(
-            "SELECT id, received_at, control_id, sending_facility, message_type, trigger_event, status, duplicate_of, "
-            "warning FROM messages WHERE duplicate_of IS NOT NULL AND status != 'duplicate' ORDER BY id DESC LIMIT 50")
-        return {"messages": messages, "dead": list_deliveries(wrapper, state="dead", limit=50), "differing": differing}
+        def read(journal):
+            found = journal.exceptions(limit=50)
+            for row in found["messages"]:
+                problems = row.pop("problems", None)
+                if problems:
+                    row["error"] = json.loads(problems)[0].split(" (from ")[0]
+            return {"messages": found["messages"], "dead": journal.list_deliveries(state="dead", limit=50),
+                    "differing": found["differing"]}
+
+        return self.status.read(read)
 
     def api_search(self, body, user):
         fields = {k: body.get(k) or None for k in ("patient", "control_id", "appointment", "transaction",
                                                   "message_type", "status", "text")}
         query = SearchQuery(**fields, limit=min(int(body.get("limit") or 50), 200))
-        if query.text:
-            return threads.deferToThread(self._search_text, query)
-        sql, params = query.to_sql()
-        return {"rows": self._rows(sql, *params)}
-
-    def _search_text(self, query):
-        from ..store.journal import Journal
-
-        journal = Journal(self.engine.journal.path, create=False)
-        try:
-            return {"rows": journal.search(query)}
-        finally:
-            journal.close()
+        return self.status.read(lambda journal: {"rows": journal.search(query)})
 
     def api_message(self, body, user):
         message_id = int(body.get("id", 0))
-        cursor = self.reader.execute("SELECT * FROM messages WHERE id = ?", (message_id,))
-        row = cursor.fetchone()
-        if row is None:
-            return {"error": f"no message {message_id}"}
-        record = dict(zip([d[0] for d in cursor.description], row))
-        record["ids"] = self._rows("SELECT kind, value, authority FROM message_ids WHERE message_id = ?", message_id)
-        conversion = self._rows("SELECT * FROM conversions WHERE message_id = ?", message_id)
-        record["conversion"] = conversion[0] if conversion else None
-        detail = describe_message(record)
-        detail["deliveries"] = self._rows(
-            "SELECT id, destination, state, attempts, last_error FROM deliveries WHERE message_id = ?", message_id)
-        return detail
+
+        def read(journal):
+            record = journal.get(message_id)
+            if record is None:
+                return {"error": f"no message {message_id}"}
+            record["conversion"] = journal.conversion(message_id)
+            detail = describe_message(record)
+            detail["deliveries"] = journal.deliveries_of(message_id)
+            return detail
+
+        return self.status.read(read)
 
     def api_replay(self, body, user):
         message_id = int(body.get("message_id", 0))
         destination = body.get("destination")
         why = (body.get("why") or "").strip() or "replayed from the dashboard"
-        engine = self.engine
-
-        def run(journal):
-            try:
-                return replay_messages(journal, engine.project, [message_id], [destination] if destination else None,
-                                       f"dashboard:{user}", why)
-            except ReplayError as exc:
-                return {"error": str(exc)}
-
-        return threads.deferToThreadPool(engine.reactor, engine._writer, run, engine.bookkeeping)
+        d = self.status.replay([message_id], [destination] if destination else None, f"dashboard:{user}", why)
+        return d.addErrback(lambda failure: failure.trap(ReplayError) and {"error": failure.getErrorMessage()})
 
 
-def mount(root: Resource, engine, reader, token: str):
+def mount(root: Resource, status: Status, token: str):
     """Add /login, /dashboard and /api to the metrics site and guard everything but /healthz."""
     auth = Auth(token)
     for name in (b"metrics", b"readyz"):
         root.children[name] = Guarded(root.children[name], auth)
     root.putChild(b"login", Login(auth))
     root.putChild(b"dashboard", Guarded(Page(), auth))
-    root.putChild(b"api", Guarded(Api(engine, reader, auth), auth))
+    root.putChild(b"api", Guarded(Api(status, auth), auth))
     return auth
 
 

@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from .journal import TextIndex
 from ..worker import WorkerSignals, parent_gone
+from .sqlite_text import TextIndex
 
 
 def run(journal_path: str, interval: float, parent: int) -> int:

@@ -17,14 +17,13 @@ import os
 import sys
 import time
 
-from ..hl7.er7 import parse
 from ..errors import ConfigError, ParseError
-from ..mllp.ingest import iso, utc_now
-from ..store.journal import ConversionRecord, Journal
-from .project import Project
-from ..delivery.outbox import create_deliveries
-from .pipeline import MAPPED, MAPPING_ERROR, convert_record
+from ..stamps import iso, utc_now
+from ..store import open_journal
+from ..store.base import MAPPING_ERROR, Journal
 from ..worker import WorkerSignals, parent_gone
+from . import pipeline
+from .project import Project
 
 BATCH = 10  # a short write transaction, so the engine's own commits never wait long
 
@@ -32,31 +31,24 @@ BATCH = 10  # a short write transaction, so the engine's own commits never wait 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH) -> int:
     """Convert up to ``batch`` waiting messages; returns how many were journaled."""
     waiting = journal.waiting_for_conversion(batch)
-    records = []
-    routes = {}
+    converted = []
     for message_id, raw, charset, route_name in waiting:
-        route = project.routes.get(route_name)
         now = iso(utc_now())
-        if route is None:
-            record = ConversionRecord(route_name, MAPPING_ERROR, now, None,
-                                      f'["route {route_name!r} is no longer configured; replay the message to route it again"]')
-        else:
-            try:
-                message = parse(raw.decode(charset or "utf-8", errors="replace"))
-            except ParseError as exc:
-                record = ConversionRecord(route_name, MAPPING_ERROR, now, None, f'["{exc}"]')
-            else:
-                record = convert_record(project, route, message, now)
-        records.append((message_id, record))
-        routes[message_id] = route
-    if records:
+        try:
+            message = pipeline.read(raw, charset or "utf-8")
+            result = pipeline.convert(project, message, route_name=route_name)
+        except pipeline.RouteNotFound:
+            result = pipeline.Converted(None, None, MAPPING_ERROR, problems=[
+                f"route {route_name!r} is no longer configured; replay the message to route it again"])
+        except ParseError as exc:
+            result = pipeline.Converted(None, None, MAPPING_ERROR, problems=[str(exc)])
+        converted.append((message_id, route_name, result, now))
+    if converted:
         now = utc_now()
         with journal.transaction():
-            for message_id, record in records:
-                journal.record_conversion(message_id, record, update_status=True)
-                if record.status == MAPPED and routes[message_id] is not None:
-                    create_deliveries(journal, message_id, project.destinations_of(routes[message_id]), now)
-    return len(records)
+            for message_id, route_name, result, converted_at in converted:
+                pipeline.record(journal, message_id, result, converted_at, now, update_status=True, route_name=route_name)
+    return len(converted)
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int) -> int:
@@ -64,7 +56,7 @@ def run(journal_path: str, config: str | None, interval: float, parent: int) -> 
     project = Project.load(config)
     # Not synchronous: if a power cut loses the last conversions, those messages are still
     # 'accepted' with a route, so they are simply converted again.
-    journal = Journal(journal_path, "normal", create=False)
+    journal = open_journal(journal_path, "normal", create=False)
     try:
         while not signals.stop:
             if signals.take_reload():

@@ -15,7 +15,6 @@ nothing is parsed per message. Values are text with HL7 escapes decoded, or None
 from __future__ import annotations
 
 import re
-import uuid
 from urllib.parse import quote
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -23,9 +22,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable
 from zoneinfo import ZoneInfo
 
-from ..hl7.er7 import Message, Segment, unescape
+from ..hl7.er7 import Message, Segment, component, unescape
 from ..errors import PathError
 from ..hl7.paths import parse_path
+from ..stamps import stable_id
 
 
 class ExpressionError(ValueError):
@@ -81,11 +81,6 @@ Getter = Callable[[Context], "str | None"]
 RawGetter = Callable[[Context], list]
 
 
-def _component(raw: str, index: int, sep: str) -> str:
-    parts = raw.split(sep)
-    return parts[index - 1] if index - 1 < len(parts) else ""
-
-
 def relative_raw(text: str) -> Callable[[Context], list[str]]:
     """``$``, ``$.2``, ``$.2.1`` (of the current value) or ``$-3``, ``$-3[2].1``, ``$-19[*]``
     (of the current segment)."""
@@ -109,9 +104,9 @@ def relative_raw(text: str) -> Callable[[Context], list[str]]:
         out = []
         for raw in raws:
             if parts:
-                raw = _component(raw, parts[0], seps.component)
+                raw = component(raw, parts[0], seps.component)
                 if len(parts) > 1:
-                    raw = _component(raw, parts[1], seps.subcomponent)
+                    raw = component(raw, parts[1], seps.subcomponent)
             if raw != "":
                 out.append(raw)
         return out
@@ -226,14 +221,6 @@ def identifier_system(namespace, universal_id, universal_id_type):
         return f"urn:uuid:{universal_id}"
     name = namespace or universal_id
     return f"urn:hl7bridge:assigner:{quote(name, safe='')}" if name else None
-
-
-ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4c55-9a7e-4b1d0c9e2f31")
-
-
-def stable_id(*parts: str) -> str:
-    """A UUID derived from the parts: the same identifiers always give the same resource ID."""
-    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
 
 
 FUNCTIONS = {

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from ..hl7.er7 import Message
 from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
-from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector, stable_id
+from ..stamps import stable_id
+from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
 from .templates import Obj, Output, compile_template
 from .templates import _each as each_selector
 

@@ -1,8 +1,9 @@
-"""A configuration directory as a whole: routes and mappings, loaded and cross-checked together.
+"""A configuration directory as a whole: routes, mappings and destinations, loaded and cross-checked.
 
-    DIR/hl7bridge.yaml   engine settings (engine.config)
-    DIR/routes/*.yaml    routes (engine.transform.routes)
-    DIR/mappings/...     mappings (engine.transform.mappings)
+    DIR/hl7bridge.yaml      engine settings (engine.config)
+    DIR/routes/*.yaml       routes (engine.transform.routes)
+    DIR/mappings/...        mappings (engine.transform.mappings)
+    DIR/destinations/*.yaml destinations (engine.delivery.destinations)
 
 Without ``--config`` (or with one that holds only ``hl7bridge.yaml``) the engine uses the directory
 it runs in when that has ``mappings/``, else the routes and mappings shipped beside the package
@@ -14,16 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..hl7.charset import decode
 from ..delivery.destinations import load_destinations
-from ..hl7.er7 import Message, parse
+from ..hl7.er7 import Message
 from ..errors import ConfigError
 from ..hl7.header import Header, read_header
 from .expr import Context
-from .mappings import MappingError, MappingSet
+from .mappings import MappingSet
 from .routes import Route, RouteTable, load_routes
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository (or installation) root
 
 
 def config_dir(given: str | Path | None) -> Path:
@@ -72,34 +72,3 @@ class Project:
     def route_for(self, message: Message, header: Header | None = None) -> Route | None:
         header = header or read_header(message)
         return self.routes.match(header, Context(message, tables=self.mappings.tables))
-
-    def convert(self, raw: bytes, route_name: str | None = None) -> "Converted":
-        """Dry run of one message: route (or the named one) and mapping. Never sends anything."""
-        message = parse(decode(raw).text)
-        header = read_header(message)
-        if route_name is not None:
-            route = self.routes.get(route_name)
-            if route is None:
-                raise ConfigError(f"no route named {route_name!r}",
-                                  hint=f"routes: {', '.join(r.name for r in self.routes) or 'none'}")
-        else:
-            route = self.route_for(message, header)
-        if route is None:
-            return Converted(header, None, None, [f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
-        try:
-            bundle = self.mappings.convert(message, route.mapping, route.timezone)
-        except MappingError as exc:
-            return Converted(header, route, None, exc.problems)
-        return Converted(header, route, bundle, [])
-
-
-@dataclass
-class Converted:
-    header: Header
-    route: Route | None
-    bundle: dict | None
-    problems: list
-
-    @property
-    def ok(self) -> bool:
-        return self.bundle is not None and not self.problems

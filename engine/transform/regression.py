@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ParseError
+from . import pipeline
 from .project import Project
 
 EXPECTED_SUFFIX = ".fhir.json"
@@ -35,7 +36,7 @@ def pretty(bundle) -> str:
 
 def run_case(project: Project, sample: Path, update: bool = False) -> CaseResult:
     try:
-        converted = project.convert(sample.read_bytes())
+        converted = pipeline.convert(project, pipeline.read(sample.read_bytes()))
     except ParseError as exc:
         return CaseResult(sample.name, False, f"not an HL7 message: {exc}")
     expected_file = expected_path(sample)

@@ -1,21 +1,20 @@
-"""Replays: the library behind ``hl7bridge replay``. Plain Python over the journal.
+"""Replays: the library behind ``hl7bridge replay`` and the dashboard's Replay button.
 
 A replay either resends the stored Bundle (the default) or maps the message again with the
-routes and mappings as they are now (``remap``: after fixing a mapping), and queues it again to
-all or chosen destinations. Every replay is recorded with who asked, when and why.
+routes and mappings as they are now (``remap``: after fixing a mapping, through the same pipeline
+as every other conversion), and queues it again to all or chosen destinations. Every replay is
+recorded with who asked, when and why.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from ..hl7.er7 import parse
 from ..errors import Hl7BridgeError, ParseError
-from ..mllp.ingest import iso
-from ..store.journal import Journal
-from ..delivery.outbox import create_deliveries, replay
+from ..stamps import iso
+from ..store.base import Journal
+from . import pipeline
 from .project import Project
-from .pipeline import MAPPED, convert_record
 
 
 class ReplayError(Hl7BridgeError):
@@ -28,28 +27,25 @@ def remap(journal: Journal, project: Project, message_id: int, now: datetime) ->
     Queues deliveries for the route's destinations that the message has none for yet (a message
     whose first mapping failed has none at all).
     """
-    row = journal.conn.execute("SELECT raw, charset, route FROM messages WHERE id = ?", (message_id,)).fetchone()
-    if row is None:
+    source = journal.message_source(message_id)
+    if source is None:
         raise ReplayError(f"no message {message_id}")
-    raw, charset, route_name = row
+    raw, charset, route_name = source
     try:
-        message = parse(raw.decode(charset or "utf-8", errors="replace"))
+        message = pipeline.read(raw, charset or "utf-8")
     except ParseError as exc:
         raise ReplayError(f"message {message_id} is not HL7 ({exc}); there is nothing to map") from None
-    route = project.routes.get(route_name) if route_name else project.route_for(message)
-    if route is None:
+    try:
+        converted = pipeline.convert(project, message, route_name=route_name or None)
+    except pipeline.RouteNotFound:
+        converted = None
+    if converted is None or converted.route is None:
         raise ReplayError(f"message {message_id}: no route takes it" +
                           (f" (its route {route_name!r} is no longer configured)" if route_name else ""))
-    record = convert_record(project, route, message, iso(now))
     with journal.transaction():
-        journal.conn.execute("UPDATE messages SET route = ? WHERE id = ?", (route.name, message_id))
-        journal.record_conversion(message_id, record, update_status=True)
-        if record.status == MAPPED:
-            existing = {r[0] for r in journal.conn.execute(
-                "SELECT destination FROM deliveries WHERE message_id = ?", (message_id,))}
-            missing = [d for d in project.destinations_of(route) if d.name not in existing]
-            create_deliveries(journal, message_id, missing, now)
-    return record.status
+        pipeline.record(journal, message_id, converted, iso(now), now, update_status=True, set_route=True,
+                        only_missing=True)
+    return converted.status
 
 
 def replay_messages(journal: Journal, project: Project | None, message_ids: list[int], destinations: list[str] | None,
@@ -64,11 +60,7 @@ def replay_messages(journal: Journal, project: Project | None, message_ids: list
     if remapped and project is None:
         raise ReplayError("remapping needs the routes and mappings (--config)")
     if not remapped:
-        held = []
-        for start in range(0, len(message_ids), 500):
-            chunk = message_ids[start : start + 500]
-            held += [row[0] for row in journal.conn.execute(
-                f"SELECT id FROM messages WHERE status = 'held' AND id IN ({', '.join('?' for _ in chunk)})", chunk)]
+        held = journal.held_among(message_ids)
         if held:
             raise ReplayError(f"message {held[0]} is held (it reused a control ID with different content) and was "
                               "never mapped: replay it with --remap to process it")
@@ -80,15 +72,7 @@ def replay_messages(journal: Journal, project: Project | None, message_ids: list
             for message_id in chunk:
                 status = remap(journal, project, message_id, now)
                 statuses[status] = statuses.get(status, 0) + 1
-        reset += replay(journal, chunk, destinations, who, why, now, only_dead=only_dead, remapped=remapped)
+        reset += journal.replay(chunk, destinations, who, why, now, only_dead=only_dead, remapped=remapped)
         if progress is not None:
             progress(len(chunk))
     return {"messages": len(message_ids), "deliveries": reset, "remapped": statuses}
-
-
-def dead_message_ids(journal: Journal, destination: str) -> list[int]:
-    return [r[0] for r in journal.conn.execute(
-        "SELECT DISTINCT message_id FROM deliveries WHERE destination = ? AND state = 'dead' ORDER BY message_id",
-        (destination,))]
-
-

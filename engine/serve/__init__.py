@@ -1,7 +1,16 @@
-"""``hl7bridge serve``: wires settings, journal, listeners and logging to the reactor.
+"""``hl7bridge serve``: wires settings, journal, listeners, workers and logging to the reactor.
 
-This is the edge where the global reactor is used; everything below takes a clock or a reactor
-as a parameter.
+This is the edge where the global reactor is used (``run``); everything below takes a clock or a
+reactor as a parameter, and blocking work runs in threads this package owns and hands down:
+
+    Engine
+      writer       JournalWriter: the journal's write connections, its thread, checkpoints (writer.py)
+      supervisor   Supervisor: the text indexer and converter processes (supervisor.py)
+      status       EngineStatus: what /metrics, /readyz and the dashboard read (status.py)
+      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in a thread pool
+      dispatcher   Dispatcher (engine.delivery), file writes in a thread pool
+
+May import every package; nothing imports it but ``engine.cli``.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from twisted.internet import defer, protocol, ssl, task, threads
+from twisted.internet import defer, ssl, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
@@ -24,27 +33,29 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.server import Site
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
 
-from .config import ListenerSettings, Settings, TlsSettings
-from .mllp.ingest import Ingestor
-from .delivery.dispatcher import Dispatcher
-from .store import retention
-from .ops.metrics import Histogram
-from .ops.webapi import site_root
-from .errors import ConfigError
-from .store.journal import Checkpointer, Journal
-from .transform.project import Project
-from .mllp.listener import Counters, GroupCommit, MLLPServerFactory
+from ..config import ListenerSettings, Settings, TlsSettings
+from ..delivery.dispatcher import Dispatcher
+from ..errors import ConfigError
+from ..mllp.ingest import Ingestor
+from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
+from ..ops.metrics import Histogram
+from ..ops.webapi import site_root
+from ..store import Journal, open_journal
+from ..transform.project import Project
+from .status import EngineStatus
+from .supervisor import Supervisor
+from .writer import JournalWriter
 
 log = Logger(namespace="hl7bridge.serve")
 STATS_INTERVAL = 60.0
-CHECKPOINTER_INTERVAL = 0.5  # the background checkpoint that does the bulk of the copying
 TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
-WORKER_RESTART_DELAY = 5.0
 GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
+MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
+FILE_THREADS = 2  # file destinations' appends and fsyncs
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -70,55 +81,53 @@ def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
 
 
 class Engine:
-    """The running engine: one journal, one group committer, any number of MLLP listeners."""
+    """The running engine: the journal writer, the helper processes, one group committer, the
+    dispatcher, any number of MLLP listeners, and the status the operator's pages read."""
 
     def __init__(self, settings: Settings, reactor, journal: Journal | None = None, project: Project | None = None):
         self.settings = settings
         self.reactor = reactor
-        self.journal = journal or Journal(
-            settings.journal_path, settings.journal_synchronous, manual_checkpoints=True
-        )
-        self.checkpointer = Checkpointer(self.journal.path)
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-checkpointer")
-        self._checkpointing = None
-        self._checkpoint_loop = task.LoopingCall(self._checkpoint)
-        self._checkpoint_loop.clock = reactor
-        journal_arg = str(self.journal.path)
-        self.indexer = WorkerProcess(
-            reactor, "text indexer",
-            ["engine.store.textindexer", journal_arg, "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid())],
-        )
+        self.writer = JournalWriter(reactor, journal or open_journal(
+            settings.journal_path, settings.journal_synchronous, manual_checkpoints=True))
         self.project = project
-        config_args = ["--config", str(project.directory)] if project is not None else []
-        self.converter = WorkerProcess(reactor, "converter",
-                                       ["engine.transform.converter", journal_arg, *config_args, "--parent", str(os.getpid())])
-        self.ingestor = Ingestor(self.journal, project=project, unrouted=settings.unrouted)
+        journal_arg = str(self.writer.journal.path)
+        self.supervisor = Supervisor(reactor)
+        self.supervisor.add("text indexer", "engine.store.textindexer", journal_arg,
+                            "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
+        if project is not None:
+            self.supervisor.add("converter", "engine.transform.converter", journal_arg,
+                                "--config", str(project.directory), "--parent", str(os.getpid()))
+        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
-        # One writer thread owns the journal connection: the reactor keeps reading and parsing
-        # while a commit waits for the disk.
-        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-journal-writer")
+        # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
+        self._mapping = ThreadPool(minthreads=0, maxthreads=MAPPING_THREADS, name="hl7bridge-mapping")
+        self._files = ThreadPool(minthreads=0, maxthreads=FILE_THREADS, name="hl7bridge-file-destinations")
         self.committer = GroupCommit(
             self.ingestor, reactor, self.counters,
-            run_commit=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
+            run_commit=self.writer.write,
             checkpoint_interval=CHECKPOINT_INTERVAL,
+            run_mapping=self._in(self._mapping),
         )
-        # Outbox bookkeeping (claims, attempts, states) commits without waiting for the disk: after a
-        # power cut the last few of these may be lost, which only means a delivery is sent again,
-        # and every send is idempotent. Ingest commits, which ACKs depend on, stay synchronous.
-        # Same writer thread, so the two connections never wait for each other's lock.
-        self.bookkeeping = Journal(self.journal.path, "normal", create=False, manual_checkpoints=True)
+        # Outbox bookkeeping commits without waiting for the disk (see engine.serve.writer), on
+        # the writer thread, so the two connections never wait for each other's lock.
         self.dispatcher = Dispatcher(
-            reactor, self.bookkeeping, project.destinations if project is not None else {},
-            write=lambda fn, *args: threads.deferToThreadPool(reactor, self._writer, fn, *args),
+            reactor, self.writer.bookkeeping, project.destinations if project is not None else {},
+            write=self.writer.write, run_blocking=self._in(self._files),
         )
         self.ports = []
         self.metrics_port = None
         self.stopping = False
         self.ack_latency = Histogram()
         self.frames_by_listener: dict[str, int] = {}
+        self.status = EngineStatus(self)
         self._stats = task.LoopingCall(self._log_stats)
         self._stats.clock = reactor
         self._last_frames = 0
+        self._retention_loop = None
+
+    def _in(self, pool: ThreadPool):
+        """A ``run(fn, *args) -> Deferred`` that runs in ``pool``."""
+        return lambda fn, *args: threads.deferToThreadPool(self.reactor, pool, fn, *args)
 
     @defer.inlineCallbacks
     def start(self):
@@ -144,13 +153,14 @@ class Engine:
             self._retention_loop = task.LoopingCall(self._apply_retention)
             self._retention_loop.clock = self.reactor
             self._retention_loop.start(self.settings.retention[2], now=False)
-        self._pool.start()
-        self._writer.start()
-        self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
-        self.indexer.start()
+        for pool in (self._mapping, self._files):
+            pool.start()
+        self.status.start()
+        self.writer.start()
+        self.supervisor.workers["text indexer"].start()
         yield self.dispatcher.start()
         if self.project is not None:
-            self.converter.start()
+            self.supervisor.workers["converter"].start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
                      directory=str(self.project.directory))
         return bound
@@ -166,39 +176,25 @@ class Engine:
         self.project = project
         self.ingestor.project = project
         self.dispatcher.update(project.destinations)
-        self.converter.signal("HUP")
+        self.supervisor.signal("converter", "HUP")
         log.info("reloaded {routes} routes and {mappings} message mappings from {directory}",
                  routes=len(project.routes), mappings=len(project.mappings.messages), directory=str(directory))
         return True
-
-    def _checkpoint(self):
-        """The bulk WAL checkpoint, in the background thread, one run at a time."""
-        if self._checkpointing is not None:
-            return
-        d = threads.deferToThreadPool(self.reactor, self._pool, self.checkpointer.run_once)
-
-        def done(result):
-            self._checkpointing = None
-            return result
-
-        d.addBoth(done)
-        d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
-        self._checkpointing = d
 
     @defer.inlineCallbacks
     def _apply_retention(self):
         """The retention policy, one small batch per writer job so ingest commits go in between."""
         older_than, keep_errors, _ = self.settings.retention
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
-        write = lambda fn, *args: threads.deferToThreadPool(self.reactor, self._writer, fn, *args)  # noqa: E731
+        journal = self.writer.bookkeeping
         total, last = 0, 0
         while not self.stopping:
-            done, last = yield write(retention.prune_step, self.bookkeeping, cutoff, keep_errors, last)
+            done, last = yield self.writer.write(journal.prune_step, cutoff, keep_errors, last)
             if not done:
                 break
             total += done
         if total:
-            yield write(retention.reclaim, self.bookkeeping)
+            yield self.writer.write(journal.reclaim)
             log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
 
     def _listen_metrics(self):
@@ -207,7 +203,7 @@ class Engine:
             endpoint = serverFromString(self.reactor, endpoint_text)
         except (ValueError, TypeError, KeyError) as exc:
             return defer.fail(ValueError(f"metrics: bad endpoint {endpoint_text!r}: {exc}"))
-        site = Site(site_root(self))
+        site = Site(site_root(self.status))
         site.noisy = False
 
         def explain(failure):
@@ -236,32 +232,36 @@ class Engine:
 
     @defer.inlineCallbacks
     def stop(self):
-        """Stop listening, commit what is pending, close the journal."""
+        """Stop listening, commit what is pending, stop the helpers, close the journal."""
         if self._stats.running:
             self._stats.stop()
         self.stopping = True
-        if getattr(self, "_retention_loop", None) is not None and self._retention_loop.running:
+        if self._retention_loop is not None and self._retention_loop.running:
             self._retention_loop.stop()
-        if self._checkpoint_loop.running:
-            self._checkpoint_loop.stop()
+        self.writer.stop_checkpoints()
         for port in self.ports:
             yield port.stopListening()
         if self.metrics_port is not None:
             yield self.metrics_port.stopListening()
         yield self.dispatcher.stop()
         yield self.committer.drain()
-        if self._writer.started:
-            self._writer.stop()
-        if self._checkpointing is not None:
-            yield self._checkpointing
-        if self._pool.started:
-            self._pool.stop()
-        self.checkpointer.close()
-        yield self.indexer.stop()
-        yield self.converter.stop()
+        for pool in (self._mapping, self._files):
+            if pool.started:
+                pool.stop()
+        self.status.stop()
+        yield self.writer.stop()
+        yield self.supervisor.stop()
         self._log_stats()
-        self.bookkeeping.close()
-        self.journal.close()
+
+    def abandon(self):
+        """Start-up failed: release what was opened."""
+        for port in self.ports:
+            port.stopListening()
+        for pool in (self._mapping, self._files):
+            if pool.started:
+                pool.stop()
+        self.status.stop()
+        self.writer.close()
 
     def _log_stats(self):
         c = self.counters
@@ -274,52 +274,6 @@ class Engine:
             frames=c.frames, accepted=c.accepted, rejected=c.rejected, duplicates=c.duplicates,
             failures=c.journal_failures, discarded=c.discarded_bytes,
         )
-
-
-class WorkerProcess(protocol.ProcessProtocol):
-    """A helper process of the engine (text indexer, converter), restarted if it dies."""
-
-    def __init__(self, reactor, name: str, args: list[str]):
-        self.reactor = reactor
-        self.name = name
-        self.args = args
-        self.stopping = False
-        self.ended = None
-        self.transport = None
-
-    def start(self):
-        self.ended = defer.Deferred()
-        argv = [sys.executable, "-m", *self.args]
-        self.reactor.spawnProcess(self, sys.executable, argv, env=None, childFDs={0: "w", 1: 1, 2: 2})
-
-    def processEnded(self, reason):
-        ended, self.ended = self.ended, None
-        if ended is not None:
-            ended.callback(None)
-        if not self.stopping:
-            log.warn("{name} exited ({reason}); restarting in {delay}s",
-                     name=self.name, reason=reason.getErrorMessage(), delay=WORKER_RESTART_DELAY)
-            self.reactor.callLater(WORKER_RESTART_DELAY, self._restart)
-
-    def _restart(self):
-        if not self.stopping and self.ended is None:
-            self.start()
-
-    def signal(self, name: str):
-        if self.ended is not None:
-            try:
-                self.transport.signalProcess(name)
-            except Exception:  # it is just exiting; it will be restarted
-                pass
-
-    def stop(self):
-        """Ask the worker to finish its current batch and exit; fires when it has."""
-        self.stopping = True
-        if self.ended is None:
-            return defer.succeed(None)
-        ended = self.ended
-        self.signal("TERM")
-        return ended
 
 
 def start_logging(level: str, stream=None):
@@ -344,7 +298,7 @@ def run(settings: Settings, project: Project | None = None) -> int:
     start_logging(settings.log_level)
     engine = Engine(settings, reactor, project=project)
     exit_code = [0]
-    pid_path = pid_file(engine.journal.path)
+    pid_path = pid_file(engine.writer.journal.path)
 
     def started(bound):
         pid_path.write_text(f"{os.getpid()}\n")
@@ -359,13 +313,7 @@ def run(settings: Settings, project: Project | None = None) -> int:
     def failed(failure):
         print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
         exit_code[0] = 1
-        for port in engine.ports:
-            port.stopListening()
-        for pool in (engine._pool, engine._writer):
-            if pool.started:
-                pool.stop()
-        engine.checkpointer.close()
-        engine.journal.close()
+        engine.abandon()
         reactor.stop()
 
     reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
