@@ -33,8 +33,6 @@ from .expr import Context, ExpressionError, compile_condition, compile_expressio
 from .templates import Obj, Output, compile_template
 from .templates import _each as each_selector
 
-KINDS = ("message", "resource", "datatype", "codesystem")
-
 
 class MappingError(Hl7BridgeError):
     """A message could not be converted; ``problems`` lists each with its FHIR and HL7 location."""
