@@ -171,6 +171,56 @@ def test_broken_files_are_rejected_with_file_line_and_hint(scratch, file, old, n
     assert abs(int(message.split(":")[1]) - line) <= 1, (message, line)
 
 
+# -- the notation: quoted values are text, $ is the value, the segment at hand is named ---------------
+
+
+@pytest.mark.parametrize(
+    "file, old, new, fragment, hint",
+    [
+        # Text quoted twice: the form from before a quoted value was text.
+        ("mappings/resource/Appointment.yaml", "code: 'PLAC'", "code: \"'PLAC'\"", "text is quoted twice",
+         "quoted text is taken as it is now: write 'PLAC'"),
+        ("mappings/datatype/CX.yaml", "- system: 'http://terminology.hl7.org/CodeSystem/v2-0203'",
+         "- system: \"'http://terminology.hl7.org/CodeSystem/v2-0203'\"", "text is quoted twice",
+         "write 'http://terminology.hl7.org/CodeSystem/v2-0203'"),
+        # $-N: a field of the current segment is written with the segment's name.
+        ("mappings/resource/Appointment.yaml", "$from: AIP-3", "$from: $-3", "old notation",
+         "write AIP-3: a field of the current segment is named with the segment's name (the AIP at hand)"),
+        ("mappings/resource/Appointment.yaml", "instant(AIG-8)", "instant($-8)", "old notation", "write AIG-8:"),
+        ("mappings/resource/ChargeItem.yaml", "value: decimal(FT1-10)", "value: decimal($-10)", "old notation",
+         "write FT1-10:"),
+        ("mappings/resource/ChargeItem.yaml", "$each: FT1-19[*]", "$each: $-19[*]", "old notation", "write FT1-19[*]:"),
+        ("mappings/datatype/CWE.yaml", "code: $.1", "code: $-1", "old notation", "write SEG-1:"),
+        # A quoted expression would silently become text: refused.
+        ("mappings/resource/Appointment.yaml", "code: SCH-7.1", "code: \"SCH-7.1\"", "reads as an expression",
+         "drop the quotes: SCH-7.1"),
+    ],
+)
+def test_old_notation_is_refused_with_file_line_and_the_new_way(scratch, file, old, new, fragment, hint):
+    path = scratch / file
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    line = next(n for n, l in enumerate(path.read_text().splitlines(), 1) if new in l)
+    with pytest.raises(ConfigError) as info:
+        Project.load(scratch)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert fragment in message and hint in message, message
+
+
+def test_both_quote_styles_give_the_same_text_and_unquoted_text_is_an_expression(scratch, project):
+    path = scratch / "mappings/resource/Appointment.yaml"
+    text = path.read_text().replace("code: 'PLAC'", 'code: "PLAC"').replace("status: 'accepted'", "status: accepted")
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:  # unquoted, accepted is neither a path nor a function
+        Project.load(scratch)
+    assert "'accepted' is neither an HL7 path nor a function; text must be quoted: write 'accepted'" in str(info.value)
+    path.write_text(text.replace("status: accepted", "status: 'accepted'"))
+    raw = (EXAMPLES / "siu_s12.hl7").read_bytes()
+    assert converted_from(Project.load(scratch), raw).bundle == converted_from(project, raw).bundle
+
+
 # -- the third-party corpus ---------------------------------------------------------------------------
 
 

@@ -53,12 +53,28 @@ def test_expressions(text, value):
     assert compile_expression(text)(ctx()) == value
 
 
-def test_relative_paths_read_the_current_segment_or_value():
-    aip = MESSAGE.all("AIP")[1]
-    assert compile_expression("$-3.2")(ctx(segment=aip)) == "DOC"
-    assert compile_expression("map($-12, 'part')")(ctx(segment=aip)) == "needs-action"
-    assert compile_expression("$.4")(ctx(value="100^^^NORTH^MR")) == "NORTH"
+def test_the_segment_at_hand_is_named_and_dollar_is_always_the_value():
+    first, second = MESSAGE.all("AIP")
+    # Inside $each: AIP[*] the AIP at hand is named AIP; an explicit index always reads that one.
+    assert compile_expression("AIP-3.3")(ctx(segment=second)) == "BEN"
+    assert compile_expression("AIP-3.3")(ctx(segment=first)) == "ANNA"
+    assert compile_expression("AIP-3.3")(ctx()) == "ANNA"  # no segment at hand: the first
+    assert compile_expression("AIP[1]-3.3")(ctx(segment=second)) == "ANNA"
+    assert compile_expression("map(AIP-12, 'part')")(ctx(segment=second)) == "needs-action"
+    assert compile_condition("AIP-4 == ASST")(ctx(segment=second))
+    # $ is the value a template is applied to, whatever segment the template is at.
+    assert compile_expression("$.4")(ctx(value="100^^^NORTH^MR", segment=second)) == "NORTH"
     assert compile_expression("$")(ctx(value="a\\T\\b")) == "a&b"
+
+
+@pytest.mark.parametrize("text", ["$-3.2", "map($-12, 'part')", "$-19[*]"])
+def test_the_old_dollar_minus_form_is_refused_with_the_new_one(text):
+    from engine.transform.expr import OldSegmentNotation
+
+    with pytest.raises(OldSegmentNotation) as info:
+        compile_expression(text)
+    assert "old notation" in str(info.value)
+    assert info.value.hint("AIP").startswith(f"write AIP-{info.value.old[2:]}: ")
 
 
 def test_offsets_are_kept_and_missing_ones_come_from_the_time_zone():

@@ -208,18 +208,23 @@ class Message:
         found = self.all(name)
         return found[occurrence - 1] if 0 < occurrence <= len(found) else None
 
-    def raw_values(self, path: str | Path) -> list[str]:
+    def raw_values(self, path: str | Path, current: Segment | None = None) -> list[str]:
         """Every raw (still escaped) value the path selects, in message order.
 
         A path without indexes selects the first segment and the first repetition; ``[*]`` selects
         them all: ``FT1[*]-2`` is the transaction ID of every FT1, ``PID-3[*].1`` every patient ID.
+        With ``current`` (the segment a mapping is at), a path naming that segment's kind without
+        an index reads that segment: ``FT1-2`` of the FT1 a ChargeItem is built from.
         """
         p = path if isinstance(path, Path) else parse_path(path)
-        segments = self.all(p.segment)
+        if current is not None and current.name == p.segment and p.segment_index is None and not p.every_segment:
+            segments = [current]
+        else:
+            segments = self.all(p.segment)
         if p.segment_index is not None:
             segments = segments[p.segment_index - 1 : p.segment_index] if p.segment_index > 0 else []
-        elif segments:
-            segments = segments if p.every_segment else segments[:1]
+        elif segments and not p.every_segment:
+            segments = segments[:1]
         if p.field is None:
             return [seg.line for seg in segments]
         out = []

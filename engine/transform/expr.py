@@ -3,10 +3,16 @@
     SCH-11.4 | TQ1-7                 first non-empty of the two
     dateTime(AIS-4)                  HL7 DTM to FHIR dateTime, in the mapping's time zone
     map(MSH-9.2, 'siu-trigger-status')   a code looked up in mappings/codesystem/
-    $-3.1                            field 3, component 1 of the current segment
-    $.2                              component 2 of the current field value
+    AIP-3.1                          inside $each: AIP[*], field 3 of the AIP at hand
+    $                                the value the template is applied to
+    $.2                              its component 2
     'booked'                         text
     PV1-2 != 'P'                     a condition (routes' where, mappings' $when)
+
+``$`` means one thing: the value a template is applied to (a datatype's field, a referenced
+resource's ``$from``, one repetition of ``$each: PID-3[*]``). The segment a template is at (one
+AIP of ``$each: AIP[*]``, the FT1 a ChargeItem is built from) is named with its own name:
+``AIP-3`` there reads that AIP, ``AIP[1]-3`` always the first. The old ``$-3`` is refused.
 
 Expressions are compiled once, when a file is loaded, into plain Python functions of a context;
 nothing is parsed per message. Values are text with HL7 escapes decoded, or None when empty.
@@ -32,6 +38,23 @@ class ExpressionError(ValueError):
     """An expression that cannot be read; the text says where and how to fix it."""
 
 
+class OldSegmentNotation(ExpressionError):
+    """``$-3`` (field 3 of the current segment), the notation before ``$`` meant one thing."""
+
+    def __init__(self, old: str, text: str):
+        self.old = old
+        super().__init__(f"{old!r} in {text!r} is the old notation for a field of the current segment")
+
+    def new_form(self, segment: str | None = None) -> str:
+        """How to write it now: the segment's own name (``SEG`` when the segment is not known)."""
+        return f"{segment or 'SEG'}{self.old[1:]}"
+
+    def hint(self, segment: str | None = None) -> str:
+        where = f" (the {segment} at hand)" if segment else ", e.g. AIP-3 inside $each: AIP[*], FT1-7 in a ChargeItem"
+        return (f"write {self.new_form(segment)}: a field of the current segment is named with the segment's "
+                f"name{where}; $ always means the value the template is applied to")
+
+
 @dataclass
 class Context:
     """What an expression sees: the message, the current segment and field value, and helpers."""
@@ -52,7 +75,8 @@ _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
       | (?P<op>==|!=|\bnot\s+in\b|\bin\b|\bmatches\b|\bexists\b|\bmissing\b)
-      | (?P<rel>\$(?:-\d+(?:\[(?:\d+|\*)\])?)?(?:\.\d+){0,2})
+      | (?P<old>\$-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2})
+      | (?P<rel>\$(?:\.\d+){0,2})
       | (?P<path>[A-Z][A-Z0-9]{2}(?:\[(?:\d+|\*)\])?(?:-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2})?)(?![\w(])
       | (?P<number>-?\d+(?:\.\d+)?)
       | (?P<name>[a-zA-Z_][a-zA-Z0-9_]*)
@@ -70,6 +94,8 @@ def tokenize(text: str) -> list[tuple[str, str]]:
         if not match or match.end() == pos:
             raise ExpressionError(f"cannot read {text[pos:]!r} in {text!r}")
         kind = match.lastgroup
+        if kind == "old":
+            raise OldSegmentNotation(match.group(kind), text)
         tokens.append((kind, match.group(kind)))
         pos = match.end()
     return tokens
@@ -82,44 +108,35 @@ RawGetter = Callable[[Context], list]
 
 
 def relative_raw(text: str) -> Callable[[Context], list[str]]:
-    """``$``, ``$.2``, ``$.2.1`` (of the current value) or ``$-3``, ``$-3[2].1``, ``$-19[*]``
-    (of the current segment)."""
-    match = re.fullmatch(r"\$(?:-(\d+)(?:\[(\d+|\*)\])?)?((?:\.\d+){0,2})", text)
+    """``$``, ``$.2``, ``$.2.1``: the value the template is applied to, or its components."""
+    match = re.fullmatch(r"\$((?:\.\d+){0,2})", text)
     if not match:
-        raise ExpressionError(f"{text!r} is not a relative path; write $, $.2, $-3, $-3.1 or $-19[*]")
-    field_number = int(match.group(1)) if match.group(1) else None
-    every = match.group(2) == "*"
-    repetition = int(match.group(2)) if match.group(2) and not every else 1
-    parts = [int(p) for p in match.group(3).split(".")[1:]] if match.group(3) else []
+        old = re.match(r"\$-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2}", text)
+        if old:
+            raise OldSegmentNotation(old.group(0), text)
+        raise ExpressionError(f"{text!r} is not a path of the current value; write $, $.2 or $.2.1")
+    parts = [int(p) for p in match.group(1).split(".")[1:]] if match.group(1) else []
 
     def get(ctx: Context) -> list[str]:
-        seps = ctx.message.seps
-        if field_number is not None:
-            if ctx.segment is None:
-                return []
-            reps = ctx.segment.repetitions(field_number)
-            raws = reps if every else reps[repetition - 1 : repetition]
-        else:
-            raws = [ctx.value or ""]
-        out = []
-        for raw in raws:
-            if parts:
-                raw = component(raw, parts[0], seps.component)
-                if len(parts) > 1:
-                    raw = component(raw, parts[1], seps.subcomponent)
-            if raw != "":
-                out.append(raw)
-        return out
+        raw = ctx.value or ""
+        if parts:
+            seps = ctx.message.seps
+            raw = component(raw, parts[0], seps.component)
+            if len(parts) > 1:
+                raw = component(raw, parts[1], seps.subcomponent)
+        return [raw] if raw != "" else []
 
     return get
 
 
 def absolute_raw(text: str) -> Callable[[Context], list[str]]:
+    """A path: ``SCH-1.1``; one without a segment index reads the current segment when it names
+    that segment's kind (``AIP-3`` inside ``$each: AIP[*]``)."""
     try:
         path = parse_path(text)
     except PathError as exc:
         raise ExpressionError(str(exc)) from None
-    return lambda ctx: [v for v in ctx.message.raw_values(path) if v != ""]
+    return lambda ctx: [v for v in ctx.message.raw_values(path, ctx.segment) if v != ""]
 
 
 def raw_selector(text: str) -> Callable[[Context], list[str]]:
@@ -303,8 +320,7 @@ class _Parser:
         if kind == "name":
             if self.peek(1) != ("punct", "("):
                 raise ExpressionError(
-                    f"{text!r} is neither an HL7 path nor a function; text must be quoted: "
-                    f"write \"'{text}'\" in YAML, or {{$const: {text}}}"
+                    f"{text!r} is neither an HL7 path nor a function; text must be quoted: write '{text}'"
                 )
             return self.call()
         raise ExpressionError(f"expected a path, 'text', a number or a function at {self.rest()!r} in {self.text!r}")

@@ -30,8 +30,9 @@ from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
 from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
-from .templates import Obj, Output, compile_template
+from .templates import Obj, Output, compile_template, expression_error
 from .templates import _each as each_selector
+from .templates import _segment_of
 
 
 class MappingError(Hl7BridgeError):
@@ -110,12 +111,13 @@ class MappingSet:
             self.tables[path.stem] = self._codemap(path)
         names = set(self.tables)
         for path in self._files("datatype"):
-            data = load_yaml(path)
+            data = load_yaml(path, keep_quotes=True)
             if not isinstance(data, dict):
                 raise ConfigError("a datatype mapping is a mapping of FHIR elements", path, 1)
             self.datatypes[path.stem] = compile_template(data, path, 1, names, path.stem)
+        segments = self._segments_by_resource()
         for path in self._files("resource"):
-            self.resources[path.stem] = self._resource(path, names)
+            self.resources[path.stem] = self._resource(path, names, segments.get(path.stem))
         for path in self._files("message"):
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
@@ -128,8 +130,21 @@ class MappingSet:
             raise section.error("map", "is required", "a mapping of codes: {BOOKED: booked}")
         return CodeMap(path.stem, {str(k): v for k, v in entries.items()}, section.get("default", str, None))
 
-    def _resource(self, path, names) -> ResourceMapping:
-        data = load_yaml(path)
+    def _segments_by_resource(self) -> dict[str, str]:
+        """The segment each resource mapping is built from, where the message mappings say one
+        (``from: FT1[*]``): only to say how an old ``$-3`` is written now."""
+        found: dict[str, set] = {}
+        for path in self._files("message"):
+            try:
+                data = load_yaml(path)
+                for item in data.get("resources", []) or []:
+                    found.setdefault(item["resource"], set()).add(_segment_of(item["from"]))
+            except (ConfigError, ExpressionError, AttributeError, KeyError, TypeError, ValueError):
+                continue  # the message mapping itself reports its problems when it is loaded
+        return {name: next(iter(kinds)) for name, kinds in found.items() if len(kinds) == 1 and None not in kinds}
+
+    def _resource(self, path, names, segment: str | None = None) -> ResourceMapping:
+        data = load_yaml(path, keep_quotes=True)
         if not isinstance(data, dict) or "resourceType" not in data:
             raise ConfigError("a resource mapping starts with resourceType", path, getattr(data, "line", 1))
         resource_type = data["resourceType"]
@@ -142,10 +157,10 @@ class MappingSet:
             try:
                 key.append(compile_expression(text, names))
             except ExpressionError as exc:
-                raise ConfigError(f"$key: {exc}", path, data.line_of("$key")) from None
+                raise expression_error(exc, "$key", path, data.line_of("$key"), segment) from None
         body = type(data)({k: v for k, v in data.items() if k not in ("resourceType", "$key")})
         body.line, body.key_lines = data.line, data.key_lines
-        template = compile_template(body, path, data.line, names, resource_type)
+        template = compile_template(body, path, data.line, names, resource_type, segment)
         return ResourceMapping(path.stem, resource_type, template, key, str(path))
 
     def _message(self, path, names) -> MessageMapping:
@@ -165,7 +180,8 @@ class MappingSet:
                 source = each_selector(raw_selector(source_text), source_text)
                 when = compile_condition(rule.get("when", str, ""), names) if rule.data.get("when") else None
             except ExpressionError as exc:
-                raise rule.error("from" if "when" not in rule.data else "when", str(exc)) from None
+                key = "from" if "when" not in rule.data else "when"
+                raise expression_error(exc, f"resources[{index}].{key}", path, rule.line(key)) from None
             rules.append(ResourceRule(resource, source, rule.get("each", bool, "[*]" in source_text), when, rule.line()))
         timezone_name = section.get("timezone", str, None)
         if timezone_name is not None:

@@ -2,29 +2,41 @@
 
 A template is a YAML value:
 
-- text is an expression (``engine.transform.expr``): ``SCH-1.1``, ``dateTime(AIS-4)``, ``'booked'``;
+- quoted text is text, taken as it is: ``'booked'``, ``"http://terminology.hl7.org/CodeSystem/v2-0203"``;
+- unquoted text is an expression (``engine.transform.expr``): ``SCH-1.1``, ``dateTime(AIS-4)``,
+  ``map(SCH-25.1, 'filler-status') | 'booked'``;
 - a number or true/false is itself;
 - a list gives a FHIR array (items that come out empty are dropped; ``$each`` items are spread);
 - a mapping gives a FHIR object (elements that come out empty are dropped; an object with
   nothing in it is dropped too), and may carry directives, the keys that start with ``$``:
 
-  ``$each: SEL``        one object per value (or segment) the selector picks: ``AIP[*]``, ``PID-3[*]``
+  ``$each: SEL``        one object per value (or segment) the selector picks: ``AIP[*]`` (inside,
+                        ``AIP-3`` is field 3 of the AIP at hand), ``PID-3[*]`` (inside, ``$`` is
+                        the repetition at hand)
   ``$when: CONDITION``  the object only when the condition holds: ``PV1-2 != P``
   ``$datatype: NAME``   the object is ``mappings/datatype/NAME.yaml`` applied to ``$from``
   ``$reference: TYPE``  a reference to a ``TYPE`` resource built from ``$from``
                         with ``mappings/resource/TYPE.yaml`` and added to the Bundle
-  ``$from: SEL``        the field (or component) the datatype or resource is built from
-  ``$const: VALUE``     a value taken as it is
+  ``$from: SEL``        the field (or component) the datatype or resource is built from; inside
+                        that template it is ``$``
+  ``$const: VALUE``     a value taken as it is (any YAML: a number, a list, an object)
 
 Other keys next to ``$datatype`` or ``$reference`` are added to (or override) what they give.
+
+Refused at load, with the new way to write it: text quoted twice (``"'booked'"``, from before a
+quoted value was text), quoted text that reads as an expression (``"SCH-1.1"``: drop the quotes),
+and ``$-3`` (now the segment's own name, ``AIP-3``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 from ..errors import ConfigError
-from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
+from ..yamlconf import Quoted
+from .expr import Context, ExpressionError, OldSegmentNotation, compile_condition, compile_expression, raw_selector
 
 DIRECTIVES = {"$each", "$when", "$datatype", "$reference", "$from", "$const"}
 
@@ -170,27 +182,56 @@ def element_path(where) -> tuple:
     return tuple(str(part) for part in where if not isinstance(part, int))
 
 
-def compile_template(value, path, line, tables: set[str], what: str) -> Node:
-    """Compile a YAML template value into nodes; raises ``ConfigError`` with file and line."""
+# Quoted text that reads as an expression: a field path (SCH-1), a function call, or $.
+_LOOKS_COMPUTED = re.compile(r"\b[A-Z][A-Z0-9]{2}(\[(\d+|\*)\])?-\d|\b[a-zA-Z_]\w*\(|^\$|\s\|\s")
+
+
+def compile_template(value, path, line, tables: set[str], what: str, segment: str | None = None) -> Node:
+    """Compile a YAML template value into nodes; raises ``ConfigError`` with file and line.
+
+    ``segment`` is the kind of segment the template is at, when known (inside ``$each: AIP[*]``),
+    to say exactly how an old ``$-3`` is written now."""
     line = getattr(value, "line", line)
     origin = Origin(str(path), line, what)
     if isinstance(value, bool) or isinstance(value, (int, float)):
         return Const(value, origin)
     if value is None:
         raise ConfigError(f"{what}: empty value", path, line, "remove the key or give it an expression")
+    if isinstance(value, Quoted):
+        return _text(value, path, line, what)
     if isinstance(value, str):
         try:
             return Expr(compile_expression(value, tables), Origin(str(path), line, value))
         except ExpressionError as exc:
-            raise ConfigError(f"{what}: {exc}", path, line) from None
+            raise expression_error(exc, what, path, line, segment) from None
     if isinstance(value, list):
-        return Array([compile_template(item, path, line, tables, f"{what}[{i}]") for i, item in enumerate(value)], origin)
+        return Array([compile_template(item, path, line, tables, f"{what}[{i}]", segment)
+                      for i, item in enumerate(value)], origin)
     if isinstance(value, dict):
-        return _compile_object(value, path, line, tables, what)
+        return _compile_object(value, path, line, tables, what, segment)
     raise ConfigError(f"{what}: {value!r} is not a template value", path, line)
 
 
-def _compile_object(value, path, line, tables, what) -> Node:
+def expression_error(exc: ExpressionError, what: str, path, line, segment: str | None = None) -> ConfigError:
+    """The ConfigError for an expression that cannot be compiled (with the new way to write an old $-3)."""
+    hint = exc.hint(segment) if isinstance(exc, OldSegmentNotation) else None
+    return ConfigError(f"{what}: {exc}", path, line, hint)
+
+
+def _text(value: Quoted, path, line, what) -> Node:
+    """Quoted text: itself, unless it is the old doubly quoted form or reads as an expression."""
+    text = str(value)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        raise ConfigError(f"{what}: text is quoted twice ({value!r})", path, line,
+                          f"quoted text is taken as it is now: write {text}")
+    if _LOOKS_COMPUTED.search(text):
+        raise ConfigError(f"{what}: {text!r} is quoted, so it would be taken as text, but it reads as an expression",
+                          path, line, f"to compute it, drop the quotes: {text}; to keep the text, write "
+                          f"{{$const: {text}}}")
+    return Const(text, Origin(str(path), line, repr(text)))
+
+
+def _compile_object(value, path, line, tables, what, segment=None) -> Node:
     line_of = getattr(value, "line_of", lambda key: line)
     unknown = [k for k in value if isinstance(k, str) and k.startswith("$") and k not in DIRECTIVES]
     if unknown:
@@ -210,17 +251,18 @@ def _compile_object(value, path, line, tables, what) -> Node:
         try:
             return raw_selector(text)
         except ExpressionError as exc:
-            raise ConfigError(f"{what}.{key}: {exc}", path, line_of(key)) from None
+            raise expression_error(exc, f"{what}.{key}", path, line_of(key), segment) from None
 
     each = selector("$each")
     if each is not None:
         each = _each(each, value["$each"])
+        segment = _segment_of(value["$each"]) or segment
     when = None
     if "$when" in value:
         try:
             when = compile_condition(value["$when"], tables)
         except ExpressionError as exc:
-            raise ConfigError(f"{what}.$when: {exc}", path, line_of("$when")) from None
+            raise expression_error(exc, f"{what}.$when", path, line_of("$when"), segment) from None
     datatype, reference = value.get("$datatype"), value.get("$reference")
     if datatype is not None and reference is not None:
         raise ConfigError(f"{what}: use $datatype or $reference, not both", path, line_of("$reference"))
@@ -228,7 +270,7 @@ def _compile_object(value, path, line, tables, what) -> Node:
     if source is not None and datatype is None and reference is None:
         raise ConfigError(f"{what}.$from goes with $datatype or $reference", path, line_of("$from"))
     fields = [
-        (key, compile_template(item, path, line_of(key), tables, f"{what}.{key}"))
+        (key, compile_template(item, path, line_of(key), tables, f"{what}.{key}", segment))
         for key, item in value.items()
         if not (isinstance(key, str) and key.startswith("$"))
     ]
@@ -236,17 +278,30 @@ def _compile_object(value, path, line, tables, what) -> Node:
     return Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
 
 
-def _each(select, text):
-    """$each over segments (``AIP[*]``: the segment becomes ``$``) or values (``PID-3[*]``)."""
+def _segment_of(text: str) -> str | None:
+    """The segment kind a ``$each`` over whole segments is at (``AIP[*]`` -> AIP), else None."""
     from ..hl7.paths import parse_path
 
     first = text.split("|")[0].strip()
-    whole_segments = not first.startswith("$") and parse_path(first).field is None
-    if not whole_segments:
+    if first.startswith("$"):
+        return None
+    path = parse_path(first)
+    return path.segment if path.field is None else None
+
+
+def _each(select, text):
+    """$each over segments (``AIP[*]``: each becomes the current segment, ``AIP-3`` reads it) or
+    values (``PID-3[*]``: each becomes ``$``)."""
+    from ..hl7.paths import parse_path
+
+    if _segment_of(text) is None:
         return select
-    segment_name = parse_path(first)
+    segment_name = parse_path(text.split("|")[0].strip())
 
     def segments(ctx):
+        if ctx.segment is not None and ctx.segment.name == segment_name.segment and \
+                segment_name.segment_index is None and not segment_name.every_segment:
+            return [ctx.at(segment=ctx.segment, value=None)]
         found = ctx.message.all(segment_name.segment)
         if segment_name.segment_index is not None:
             found = found[segment_name.segment_index - 1 : segment_name.segment_index]
