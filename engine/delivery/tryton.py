@@ -11,7 +11,7 @@ attempt (they stay in the journal and in the finance events). Appointment events
 financial postings and are skipped the same way.
 
 Tryton wants one writer per database, so an erp-tryton destination runs one delivery at a time.
-The JSON-RPC calls are listed in tests/erp/README.md, where they were measured.
+The JSON-RPC calls are listed in tests/e2e/erp/README.md, where they were measured.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """The documentation is tested: the CLI reference is current and every option and config key is documented."""
 
-from pathlib import Path
-
 import click
 
+from conftest import ROOT
 from engine.cli import cli
 from engine.cli.clidoc import commands, render
 from engine.config import KEYS
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_reference_is_current():

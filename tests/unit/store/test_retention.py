@@ -76,26 +76,3 @@ def test_cli_dry_run_and_prune(tmp_path):
     assert data["messages"] == 20 and data["bytes_after"] < data["bytes_before"]
     result = CliRunner().invoke(cli, ["journal", "prune", "--journal", path, "--older-than", "soon"])
     assert result.exit_code == 2 and "not a duration" in result.output
-
-
-def test_the_engine_applies_the_retention_policy(tmp_path):
-    import time
-
-    from conftest import EngineProcess, shipped_config
-
-    journal = Journal(tmp_path / "journal.db")
-    fill(journal, 10, OLD)  # unrouted: no project, nothing owed
-    journal.close()
-    config = shipped_config(tmp_path / "config")
-    (config / "hl7bridge.yaml").write_text("journal:\n  retention: {older_than: 30d, every: 1s}\n")
-    engine = EngineProcess(tmp_path, config=config)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and "retention: pruned 10 messages" not in engine.log():
-            time.sleep(0.1)
-        assert "retention: pruned 10 messages" in engine.log()
-    finally:
-        engine.stop()
-    reopened = Journal(tmp_path / "journal.db", create=False)
-    assert reopened.count() == 0
-    reopened.close()

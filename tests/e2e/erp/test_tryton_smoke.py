@@ -1,6 +1,6 @@
 """The test Tryton ERP (tests/tryton.py) takes a patient charge as a posted customer invoice.
 
-Every Tryton call here is plain JSON-RPC, the calls tests/erp/README.md lists for the adapter.
+Every Tryton call here is plain JSON-RPC, the calls tests/e2e/erp/README.md lists for the adapter.
 The first run builds the cached template database (about 15-20 s); later runs start in about 1 s.
 """
 

@@ -94,7 +94,7 @@ def test_imports_point_down(module):
     upward = sorted(target for target in GRAPH[module]
                     if layer_of(target) > mine or (layer_of(target) == mine and unit_of(target) != unit_of(module)
                                                    and mine != 0))
-    assert not upward, f"{module} imports {upward}, which sit above it (tests/test_architecture.py LAYERS)"
+    assert not upward, f"{module} imports {upward}, which sit above it (tests/unit/test_architecture.py LAYERS)"
 
 
 def test_no_import_cycles():
