@@ -220,11 +220,13 @@ class HttpClient:
         now = self.reactor.seconds()
         if self._token and now < self._token[1]:
             return self._token[0]
-        if self._token_request is None:
-            self._token_request = self._fetch_token()
-            self._token_request.addBoth(self._token_fetched)
+        request = self._token_request
+        if request is None:
+            # (A request that fails at once fires before addBoth returns: keep it by name.)
+            request = self._token_request = self._fetch_token()
+            request.addBoth(self._token_fetched)
         waiter = defer.Deferred()
-        self._token_request.addBoth(lambda result: waiter.callback(result) or result)
+        request.addBoth(lambda result: waiter.callback(result) or result)
         token = yield waiter
         if isinstance(token, Exception):
             raise token

@@ -173,3 +173,80 @@ class ListenerTests(SynchronousTestCase):
             self.clock.advance(0)
         self.assertEqual(self.journal.count(), 3)
         self.assertEqual(len(acks(transport)), 3)
+
+
+class MappingBeforeTheAckTests(SynchronousTestCase):
+    """Routes with ack.after: mapping are mapped off the reactor: a slow mapping delays only its own ACK."""
+
+    def setUp(self):
+        from conftest import ROOT
+        from engine.transform.project import Project
+
+        self.clock = Clock()
+        directory = tempfile.mkdtemp(prefix="hl7bridge-test-")
+        self.addCleanup(shutil.rmtree, directory)
+        self.journal = Journal(f"{directory}/journal.db")
+        self.addCleanup(self.journal.close)
+        counter = itertools.count(1)
+        self.ingestor = Ingestor(self.journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}",
+                                 project=Project.load(ROOT))
+        self.mappings = []  # (Deferred, function, args) the test releases by hand
+
+        def run_mapping(fn, *args):
+            from twisted.internet import defer
+
+            d = defer.Deferred()
+            self.mappings.append((d, fn, args))
+            return d
+
+        self.committer = GroupCommit(self.ingestor, self.clock, run_mapping=run_mapping)
+        settings = ListenerSettings(name="test", idle_timeout=30, max_connections=4)
+        self.factory = MLLPServerFactory(settings, self.committer, Settings().policy(settings))
+
+    def connect(self, port):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_a_commit_route_is_acked_while_another_connection_waits_for_its_mapping(self):
+        charges, charges_transport = self.connect(1)  # DFT: clinic-charges maps before its ACK
+        scheduling, scheduling_transport = self.connect(2)  # SIU: clinic-scheduling ACKs after the commit
+        charges.dataReceived(frame(DFT))
+        self.assertEqual(len(self.mappings), 1)  # handed to the mapping pool, not mapped here
+        scheduling.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        [ack] = acks(scheduling_transport)
+        self.assertIn(b"MSA|AA|NC000123", ack)
+        self.assertEqual(acks(charges_transport), [])  # still mapping
+        self.assertEqual(self.journal.count(), 1)
+        d, fn, args = self.mappings.pop()
+        d.callback(fn(*args))  # the mapping finishes
+        self.clock.advance(0)
+        [ack] = acks(charges_transport)
+        self.assertIn(b"MSA|AA|EC000501", ack)
+        self.assertEqual(self.journal.count("mapped"), 1)
+        self.assertEqual(self.journal.conn.execute("SELECT count(*) FROM deliveries").fetchone(), (2,))
+
+    def test_drain_waits_for_mappings_in_progress(self):
+        charges, transport = self.connect(1)
+        charges.dataReceived(frame(DFT))
+        drained = self.committer.drain()
+        self.assertNoResult(drained)
+        d, fn, args = self.mappings.pop()
+        d.callback(fn(*args))
+        self.clock.advance(0)
+        self.successResultOf(drained)
+        self.assertEqual(self.journal.count("mapped"), 1)
+
+    def test_a_mapping_that_crashes_closes_only_its_connection(self):
+        charges, charges_transport = self.connect(1)
+        scheduling, scheduling_transport = self.connect(2)
+        charges.dataReceived(frame(DFT))
+        d, _, _ = self.mappings.pop()
+        d.errback(RuntimeError("a bug"))
+        self.assertTrue(charges_transport.disconnecting)
+        self.flushLoggedErrors(RuntimeError)
+        scheduling.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        self.assertEqual(len(acks(scheduling_transport)), 1)
