@@ -16,19 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (  # noqa: F401 (the interface and its records)
-    DELIVERY_STATES,
-    STATUSES,
-    SYNCHRONOUS_MODES,
-    Attempt,
-    ConversionRecord,
-    Delivery,
-    Entry,
-    Journal,
-    NextState,
-    PruneResult,
-    SearchQuery,
-)
+from .base import ConversionRecord, Journal, PruneResult, SearchQuery  # noqa: F401 (the interface; the rest in .base)
 
 
 def open_journal(path: str | Path, synchronous: str = "full", create: bool = True,

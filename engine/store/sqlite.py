@@ -633,12 +633,13 @@ def search_sql(query: SearchQuery) -> tuple[str, list]:
     """The SELECT for a ``SearchQuery`` (the text index attached as ``text``), with its parameters."""
     where, params = [], []
 
+    def add(condition: str, *values):
+        where.append(condition)
+        params.extend(values)
+
     def by_id(kinds, value):
         marks = ", ".join("?" for _ in kinds)
-        where.append(
-            f"m.id IN (SELECT message_id FROM message_ids WHERE kind IN ({marks}) AND value = ?)"
-        )
-        params.extend([*kinds, value])
+        add(f"m.id IN (SELECT message_id FROM message_ids WHERE kind IN ({marks}) AND value = ?)", *kinds, value)
 
     if query.patient:
         by_id(["patient"], query.patient)
@@ -647,51 +648,38 @@ def search_sql(query: SearchQuery) -> tuple[str, list]:
     if query.transaction:
         by_id(["transaction"], query.transaction)
     if query.control_id:
-        where.append("m.control_id = ?")
-        params.append(query.control_id)
+        add("m.control_id = ?", query.control_id)
     if query.message_type:
         mtype, _, trigger = query.message_type.partition("^")
-        where.append("m.message_type = ?")
-        params.append(mtype)
+        add("m.message_type = ?", mtype)
         if trigger:
-            where.append("m.trigger_event = ?")
-            params.append(trigger)
+            add("m.trigger_event = ?", trigger)
     if query.sending_facility:
-        where.append("m.sending_facility = ?")
-        params.append(query.sending_facility)
+        add("m.sending_facility = ?", query.sending_facility)
     if query.route:
-        where.append("m.route = ?")
-        params.append(query.route)
+        add("m.route = ?", query.route)
     if query.status:
-        where.append("m.status = ?")
-        params.append(query.status)
+        add("m.status = ?", query.status)
         if query.status not in ("accepted", "mapped"):
-            # lets SQLite use the partial exceptions index
-            where.append("m.status NOT IN ('accepted', 'mapped')")
+            add("m.status NOT IN ('accepted', 'mapped')")  # lets SQLite use the partial exceptions index
     if query.delivery:
         destination, _, state = query.delivery.rpartition(":")
         if destination:
-            where.append("m.id IN (SELECT message_id FROM deliveries WHERE destination = ? AND state = ?)")
-            params.extend([destination, state])
+            add("m.id IN (SELECT message_id FROM deliveries WHERE destination = ? AND state = ?)", destination, state)
         else:
-            where.append("m.id IN (SELECT message_id FROM deliveries WHERE state = ?)")
-            params.append(state)
+            add("m.id IN (SELECT message_id FROM deliveries WHERE state = ?)", state)
     if query.duplicate:
-        # Both use the partial index on duplicate_of.
-        where.append("m.duplicate_of IS NOT NULL")
+        add("m.duplicate_of IS NOT NULL")  # both use the partial index on duplicate_of
         if query.duplicate == "exact":
-            where.append("m.status = 'duplicate'")
+            add("m.status = 'duplicate'")
         elif query.duplicate == "differing":
-            where.append("m.status != 'duplicate'")
+            add("m.status != 'duplicate'")
     if query.since:
-        where.append("m.received_at >= ?")
-        params.append(query.since)
+        add("m.received_at >= ?", query.since)
     if query.until:
-        where.append("m.received_at < ?")
-        params.append(query.until)
+        add("m.received_at < ?", query.until)
     if query.text:
-        where.append("m.id IN (SELECT rowid FROM text.messages_fts WHERE messages_fts MATCH ?)")
-        params.append(fts_query(query.text))
+        add("m.id IN (SELECT rowid FROM text.messages_fts WHERE messages_fts MATCH ?)", fts_query(query.text))
     columns = ", ".join(f"m.{c}" for c in SUMMARY_COLUMNS)
     sql = f"SELECT {columns} FROM messages m"
     if where:

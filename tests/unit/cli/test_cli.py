@@ -204,9 +204,11 @@ def test_show_includes_the_conversion(tmp_path):
     assert invoke("journal", "search", "--journal", path, "--status", "mapping_error").exit_code == 1
 
 
-def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
+def dft_with_one_attempt(tmp_path, result, replay=False):
+    """A journal with the DFT example mapped and its erp-finance delivery tried once (with
+    ``result``), then replayed by alice if asked; returns (journal path, the message's outcome)."""
     from conftest import ROOT
-    from engine.delivery.outbox import OK, Result, finish
+    from engine.delivery.outbox import finish
     from engine.transform.project import Project
 
     path = tmp_path / "journal.db"
@@ -216,9 +218,17 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
     ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
     [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
     [delivery] = journal.due_deliveries("erp-finance", now, 5)
-    finish(journal, delivery, project.destinations["erp-finance"], Result(OK, 201), now, now)
-    journal.replay([outcome.message_id], ["erp-finance"], "alice", "test", now)
+    finish(journal, delivery, project.destinations["erp-finance"], result, now, now)
+    if replay:
+        journal.replay([outcome.message_id], ["erp-finance"], "alice", "test", now)
     journal.close()
+    return path, outcome
+
+
+def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
+    from engine.delivery.outbox import OK, Result
+
+    path, outcome = dft_with_one_attempt(tmp_path, Result(OK, 201), replay=True)
     text = invoke("journal", "show", "--journal", path, str(outcome.message_id)).output
     assert "delivery to erp-finance: pending after 0 attempt(s)" in text  # replayed
     assert "delivery to fhir-main: pending after 0 attempt(s)" in text
@@ -234,19 +244,9 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
 
 
 def test_outbox_replay_and_stats_exact_output(tmp_path):
-    from conftest import ROOT
-    from engine.delivery.outbox import PERMANENT, Result, finish
-    from engine.transform.project import Project
+    from engine.delivery.outbox import PERMANENT, Result
 
-    path = tmp_path / "journal.db"
-    journal = Journal(path)
-    now = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
-    project = Project.load(ROOT)
-    ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
-    [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
-    [delivery] = journal.due_deliveries("erp-finance", now, 5)
-    finish(journal, delivery, project.destinations["erp-finance"], Result(PERMANENT, 400, error="HTTP 400"), now, now)
-    journal.close()
+    path, _ = dft_with_one_attempt(tmp_path, Result(PERMANENT, 400, error="HTTP 400"))
     assert invoke("outbox", "--journal", path).output == (
         "destination  pending  in_flight  retrying  dead  delivered  oldest_open\n"
         "-----------  -------  ---------  --------  ----  ---------  ---------------------------\n"

@@ -1,24 +1,16 @@
 """Frame -> journal row + ACK, against a real SQLite file (no sockets)."""
 
 import itertools
-from datetime import datetime, timezone
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, NOW
 from engine.hl7 import charset
 from engine.hl7.assess import AcceptPolicy, assess
 from engine.mllp.ingest import Frame, Ingestor
 from engine.store import SearchQuery
 
-NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
-
-
-@pytest.fixture
-def ingestor(journal):
-    counter = itertools.count(1)
-    return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}")
 
 
 def test_accepted_message_is_journaled_verbatim_with_indexed_fields(ingestor, journal):

@@ -1,44 +1,26 @@
 """The MLLP server protocol with StringTransport, task.Clock and a real SQLite journal."""
 
-import itertools
-import shutil
 import sqlite3
-import tempfile
 from dataclasses import replace
-from datetime import datetime, timezone
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from conftest import EXAMPLES
 from engine.config import ListenerSettings, Settings
 from engine.mllp.framing import frame
-from engine.mllp.ingest import Ingestor
-from engine.store.sqlite import SqliteJournal as Journal
 from engine.mllp.listener import GroupCommit, MLLPServerFactory
+from listening import acks, connect, ingestor_for
 
-NOW = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
 DFT = (EXAMPLES / "dft_p03.hl7").read_bytes()
-
-
-def acks(transport):
-    """The ACK payloads written so far."""
-    data = transport.value()
-    return [chunk.split(b"\x1c\r")[0] for chunk in data.split(b"\x0b")[1:]]
 
 
 class ListenerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        directory = tempfile.mkdtemp(prefix="hl7bridge-test-")
-        self.addCleanup(shutil.rmtree, directory)
-        self.journal = Journal(f"{directory}/journal.db")
-        self.addCleanup(self.journal.close)
-        counter = itertools.count(1)
-        self.ingestor = Ingestor(self.journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}")
+        self.ingestor = ingestor_for(self)
+        self.journal = self.ingestor.journal
         self.committer = GroupCommit(self.ingestor, self.clock)
         self.settings = ListenerSettings(name="test", idle_timeout=30, max_connections=2, max_frame_bytes=64 * 1024)
         self.factory = self.make_factory(self.settings)
@@ -47,11 +29,7 @@ class ListenerTests(SynchronousTestCase):
         return MLLPServerFactory(settings, self.committer, Settings().policy(settings))
 
     def connect(self, factory=None, host="127.0.0.1", port=40000):
-        factory = factory or self.factory
-        proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        proto.makeConnection(transport)
-        return proto, transport
+        return connect(factory or self.factory, host, port)
 
     def test_ack_is_sent_only_after_the_commit(self):
         proto, transport = self.connect()
@@ -183,13 +161,8 @@ class MappingBeforeTheAckTests(SynchronousTestCase):
         from engine.transform.project import Project
 
         self.clock = Clock()
-        directory = tempfile.mkdtemp(prefix="hl7bridge-test-")
-        self.addCleanup(shutil.rmtree, directory)
-        self.journal = Journal(f"{directory}/journal.db")
-        self.addCleanup(self.journal.close)
-        counter = itertools.count(1)
-        self.ingestor = Ingestor(self.journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}",
-                                 project=Project.load(ROOT))
+        self.ingestor = ingestor_for(self, Project.load(ROOT))
+        self.journal = self.ingestor.journal
         self.mappings = []  # (Deferred, function, args) the test releases by hand
 
         def run_mapping(fn, *args):
@@ -204,10 +177,7 @@ class MappingBeforeTheAckTests(SynchronousTestCase):
         self.factory = MLLPServerFactory(settings, self.committer, Settings().policy(settings))
 
     def connect(self, port):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        proto.makeConnection(transport)
-        return proto, transport
+        return connect(self.factory, port=port)
 
     def test_a_commit_route_is_acked_while_another_connection_waits_for_its_mapping(self):
         charges, charges_transport = self.connect(1)  # DFT: clinic-charges maps before its ACK

@@ -1,39 +1,25 @@
 """A deliberately slow mapping, in a real thread pool on the real reactor: the other connection's
 ACK does not wait for it (trial TestCase, like the senders' socket tests)."""
 
-import itertools
-import shutil
-import tempfile
 import time
-from datetime import datetime, timezone
 
 from twisted.internet import defer, reactor, task, threads
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from conftest import EXAMPLES, ROOT
 from engine.config import ListenerSettings, Settings
 from engine.mllp.framing import frame
-from engine.mllp.ingest import Ingestor
 from engine.mllp.listener import GroupCommit, MLLPServerFactory
-from engine.store.sqlite import SqliteJournal
 from engine.transform.project import Project
+from listening import connect, ingestor_for
 
-NOW = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
 SLOW = 1.0  # seconds the mapping of the DFT (ack.after: mapping) takes
 
 
 class SlowMappingTests(unittest.TestCase):
     def setUp(self):
-        directory = tempfile.mkdtemp(prefix="hl7bridge-test-")
-        self.addCleanup(shutil.rmtree, directory)
-        journal = SqliteJournal(f"{directory}/journal.db")
-        self.addCleanup(journal.close)
-        counter = itertools.count(1)
-        ingestor = Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"A{next(counter)}",
-                            project=Project.load(ROOT))
+        ingestor = ingestor_for(self, Project.load(ROOT))
         slow_map = ingestor.map_before_ack
 
         def map_slowly(prepared):
@@ -50,9 +36,7 @@ class SlowMappingTests(unittest.TestCase):
         self.factory = MLLPServerFactory(settings, self.committer, Settings().policy(settings))
 
     def connect(self, port):
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        proto.makeConnection(transport)
+        proto, transport = connect(self.factory, port=port)
         self.addCleanup(proto.connectionLost, None)
         return proto, transport
 

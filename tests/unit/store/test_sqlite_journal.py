@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, NOW, ROOT
 from engine.delivery.outbox import queue
 from engine.mllp.ingest import Frame, Ingestor
 from engine.stamps import iso
@@ -16,14 +16,7 @@ from engine.store.retention import prunable
 from engine.store.sqlite import SqliteJournal, prunable_sql, search_sql
 from engine.transform.project import Project
 
-NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
-
-
-@pytest.fixture
-def ingestor(journal):
-    counter = itertools.count(1)
-    return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}")
 
 
 def test_open_journal_gives_the_interface():

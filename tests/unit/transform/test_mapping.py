@@ -158,6 +158,15 @@ def test_bad_data_in_a_field_is_reported_with_its_origin(project):
     ],
 )
 def test_broken_files_are_rejected_with_file_line_and_hint(scratch, file, old, new, fragment):
+    path, line, message = refused(scratch, file, old, new)
+    assert fragment in message, message
+    assert message.startswith(f"{path}:"), message
+    assert abs(int(message.split(":")[1]) - line) <= 1, (message, line)
+
+
+def refused(scratch, file, old, new):
+    """Change ``old`` to ``new`` in a copy of a shipped file; (the file, the line changed, the
+    ConfigError's text loading it gave)."""
     path = scratch / file
     text = path.read_text()
     assert old in text
@@ -165,10 +174,7 @@ def test_broken_files_are_rejected_with_file_line_and_hint(scratch, file, old, n
     line = next(n for n, l in enumerate(path.read_text().splitlines(), 1) if new in l)
     with pytest.raises(ConfigError) as info:
         Project.load(scratch)
-    message = str(info.value)
-    assert fragment in message, message
-    assert message.startswith(f"{path}:"), message
-    assert abs(int(message.split(":")[1]) - line) <= 1, (message, line)
+    return path, line, str(info.value)
 
 
 # -- the notation: quoted values are text, $ is the value, the segment at hand is named ---------------
@@ -197,14 +203,7 @@ def test_broken_files_are_rejected_with_file_line_and_hint(scratch, file, old, n
     ],
 )
 def test_old_notation_is_refused_with_file_line_and_the_new_way(scratch, file, old, new, fragment, hint):
-    path = scratch / file
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
-    line = next(n for n, l in enumerate(path.read_text().splitlines(), 1) if new in l)
-    with pytest.raises(ConfigError) as info:
-        Project.load(scratch)
-    message = str(info.value)
+    path, line, message = refused(scratch, file, old, new)
     assert message.startswith(f"{path}:{line}: "), message
     assert fragment in message and hint in message, message
 
