@@ -1,7 +1,8 @@
 """Engine settings: embedded defaults, overridden by ``hl7bridge.yaml`` in the config directory.
 
 Every key is documented in ``docs/configuration.md``; unknown keys are rejected with the file, the
-line and the closest known key.
+line and the closest known key. May import ``engine.hl7``, ``engine.store`` (its synchronous
+modes) and the foundation; the listener, ops and serve read it.
 """
 
 from __future__ import annotations

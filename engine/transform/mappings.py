@@ -32,7 +32,7 @@ from ..stamps import stable_id
 from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
 from .templates import Obj, Output, compile_template, expression_error
 from .templates import _each as each_selector
-from .templates import _segment_of
+from .templates import segment_of
 
 
 class MappingError(Hl7BridgeError):
@@ -138,7 +138,7 @@ class MappingSet:
             try:
                 data = load_yaml(path)
                 for item in data.get("resources", []) or []:
-                    found.setdefault(item["resource"], set()).add(_segment_of(item["from"]))
+                    found.setdefault(item["resource"], set()).add(segment_of(item["from"]))
             except (ConfigError, ExpressionError, AttributeError, KeyError, TypeError, ValueError):
                 continue  # the message mapping itself reports its problems when it is loaded
         return {name: next(iter(kinds)) for name, kinds in found.items() if len(kinds) == 1 and None not in kinds}

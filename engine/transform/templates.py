@@ -256,7 +256,7 @@ def _compile_object(value, path, line, tables, what, segment=None) -> Node:
     each = selector("$each")
     if each is not None:
         each = _each(each, value["$each"])
-        segment = _segment_of(value["$each"]) or segment
+        segment = segment_of(value["$each"]) or segment
     when = None
     if "$when" in value:
         try:
@@ -278,7 +278,7 @@ def _compile_object(value, path, line, tables, what, segment=None) -> Node:
     return Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
 
 
-def _segment_of(text: str) -> str | None:
+def segment_of(text: str) -> str | None:
     """The segment kind a ``$each`` over whole segments is at (``AIP[*]`` -> AIP), else None."""
     from ..hl7.paths import parse_path
 
@@ -294,7 +294,7 @@ def _each(select, text):
     values (``PID-3[*]``: each becomes ``$``)."""
     from ..hl7.paths import parse_path
 
-    if _segment_of(text) is None:
+    if segment_of(text) is None:
         return select
     segment_name = parse_path(text.split("|")[0].strip())
 
