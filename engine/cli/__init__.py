@@ -2,7 +2,7 @@
 
 Each command checks its input, raises ``Failure`` (a ``click.ClickException`` with an exit code
 and a hint) or calls the library; no logic of its own. ``base`` holds the group and the options
-written once (``--journal``, ``--config``, ``--json``); the commands are in ``engine`` (serve,
+written once (``--journal``, ``--config``, ``--json``); the commands are in ``serving`` (serve,
 reload), ``send``, ``analyst`` (check, convert, test), ``delivery`` (outbox, replay) and
 ``journal``; ``clidoc`` writes docs/cli.md from their help.
 
@@ -11,7 +11,7 @@ May import every package (it is the top); nothing imports it.
 
 from __future__ import annotations
 
-from . import analyst, delivery, engine, journal, send  # noqa: F401 (each registers its commands)
+from . import analyst, delivery, journal, send, serving  # noqa: F401 (each registers its commands)
 from .base import EXIT_CONNECTION, EXIT_NOT_ACCEPTED, EXIT_OK, EXIT_USAGE, Failure, cli  # noqa: F401
 from .journal import parse_since  # noqa: F401
 
