@@ -32,11 +32,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import re
-
 from ..errors import ConfigError
 from ..yamlconf import Quoted
-from .expr import Context, ExpressionError, OldSegmentNotation, compile_condition, compile_expression, raw_selector
+from .expr import (
+    Context,
+    ExpressionError,
+    OldSegmentNotation,
+    compile_condition,
+    compile_expression,
+    raw_selector,
+    tokenize,
+)
 
 DIRECTIVES = {"$each", "$when", "$datatype", "$reference", "$from", "$const"}
 
@@ -182,10 +188,6 @@ def element_path(where) -> tuple:
     return tuple(str(part) for part in where if not isinstance(part, int))
 
 
-# Quoted text that reads as an expression: a field path (SCH-1), a function call, or $.
-_LOOKS_COMPUTED = re.compile(r"\b[A-Z][A-Z0-9]{2}(\[(\d+|\*)\])?-\d|\b[a-zA-Z_]\w*\(|^\$|\s\|\s")
-
-
 def compile_template(value, path, line, tables: set[str], what: str, segment: str | None = None) -> Node:
     """Compile a YAML template value into nodes; raises ``ConfigError`` with file and line.
 
@@ -224,11 +226,24 @@ def _text(value: Quoted, path, line, what) -> Node:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         raise ConfigError(f"{what}: text is quoted twice ({value!r})", path, line,
                           f"quoted text is taken as it is now: write {text}")
-    if _LOOKS_COMPUTED.search(text):
+    if _reads_as_expression(text):
         raise ConfigError(f"{what}: {text!r} is quoted, so it would be taken as text, but it reads as an expression",
                           path, line, f"to compute it, drop the quotes: {text}; to keep the text, write "
                           f"{{$const: {text}}}")
     return Const(text, Origin(str(path), line, repr(text)))
+
+
+def _reads_as_expression(text: str) -> bool:
+    """Whether quoted text is, as a whole, an expression that computes something (``SCH-1.1``,
+    ``map(PV1-2, 'patient-class')``, ``$.1``): quoting it would silently turn it into text.
+    Text that merely contains such pieces ('Ward ABC-3', 'see note (2)') is text."""
+    try:
+        tokens = tokenize(text)
+        compile_expression(text)
+    except ExpressionError:
+        return False
+    # A field path, $, or a function (a name that compiles is one); a bare segment name is a code: 'AMB'.
+    return any(kind in ("rel", "name") or (kind == "path" and "-" in token) for kind, token in tokens)
 
 
 def _compile_object(value, path, line, tables, what, segment=None) -> Node:
