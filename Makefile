@@ -39,4 +39,4 @@ clean:
 	rm -rf $(VENV) var .pytest_cache
 
 docs: $(STAMP)
-	$(BIN)/python -m engine.clidoc > docs/cli.md
+	$(BIN)/python -m engine.cli.clidoc > docs/cli.md

@@ -23,10 +23,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-from engine.charset import decode
-from engine.er7 import parse
-from engine.ingest import identifiers
-from engine.project import Project
+from engine.hl7.charset import decode
+from engine.hl7.er7 import parse
+from engine.hl7.identifiers import identifiers
+from engine.transform import pipeline
+from engine.transform.project import Project
 
 
 def variants(raw: bytes):
@@ -63,16 +64,13 @@ def main():
         if not path.exists():
             continue
         raw = path.read_bytes()
-        message = parse(decode(raw).text)
-        route = project.route_for(message)
-        bundle = project.mappings.convert(message, route.mapping, route.timezone)
+        bundle = pipeline.convert(project, pipeline.read(raw)).bundle
         stream = variants(raw)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < args.seconds:
-            # The full path a message takes: read it, route it, map it, validate every resource.
-            message = parse(decode(raw if args.same else next(stream)).text)
-            route = project.route_for(message)
-            project.mappings.convert(message, route.mapping, route.timezone)
+            # The full path a message takes (engine.transform.pipeline): read it, route it, map it,
+            # validate every resource.
+            pipeline.convert(project, pipeline.read(raw if args.same else next(stream)))
             count += 1
         elapsed = time.perf_counter() - start
         print(f"{label:42} {len(bundle['entry']):>9} {count / elapsed:>14,.0f} {elapsed / count * 1000:>8.2f}")

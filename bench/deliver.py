@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from engine.client import MLLPClient  # noqa: E402
+from engine.mllp.client import MLLPClient  # noqa: E402
 from fhirserver import FhirServer  # noqa: E402
 
 

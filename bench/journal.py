@@ -64,10 +64,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from engine import charset as charsets
-from engine.ingest import Frame, Ingestor, iso
-from engine.journal import Journal, SearchQuery, TextIndex, text_index_path
-from engine.retention import PruneResult, candidates_sql, count_candidates, prune
+from engine.hl7 import charset as charsets
+from engine.mllp.ingest import Frame, Ingestor
+from engine.stamps import iso
+from engine.store import PruneResult, SearchQuery
+from engine.store.sqlite import SqliteJournal as Journal, prunable_sql, search_sql
+from engine.store.sqlite_text import TextIndex, text_index_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -482,7 +484,7 @@ def run_searches(journal: Journal, searches: list[Search]):
             search.times_ms.append((time.perf_counter() - started) * 1000)
             search.rows.append(len(found))
         # After the search, so a text query finds the text index attached.
-        search.plan = explain(journal.conn, *search.queries[0].to_sql())
+        search.plan = explain(journal.conn, *search_sql(search.queries[0]))
         search.full_scans = [line.strip() for line in search.plan if FULL_SCAN.match(line.strip())]
         median, worst = statistics.median(search.times_ms), max(search.times_ms)
         print(f"  {search.label:<40} median {median:8.2f} ms  max {worst:8.2f} ms  rows {search.rows}", flush=True)
@@ -526,7 +528,7 @@ def timed_prune(journal: Journal, cutoff: datetime, candidates: int, budget: flo
                 raise TooSlow(projected)
 
     try:
-        result = prune(journal, cutoff, progress=progress)
+        result = journal.prune(cutoff, progress=progress)
     except TooSlow as stop:
         return PruneRun(None, state["deleted"], state["batches"], time.perf_counter() - started, state["last"],
                         stop.args[0])
@@ -552,12 +554,12 @@ def run_prune(path: Path, cutoff: datetime, budget: float) -> PruneOutcome:
     delete_sql = "DELETE FROM messages WHERE id IN (?)"
     clear_sql = "UPDATE messages SET duplicate_of = NULL WHERE duplicate_of IN (?)"
     plans = [
-        ("prune: the candidates of one batch (retention.candidates_sql)",
-         explain(journal.conn, candidates_sql(False), (iso(cutoff), 0, 500))),
+        ("prune: the candidates of one batch (store.sqlite.prunable_sql)",
+         explain(journal.conn, prunable_sql(False), (iso(cutoff), 0, 500))),
         ("prune: deleting messages, foreign-key checks included", explain(journal.conn, delete_sql, (0,))),
         ("prune: clearing duplicate_of", explain(journal.conn, clear_sql, (0,))),
     ]
-    candidates = count_candidates(journal, cutoff, False)
+    candidates = journal.count_prunable(cutoff, False)
     before = sizes(path)
     rows = []
     print(f"  {candidates:,} messages to prune", flush=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from engine.er7 import parse
-from engine.header import read_header
-from engine.ingest import identifiers
+from engine.hl7.er7 import parse
+from engine.hl7.header import read_header
+from engine.hl7.identifiers import identifiers
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_SIU = ROOT.parent / "shared/corpus/microsoft-FHIR-Converter/SIU-S12-01.hl7"

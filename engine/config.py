@@ -1,7 +1,8 @@
 """Engine settings: embedded defaults, overridden by ``hl7bridge.yaml`` in the config directory.
 
 Every key is documented in ``docs/configuration.md``; unknown keys are rejected with the file, the
-line and the closest known key.
+line and the closest known key. May import ``engine.hl7``, ``engine.store`` (its synchronous
+modes) and the foundation; the listener, ops and serve read it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import ipaddress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .ack import Identity
-from .charset import codec_for
+from .hl7.ack import Identity
+from .hl7.charset import codec_for
 from .errors import ConfigError
-from .ingest import SUPPORTED_VERSIONS, AcceptPolicy
-from .journal import SYNCHRONOUS_MODES
-from .yamlconf import Section, expand_env, load_yaml
+from .hl7.assess import AcceptPolicy
+from .hl7.versions import SUPPORTED_VERSIONS
+from .store.base import SYNCHRONOUS_MODES
+from .yamlconf import Section, expand_env, load_yaml, seconds
 
 CONFIG_FILE = "hl7bridge.yaml"
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
@@ -72,7 +74,7 @@ class Settings:
     retention: tuple | None = None  # (older_than seconds, keep_errors, every seconds): prune on a schedule
     dashboard_token: str | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
-    config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.project decides)
+    config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
 
     def policy(self, listener: ListenerSettings) -> AcceptPolicy:
         """The ingest policy of one listener."""
@@ -143,8 +145,6 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             raise top.error("listeners", "listener names must be unique")
     retention = None
     if journal.data.get("retention") is not None:
-        from .destinations import seconds
-
         policy = Section(journal.data["retention"], path, "journal.retention", KEYS["retention"], journal.line("retention"))
         if policy.data.get("older_than") is None:
             raise policy.error("older_than", "is required", "e.g. 90d")

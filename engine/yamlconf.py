@@ -31,8 +31,16 @@ class MarkedList(list):
     line: int = 0
 
 
+class Quoted(str):
+    """A text value that was quoted in the file ('...' or "..."): mappings take it as it is."""
+
+
 class _Loader(yaml.SafeLoader):
     pass
+
+
+class _QuotingLoader(_Loader):
+    """Keeps whether each text value was quoted (``Quoted``), for mapping templates."""
 
 
 class _DuplicateKey(Exception):
@@ -60,19 +68,27 @@ def _construct_sequence(loader, node):
     return result
 
 
+def _construct_text(loader, node):
+    value = loader.construct_scalar(node)
+    return Quoted(value) if node.style in ("'", '"') else value
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_QuotingLoader.add_constructor("tag:yaml.org,2002:str", _construct_text)
 
 
-def load_yaml(path: str | Path):
-    """Load one YAML file; syntax errors become ``ConfigError`` with the file and line."""
+def load_yaml(path: str | Path, keep_quotes: bool = False):
+    """Load one YAML file; syntax errors become ``ConfigError`` with the file and line.
+
+    With ``keep_quotes`` a text value that was quoted in the file comes back as ``Quoted``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", path) from None
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=_QuotingLoader if keep_quotes else _Loader)
     except _DuplicateKey as exc:
         raise ConfigError(f"key {exc.key!r} appears twice", path, exc.line, "keep one of them") from None
     except yaml.MarkedYAMLError as exc:
@@ -138,6 +154,18 @@ class Section:
             if not isinstance(item, (str, int, float)) or isinstance(item, bool):
                 raise self.error(key, f"items must be text, not {item!r}")
         return [str(item) for item in value]
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+
+
+def seconds(text, what: str) -> float:
+    """'500ms', '2s', '10m', '24h', '7d' (or a number of seconds) in seconds."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{what}: {text!r} is not a duration; write 500ms, 2s, 10m, 24h or 7d")
+    factor = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * factor
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,24 @@ def shipped_config(directory: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path):
     """A fresh journal file."""
-    from engine.journal import Journal
+    from engine.store import open_journal
 
-    j = Journal(tmp_path / "journal.db")
+    j = open_journal(tmp_path / "journal.db")
     yield j
     j.close()
+
+
+# The moment the in-process tests receive their messages at (ACKs and journal rows compare byte for byte).
+NOW = datetime(2026, 11, 24, 6, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def ingestor(journal):
+    """An ingestor without routes on the ``journal`` fixture, receiving at NOW, ACK control IDs ACK1, ACK2..."""
+    from engine.mllp.ingest import Ingestor
+
+    counter = itertools.count(1)
+    return Ingestor(journal, clock=lambda: NOW, next_control_id=lambda: f"ACK{next(counter)}")
 
 
 @pytest.fixture

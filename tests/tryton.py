@@ -12,7 +12,7 @@ only ever runs as subprocesses, from the environment of ``sys.executable``:
   into a conftest.py.  They skip when Tryton is not installed.
 
 Needs ``trytond==8.2.*`` and ``trytond-account-invoice==8.2.*``.  The JSON-RPC calls an adapter
-makes are in tests/erp/README.md.  ``python tests/tryton.py --serve`` runs one by hand.
+makes are in tests/e2e/erp/README.md.  ``python tests/tryton.py --serve`` runs one by hand.
 """
 
 from __future__ import annotations

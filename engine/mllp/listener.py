@@ -1,0 +1,367 @@
+"""The MLLP listener: Twisted protocol and factory, connection limits, and group commit.
+
+The protocol frames bytes (``engine.mllp.framing``), keeps one message in flight per connection, and
+writes each ACK only when the journal has committed the message. ``GroupCommit`` batches the frames
+that arrive in one turn of the reactor, from any number of connections, into one journal
+transaction: with eight busy connections one fsync covers eight messages. Mapping before the ACK
+(routes with ``ack.after: mapping``) runs in a thread pool handed down from ``serve``, so a slow
+mapping delays only its own message's ACK.
+
+Logs carry control IDs, message types, peers, statuses and counts; never message content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from ..config import ListenerSettings
+from ..ops.metrics import Histogram
+from .framing import MLLPFraming
+from .ingest import AcceptPolicy, Frame, Ingestor, Outcome, Prepared
+
+log = Logger(namespace="hl7bridge.listener")
+NORMAL_STATUSES = ("accepted", "mapped")  # logged at debug level; everything else at warn
+
+
+@dataclass
+class Counters:
+    """Running totals for the periodic log line (and, later, metrics)."""
+
+    connections: int = 0
+    frames: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    unrouted: int = 0
+    mapping_errors: int = 0
+    journal_failures: int = 0
+    discarded_bytes: int = 0
+    refused_connections: int = 0
+    differing_duplicates: dict = field(default_factory=dict)  # policy -> count
+    tls_failures: dict = field(default_factory=dict)  # (listener, reason code) -> count
+
+    def count(self, outcome: Outcome):
+        self.frames += 1
+        if outcome.status == "duplicate":
+            self.duplicates += 1
+        elif outcome.ack_code in ("AA", "CA"):
+            self.accepted += 1
+        else:
+            self.rejected += 1
+        if outcome.differing_policy:
+            policy = outcome.differing_policy
+            self.differing_duplicates[policy] = self.differing_duplicates.get(policy, 0) + 1
+        if outcome.status == "unrouted":
+            self.unrouted += 1
+        elif outcome.status == "mapping_error":
+            self.mapping_errors += 1
+
+
+class GroupCommit:
+    """Collects frames from every connection and journals them together, one transaction a batch.
+
+    ``submit`` reads the frame and builds its ACK at once (in the caller's thread), then returns a
+    Deferred that fires with the frame's ``Outcome`` after the commit. Commits run through
+    ``run_commit`` (in ``serve``, the journal writer's thread): while one batch is being committed
+    (and fsynced), the next one fills up, so with many busy connections each fsync covers many
+    messages. If the journal write fails, every frame of that batch gets an error ACK (AE/CE,
+    table 0357 code 207) so its sender resends it, and nothing is claimed to be stored.
+
+    A frame whose route ACKs after mapping is mapped through ``run_mapping`` first (in ``serve``,
+    a thread pool) and joins the batch that is filling when its mapping is done.
+    """
+
+    def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None, run_commit=None,
+                 checkpoint_interval: float | None = None, run_mapping=None):
+        self.ingestor = ingestor
+        self.clock = clock
+        self.counters = counters or Counters()
+        # How a batch is committed and a frame mapped: synchronously by default (tests), in
+        # threads in serve. Each takes (function, *args) and returns a Deferred.
+        self.run_commit = run_commit or (lambda fn, *args: defer.maybeDeferred(fn, *args))
+        self.run_mapping = run_mapping or (lambda fn, *args: defer.maybeDeferred(fn, *args))
+        self._pending: list[tuple[Prepared, defer.Deferred]] = []
+        self._mapping: set[defer.Deferred] = set()  # frames being mapped before their ACK
+        self._scheduled = None
+        self._committing = None  # the Deferred of the batch being committed
+        # With a journal opened with manual_checkpoints, how often (seconds) to checkpoint.
+        self.checkpoint_interval = checkpoint_interval
+        self._last_checkpoint = clock.seconds()
+
+    def submit(self, frame: Frame) -> defer.Deferred:
+        d = defer.Deferred()
+        prepared = self.ingestor.prepare(frame)
+        if prepared.mapping_route is None:
+            self._enqueue(prepared, d)
+            return d
+        mapping = self.run_mapping(self.ingestor.map_before_ack, prepared)
+        self._mapping.add(mapping)
+
+        def mapped(done):
+            self._mapping.discard(mapping)
+            self._enqueue(done, d)
+
+        def failed(failure):
+            self._mapping.discard(mapping)
+            d.errback(failure)
+
+        mapping.addCallbacks(mapped, failed)
+        return d
+
+    def _enqueue(self, prepared: Prepared, d: defer.Deferred):
+        self._pending.append((prepared, d))
+        if self._scheduled is None and self._committing is None:
+            # Wait for the rest of this turn of the reactor: frames from other connections join.
+            self._scheduled = self.clock.callLater(0, self._flush)
+
+    @defer.inlineCallbacks
+    def drain(self):
+        """Map and commit everything pending, then fire (used at shutdown)."""
+        while self._mapping or self._pending or self._committing is not None:
+            if self._mapping:
+                yield defer.DeferredList(list(self._mapping))
+            elif self._committing is not None:
+                yield self._committing
+            else:
+                self._flush()
+
+    def _flush(self):
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        if self._committing is not None or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        # The commit may finish synchronously (and start the next one from _committed), so mark
+        # this one with a token and keep its Deferred only if it is still the one running.
+        token = object()
+        self._committing = token
+        d = self.run_commit(self.ingestor.record, [prepared for prepared, _ in batch])
+        d.addErrback(self._failed, batch)
+        d.addCallback(self._committed, batch)
+        if self._committing is token:
+            self._committing = d
+
+    def _failed(self, failure, batch):
+        self.counters.journal_failures += len(batch)
+        log.failure("journal write failed; {count} message(s) answered with an error ACK", failure, count=len(batch))
+        return [self.ingestor.failure_outcome(prepared) for prepared, _ in batch]
+
+    def _committed(self, outcomes, batch):
+        self._committing = None
+        for (_, d), outcome in zip(batch, outcomes):
+            self.counters.count(outcome)
+            d.callback(outcome)
+        if self.checkpoint_interval is not None and self._committing is None:
+            now = self.clock.seconds()
+            if now - self._last_checkpoint >= self.checkpoint_interval:
+                # The ACKs above are out; the next batch waits for this checkpoint instead.
+                self._last_checkpoint = now
+                self._checkpoint()
+                return
+        # Frames that arrived during the commit go next, at once.
+        self._flush()
+
+    def _checkpoint(self):
+        token = object()
+        self._committing = token
+        d = self.run_commit(self.ingestor.journal.checkpoint)
+        d.addErrback(lambda failure: log.failure("journal checkpoint failed; will try again", failure))
+        d.addBoth(self._checkpointed)
+        if self._committing is token:
+            self._committing = d
+
+    def _checkpointed(self, _):
+        self._committing = None
+        self._flush()
+
+
+# OpenSSL's reason for a failed handshake -> (a code for /metrics, what it means for the operator).
+TLS_REFUSALS = (
+    (("peer did not return a certificate", "certificate required"),
+     "no_client_certificate", "the client sent no certificate, and this listener requires one (tls.client_ca)"),
+    (("certificate verify failed",),
+     "untrusted_client_certificate",
+     "the client's certificate is not signed by the listener's client_ca, or it has expired"),
+    (("alert unknown ca", "alert bad certificate", "alert certificate unknown", "alert certificate expired",
+      "alert unsupported certificate", "alert decrypt error"),
+     "client_refused_server_certificate",
+     "the client refused this listener's certificate (it does not trust the CA that signed it, or the "
+     "name or date does not match)"),
+    (("wrong version number", "http request", "unknown protocol", "packet length too long",
+      "unsupported protocol", "no protocols available", "version too low", "alert protocol version",
+      "record layer failure", "unexpected message"),
+     "protocol_mismatch",
+     "the client does not speak a TLS version this listener accepts, or sent plain MLLP to a TLS port"),
+    (("no shared cipher", "alert handshake failure"),
+     "no_shared_cipher", "the client and this listener have no cipher suite in common"),
+)
+
+
+def tls_refusal(reason: Failure) -> tuple[str, str, str] | None:
+    """Why a TLS connection failed, from the Failure its protocol was closed with:
+    (reason code, explanation, OpenSSL's own words); None when it was not a TLS error."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # no TLS support installed: no TLS listener either
+        return None
+    if reason is None or not reason.check(SSL.Error):
+        return None
+    words = []
+    for item in (reason.value.args[0] if reason.value.args else []) or []:
+        if isinstance(item, (tuple, list)) and item:
+            words.append(str(item[-1]))
+        else:
+            words.append(str(item))
+    text = "; ".join(w for w in words if w) or str(reason.value) or "TLS error"
+    lowered = text.lower()
+    for needles, code, meaning in TLS_REFUSALS:
+        if any(needle in lowered for needle in needles):
+            return code, meaning, text
+    return "other", "the TLS handshake failed", text
+
+
+class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
+    """One MLLP connection: frames in, one message at a time, ACKs out in order."""
+
+    peer = "?"
+    _open = False
+
+    def connectionMade(self):
+        factory = self.factory
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.MAX_LENGTH = factory.settings.max_frame_bytes
+        host = getattr(peer, "host", "")
+        if not factory.settings.peer_allowed(host):
+            factory.counters.refused_connections += 1
+            log.warn("listener {listener}: refused {peer}: not in allow_peers", listener=factory.name, peer=self.peer)
+            self.transport.abortConnection()
+            return
+        if factory.open_connections >= factory.settings.max_connections:
+            factory.counters.refused_connections += 1
+            log.warn(
+                "listener {listener}: refused {peer}: {limit} connections already open",
+                listener=factory.name, peer=self.peer, limit=factory.settings.max_connections,
+            )
+            self.transport.abortConnection()
+            return
+        self._open = True
+        self.callLater = factory.clock.callLater  # TimeoutMixin's timer runs on the factory's clock
+        factory.open_connections += 1
+        factory.counters.connections += 1
+        self.setTimeout(factory.settings.idle_timeout)
+        log.info("listener {listener}: connection from {peer}", listener=factory.name, peer=self.peer)
+
+    def dataReceived(self, data: bytes):
+        if not self._open:
+            return
+        self.resetTimeout()
+        MLLPFraming.dataReceived(self, data)
+
+    def frameReceived(self, payload: bytes):
+        self.pauseFraming()
+        self._received_at = self.factory.clock.seconds()
+        counts = self.factory.frames_by_listener
+        counts[self.factory.name] = counts.get(self.factory.name, 0) + 1
+        frame = Frame(payload, listener=self.factory.name, peer=self.peer)
+        self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
+
+    def _reply(self, outcome: Outcome):
+        if outcome.differing_policy:
+            entry = outcome.entry
+            log.warn(
+                "listener {listener}: control ID {control_id} from {facility} reused with different content: "
+                "message {message_id} differs from message {original}; {action}",
+                listener=self.factory.name, control_id=outcome.control_id or "-",
+                facility=entry.sending_facility or "-", message_id=outcome.message_id, original=entry.duplicate_of,
+                action={"process": "processed as a new message", "reject": f"rejected ({outcome.ack_code})",
+                        "hold": "held for an operator ('hl7bridge replay --remap' processes it)"}[outcome.differing_policy],
+            )
+        if outcome.status not in NORMAL_STATUSES:
+            log.warn(
+                "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}"
+                " (route {route})",
+                listener=self.factory.name, status=outcome.status, message_code=outcome.message_code or "-",
+                control_id=outcome.control_id or "-", peer=self.peer, ack_code=outcome.ack_code,
+                route=(outcome.entry.route if outcome.entry is not None else None) or "-",
+            )
+        else:
+            log.debug(
+                "listener {listener}: accepted {message_code} control ID {control_id}: ACK {ack_code}",
+                listener=self.factory.name, message_code=outcome.message_code,
+                control_id=outcome.control_id, ack_code=outcome.ack_code,
+            )
+        if self.transport.disconnecting:
+            return
+        if outcome.ack is not None:
+            self.sendFrame(outcome.ack)
+            self.factory.ack_latency.observe(self.factory.clock.seconds() - self._received_at)
+        self.resetTimeout()
+        self.resumeFraming()
+
+    def _crashed(self, failure: Failure):
+        log.failure("listener {listener}: unexpected error; closing {peer}", failure,
+                    listener=self.factory.name, peer=self.peer)
+        self.transport.abortConnection()
+
+    def frameLengthExceeded(self, partial: bytes):
+        log.warn(
+            "listener {listener}: frame from {peer} exceeds {limit} bytes; journaled cut off, disconnecting",
+            listener=self.factory.name, peer=self.peer, limit=self.MAX_LENGTH,
+        )
+        self.factory.submit(Frame(partial, listener=self.factory.name, peer=self.peer, truncated=True))
+        self.transport.loseConnection()
+
+    def timeoutConnection(self):
+        log.info("listener {listener}: {peer} idle for {seconds}s, disconnecting",
+                 listener=self.factory.name, peer=self.peer, seconds=self.factory.settings.idle_timeout)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None):
+        self.setTimeout(None)
+        if not self._open:
+            return
+        self._open = False
+        self.factory.open_connections -= 1
+        refusal = tls_refusal(reason)
+        if refusal is not None:
+            code, meaning, words = refusal
+            key = (self.factory.name, code)
+            failures = self.factory.counters.tls_failures
+            failures[key] = failures.get(key, 0) + 1
+            log.warn("listener {listener}: TLS with {peer} failed: {meaning} (OpenSSL: {words})",
+                     listener=self.factory.name, peer=self.peer, meaning=meaning, words=words)
+        if self.discardedBytes:
+            self.factory.counters.discarded_bytes += self.discardedBytes
+            log.info("listener {listener}: {count} bytes outside MLLP frames discarded from {peer}",
+                     listener=self.factory.name, count=self.discardedBytes, peer=self.peer)
+        log.info("listener {listener}: {peer} disconnected", listener=self.factory.name, peer=self.peer)
+
+
+class MLLPServerFactory(protocol.Factory):
+    """Builds one protocol per connection and hands each the listener's settings and the committer."""
+
+    protocol = MLLPServerProtocol
+    noisy = False
+
+    def __init__(self, settings: ListenerSettings, committer: GroupCommit, policy: AcceptPolicy):
+        self.settings = settings
+        self.name = settings.name
+        self.committer = committer
+        self.policy = policy
+        self.counters = committer.counters
+        self.clock = committer.clock
+        self.open_connections = 0
+        # Shared with the engine's /metrics (serve replaces them with its own).
+        self.ack_latency = Histogram()
+        self.frames_by_listener: dict[str, int] = {}
+
+    def submit(self, frame: Frame) -> defer.Deferred:
+        frame.policy = self.policy
+        return self.committer.submit(frame)

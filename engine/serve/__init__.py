@@ -1,0 +1,321 @@
+"""``hl7bridge serve``: wires settings, journal, listeners, workers and logging to the reactor.
+
+This is the edge where the global reactor is used (``run``); everything below takes a clock or a
+reactor as a parameter, and blocking work runs in threads this package owns and hands down:
+
+    Engine
+      writer       JournalWriter: the journal's write connections, its thread, checkpoints (writer.py)
+      supervisor   Supervisor: the text indexer and converter processes (supervisor.py)
+      status       EngineStatus: what /metrics, /readyz and the dashboard read (status.py)
+      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in a thread pool
+      dispatcher   Dispatcher (engine.delivery), file writes in a thread pool
+
+May import every package; nothing imports it but ``engine.cli``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from twisted.internet import defer, ssl, task, threads
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from ..config import ListenerSettings, Settings, TlsSettings
+from ..delivery.dispatcher import Dispatcher
+from ..errors import ConfigError
+from ..mllp.ingest import Ingestor
+from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
+from ..ops.metrics import Histogram
+from ..ops.webapi import site_root
+from ..store import Journal, open_journal
+from ..transform.project import Project
+from .status import EngineStatus
+from .supervisor import Supervisor
+from .writer import JournalWriter
+
+log = Logger(namespace="hl7bridge.serve")
+STATS_INTERVAL = 60.0
+TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
+GIL_SWITCH_INTERVAL = 0.0005
+CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
+MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
+FILE_THREADS = 2  # file destinations' appends and fsyncs
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
+    """Server TLS options; with ``client_ca`` the peer must present a certificate that CA signed."""
+    certs = _PEM_CERT.findall(tls.certificate.read_bytes())
+    if not certs:
+        raise ValueError(f"{tls.certificate} holds no PEM certificate")
+    leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + tls.private_key.read_bytes())
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in certs[1:]]
+    kwargs = {}
+    if tls.client_ca is not None:
+        cas = [ssl.Certificate.loadPEM(pem).original for pem in _PEM_CERT.findall(tls.client_ca.read_bytes())]
+        if not cas:
+            raise ValueError(f"{tls.client_ca} holds no PEM certificate")
+        kwargs = {"verify": True, "caCerts": cas, "requireCertificate": True}
+    return ssl.CertificateOptions(
+        privateKey=leaf.privateKey.original,
+        certificate=leaf.original,
+        extraCertChain=chain or None,
+        **kwargs,
+    )
+
+
+class Engine:
+    """The running engine: the journal writer, the helper processes, one group committer, the
+    dispatcher, any number of MLLP listeners, and the status the operator's pages read."""
+
+    def __init__(self, settings: Settings, reactor, journal: Journal | None = None, project: Project | None = None):
+        self.settings = settings
+        self.reactor = reactor
+        self.writer = JournalWriter(reactor, journal or open_journal(
+            settings.journal_path, settings.journal_synchronous, manual_checkpoints=True))
+        self.project = project
+        journal_arg = str(self.writer.journal.path)
+        self.supervisor = Supervisor(reactor)
+        self.supervisor.add("text indexer", "engine.store.textindexer", journal_arg,
+                            "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
+        if project is not None:
+            self.supervisor.add("converter", "engine.transform.converter", journal_arg,
+                                "--config", str(project.directory), "--parent", str(os.getpid()))
+        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
+        self.counters = Counters()
+        # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
+        self._mapping = ThreadPool(minthreads=0, maxthreads=MAPPING_THREADS, name="hl7bridge-mapping")
+        self._files = ThreadPool(minthreads=0, maxthreads=FILE_THREADS, name="hl7bridge-file-destinations")
+        self.committer = GroupCommit(
+            self.ingestor, reactor, self.counters,
+            run_commit=self.writer.write,
+            checkpoint_interval=CHECKPOINT_INTERVAL,
+            run_mapping=self._in(self._mapping),
+        )
+        # Outbox bookkeeping commits without waiting for the disk (see engine.serve.writer), on
+        # the writer thread, so the two connections never wait for each other's lock.
+        self.dispatcher = Dispatcher(
+            reactor, self.writer.bookkeeping, project.destinations if project is not None else {},
+            write=self.writer.write, run_blocking=self._in(self._files),
+        )
+        self.ports = []
+        self.metrics_port = None
+        self.stopping = False
+        self.ack_latency = Histogram()
+        self.frames_by_listener: dict[str, int] = {}
+        self.status = EngineStatus(self)
+        self._stats = task.LoopingCall(self._log_stats)
+        self._stats.clock = reactor
+        self._last_frames = 0
+        self._retention_loop = None
+
+    def _in(self, pool: ThreadPool):
+        """A ``run(fn, *args) -> Deferred`` that runs in ``pool``."""
+        return lambda fn, *args: threads.deferToThreadPool(self.reactor, pool, fn, *args)
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Listen on every configured endpoint; fires with [(name, host, port)] or fails clearly."""
+        bound = []
+        for listener in self.settings.listeners:
+            port = yield self._listen(listener)
+            self.ports.append(port)
+            address = port.getHost()
+            bound.append((listener.name, address.host, address.port))
+            log.info(
+                "listener {name} on {host}:{port} ({kind})",
+                name=listener.name, host=address.host, port=address.port,
+                kind="mutual TLS" if listener.tls and listener.tls.client_ca else
+                "TLS" if listener.tls or listener.endpoint.startswith("ssl:") else "plain TCP",
+            )
+        if self.settings.metrics_endpoint:
+            self.metrics_port = yield self._listen_metrics()
+            address = self.metrics_port.getHost()
+            bound.append(("metrics", address.host, address.port))
+        self._stats.start(STATS_INTERVAL, now=False)
+        if self.settings.retention is not None:
+            self._retention_loop = task.LoopingCall(self._apply_retention)
+            self._retention_loop.clock = self.reactor
+            self._retention_loop.start(self.settings.retention[2], now=False)
+        for pool in (self._mapping, self._files):
+            pool.start()
+        self.status.start()
+        self.writer.start()
+        self.supervisor.workers["text indexer"].start()
+        yield self.dispatcher.start()
+        if self.project is not None:
+            self.supervisor.workers["converter"].start()
+            log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
+                     directory=str(self.project.directory))
+        return bound
+
+    def reload(self):
+        """Load routes and mappings again; a file that fails leaves the running ones in place."""
+        directory = self.project.directory if self.project is not None else self.settings.config_dir
+        try:
+            project = Project.load(directory)
+        except ConfigError as exc:
+            log.error("reload refused, the running routes and mappings stay: {error}", error=str(exc))
+            return False
+        self.project = project
+        self.ingestor.project = project
+        self.dispatcher.update(project.destinations)
+        self.supervisor.signal("converter", "HUP")
+        log.info("reloaded {routes} routes and {mappings} message mappings from {directory}",
+                 routes=len(project.routes), mappings=len(project.mappings.messages), directory=str(directory))
+        return True
+
+    @defer.inlineCallbacks
+    def _apply_retention(self):
+        """The retention policy, one small batch per writer job so ingest commits go in between."""
+        older_than, keep_errors, _ = self.settings.retention
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than)
+        journal = self.writer.bookkeeping
+        total, last = 0, 0
+        while not self.stopping:
+            done, last = yield self.writer.write(journal.prune_step, cutoff, keep_errors, last)
+            if not done:
+                break
+            total += done
+        if total:
+            yield self.writer.write(journal.reclaim)
+            log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
+
+    def _listen_metrics(self):
+        endpoint_text = self.settings.metrics_endpoint
+        try:
+            endpoint = serverFromString(self.reactor, endpoint_text)
+        except (ValueError, TypeError, KeyError) as exc:
+            return defer.fail(ValueError(f"metrics: bad endpoint {endpoint_text!r}: {exc}"))
+        site = Site(site_root(self.status))
+        site.noisy = False
+
+        def explain(failure):
+            raise RuntimeError(f"metrics: cannot listen on {endpoint_text}: {failure.getErrorMessage()}")
+
+        return endpoint.listen(site).addErrback(explain)
+
+    def _listen(self, listener: ListenerSettings):
+        factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
+        factory.ack_latency = self.ack_latency
+        factory.frames_by_listener = self.frames_by_listener
+        try:
+            endpoint = serverFromString(self.reactor, listener.endpoint)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            return defer.fail(ValueError(f"listener {listener.name}: bad endpoint {listener.endpoint!r}: {exc}"))
+        if listener.tls is not None:
+            factory = TLSMemoryBIOFactory(tls_options(listener.tls), False, factory)
+        d = endpoint.listen(factory)
+
+        def explain(failure):
+            raise RuntimeError(
+                f"listener {listener.name}: cannot listen on {listener.endpoint}: {failure.getErrorMessage()}"
+            )
+
+        return d.addErrback(explain)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop listening, commit what is pending, stop the helpers, close the journal."""
+        if self._stats.running:
+            self._stats.stop()
+        self.stopping = True
+        if self._retention_loop is not None and self._retention_loop.running:
+            self._retention_loop.stop()
+        self.writer.stop_checkpoints()
+        for port in self.ports:
+            yield port.stopListening()
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
+        yield self.dispatcher.stop()
+        yield self.committer.drain()
+        for pool in (self._mapping, self._files):
+            if pool.started:
+                pool.stop()
+        self.status.stop()
+        yield self.writer.stop()
+        yield self.supervisor.stop()
+        self._log_stats()
+
+    def abandon(self):
+        """Start-up failed: release what was opened."""
+        for port in self.ports:
+            port.stopListening()
+        for pool in (self._mapping, self._files):
+            if pool.started:
+                pool.stop()
+        self.status.stop()
+        self.writer.close()
+
+    def _log_stats(self):
+        c = self.counters
+        if c.frames == self._last_frames:
+            return
+        self._last_frames = c.frames
+        log.info(
+            "{frames} frames: {accepted} accepted, {rejected} rejected, {duplicates} duplicates, "
+            "{failures} journal failures, {discarded} bytes outside frames",
+            frames=c.frames, accepted=c.accepted, rejected=c.rejected, duplicates=c.duplicates,
+            failures=c.journal_failures, discarded=c.discarded_bytes,
+        )
+
+
+def start_logging(level: str, stream=None):
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(stream or sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def pid_file(journal_path) -> Path:
+    """Where a running engine writes its process ID (beside its journal), for ``hl7bridge reload``."""
+    path = Path(journal_path)
+    return path.with_name(path.stem + ".pid")
+
+
+def run(settings: Settings, project: Project | None = None) -> int:
+    """Run the engine until SIGINT/SIGTERM; SIGHUP reloads routes and mappings. Returns the exit code."""
+    from twisted.internet import reactor
+
+    # The background threads (journal writer, text indexing) do Python work too; by default a
+    # thread keeps the GIL for up to 5 ms before handing it over, which showed up as ACK latency.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    start_logging(settings.log_level)
+    engine = Engine(settings, reactor, project=project)
+    exit_code = [0]
+    pid_path = pid_file(engine.writer.journal.path)
+
+    def started(bound):
+        pid_path.write_text(f"{os.getpid()}\n")
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(engine.reload))
+        for name, host, port in bound:
+            # One line per listener on stdout, so scripts and tests can find the port.
+            kind = "metrics" if name == "metrics" else f"listener {name}"
+            print(f"hl7bridge: {kind} ready on {host}:{port}", flush=True)
+        reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
+        reactor.addSystemEventTrigger("after", "shutdown", lambda: pid_path.unlink(missing_ok=True))
+
+    def failed(failure):
+        print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        exit_code[0] = 1
+        engine.abandon()
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
+    reactor.run()
+    return exit_code[0]

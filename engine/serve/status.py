@@ -1,0 +1,74 @@
+"""The running engine as the web API and the dashboard see it: ``engine.ops.status.Status``.
+
+Journal reads run in a small pool of reader threads, each with its own read-only journal, so a
+dashboard search or a /metrics scrape never blocks the reactor and never takes the write lock;
+replays go to the journal writer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+
+from ..ops.status import Status
+from ..store import open_journal
+from ..transform.replay import replay_messages
+
+READER_THREADS = 2
+
+
+class EngineStatus(Status):
+    def __init__(self, engine):
+        self._engine = engine
+        self.counters = engine.counters
+        self.frames_by_listener = engine.frames_by_listener
+        self.ack_latency = engine.ack_latency
+        self.dashboard_token = engine.settings.dashboard_token
+        self._pool = ThreadPool(minthreads=0, maxthreads=READER_THREADS, name="hl7bridge-status-reader")
+        self._local = threading.local()
+        self._journals = []
+        self._lock = threading.Lock()
+
+    def start(self):
+        self._pool.start()
+
+    def stop(self):
+        if self._pool.started:
+            self._pool.stop()
+        with self._lock:
+            for journal in self._journals:
+                journal.close()
+            self._journals.clear()
+
+    def _journal(self):
+        journal = getattr(self._local, "journal", None)
+        if journal is None:
+            journal = open_journal(self._engine.writer.journal.path, create=False, readonly=True)
+            self._local.journal = journal
+            with self._lock:
+                self._journals.append(journal)
+        return journal
+
+    def read(self, fn, *args):
+        return threads.deferToThreadPool(self._engine.reactor, self._pool, lambda: fn(self._journal(), *args))
+
+    def replay(self, message_ids, destinations, who, why):
+        engine = self._engine
+        return engine.writer.write(replay_messages, engine.writer.bookkeeping, engine.project, message_ids,
+                                   destinations, who, why)
+
+    def delivery_outcomes(self) -> dict:
+        return self._engine.dispatcher.outcomes
+
+    def sender_counters(self) -> dict:
+        return self._engine.dispatcher.sender_counters()
+
+    def not_ready(self) -> list[str]:
+        problems = []
+        if not self._engine.ports:
+            problems.append("no listener is bound")
+        if self._engine.stopping:
+            problems.append("shutting down")
+        return problems

@@ -1,0 +1,54 @@
+"""Stamps: how the engine names moments and things so that they can be reproduced exactly.
+
+Journal timestamps (``iso``: ISO 8601 in UTC with microseconds, so text order is time order),
+ACK control IDs that stay unique across restarts (``control_id_factory``), and stable resource and
+event IDs derived from identifiers (``stable_id``: the same message always gives the same IDs).
+Plain Python, imported by every package; it imports nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Callable
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    """Journal timestamps: ISO 8601 in UTC with microseconds, so text order is time order."""
+    m = moment.astimezone(timezone.utc)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
+
+
+def parse_iso(text: str) -> datetime:
+    """A journal timestamp (or any ISO 8601 text ending in Z) back to an aware datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def control_id_factory(prefix: str = "HB") -> Callable[[], str]:
+    """Unique ACK control IDs across restarts: prefix, start time in base 36, a counter."""
+    start = _base36(int(time.time() * 1000))
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{start}{next(counter):06d}"
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while number:
+        number, rem = divmod(number, 36)
+        out = digits[rem] + out
+    return out or "0"
+
+
+ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4c55-9a7e-4b1d0c9e2f31")
+
+
+def stable_id(*parts: str) -> str:
+    """A UUID derived from the parts: the same identifiers always give the same resource ID."""
+    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))

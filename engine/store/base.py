@@ -1,0 +1,362 @@
+"""The storage interface: everything that reads or writes the journal goes through ``Journal``.
+
+The journal holds every frame received (verbatim, with the fields operators search by), its
+identifiers, its FHIR conversion, its outbox deliveries with their attempts, and the replays an
+operator asked for. One message's whole story hangs off its message ID.
+
+``Journal`` is an abstract class, documented method by method; ``engine.store.sqlite`` implements
+it on SQLite (the embedded default), and another backend is another module implementing the same
+methods. The records that cross the interface (``Entry``, ``ConversionRecord``, ``Delivery``,
+``Attempt``, ``SearchQuery``) are plain dataclasses, and times cross it as aware datetimes (the
+ones read back as text are ISO 8601 in UTC, ``engine.stamps.iso``, so text order is time order).
+
+The interface stores and finds; it decides nothing. Decisions are plain functions its callers
+make and hand in: the next state of a delivery and when to try it again
+(``engine.delivery.outbox``), the key deliveries are ordered by, which messages a retention
+policy may delete (``engine.store.retention``).
+
+Threads: a ``Journal`` object is used by one thread at a time (the engine runs all its writes in
+one writer thread, and its reads in a pool of threads with a read-only journal each).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+SCHEMA_VERSION = 5
+SYNCHRONOUS_MODES = ("full", "normal", "extra")
+
+# Message statuses (set at ingest, by routing and by mapping).
+ACCEPTED, MAPPED, MAPPING_ERROR, UNROUTED = "accepted", "mapped", "mapping_error", "unrouted"
+REJECTED, DUPLICATE, FAILED, HELD = "rejected", "duplicate", "error", "held"
+STATUSES = (ACCEPTED, MAPPED, MAPPING_ERROR, UNROUTED, REJECTED, DUPLICATE, HELD, FAILED)
+
+# Delivery states (what the outbox keeps; engine.delivery.outbox decides the moves between them).
+PENDING, IN_FLIGHT, DELIVERED, RETRYING, DEAD = "pending", "in_flight", "delivered", "retrying", "dead"
+DELIVERY_STATES = (PENDING, IN_FLIGHT, RETRYING, DELIVERED, DEAD)
+RESPONSE_KEPT = 2000  # characters of a response body kept with an attempt (the journal, not the log)
+
+
+@dataclass
+class ConversionRecord:
+    """The FHIR conversion of a message: 'mapped' with a Bundle, or 'mapping_error' with problems."""
+
+    route: str
+    status: str
+    converted_at: str
+    bundle: str | None = None  # JSON text
+    problems: str | None = None  # JSON list of text
+
+
+@dataclass
+class Entry:
+    """One received frame, ready to be journaled."""
+
+    received_at: str
+    raw: bytes
+    status: str
+    listener: str = ""
+    peer: str = ""
+    control_id: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    message_structure: str = ""
+    version: str = ""
+    processing_id: str = ""
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    charset: str = ""
+    error: str | None = None
+    error_code: int | None = None
+    error_location: str | None = None
+    warning: str | None = None
+    duplicate_of: int | None = None
+    truncated: bool = False
+    ack_code: str | None = None
+    ack: bytes | None = None
+    ack_sent: bool = False
+    ids: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, authority)
+    route: str | None = None
+    conversion: ConversionRecord | None = None  # when the route maps before the ACK
+    acked_at: str | None = None
+
+    @property
+    def patient_id(self) -> str | None:
+        return next((value for kind, value, _ in self.ids if kind == "patient"), None)
+
+    def first_id(self, kind: str) -> str | None:
+        return next((value for k, value, _ in self.ids if k == kind), None)
+
+
+@dataclass
+class Delivery:
+    """One delivery due to be sent: the outbox row with what sending it needs."""
+
+    id: int
+    message_id: int
+    destination: str
+    key: str
+    state: str
+    attempts: int
+    created_at: str
+    control_id: str = ""
+    bundle: str | None = None
+    # The message reused an earlier message's control ID with different content: its finance
+    # event IDs carry this (its message ID) so the ERP does not take them for the earlier ones.
+    discriminator: str = ""
+    resumed: bool = False  # it was in flight when the engine stopped: its send may have happened
+
+
+@dataclass
+class Attempt:
+    """One try at a delivery, as the journal keeps it (the response is cut to RESPONSE_KEPT)."""
+
+    started: datetime
+    finished: datetime
+    outcome: str  # ok, transient or permanent
+    status: int | None = None  # HTTP status, when there was one
+    response: str = ""
+
+
+@dataclass
+class NextState:
+    """Where a delivery goes after an attempt (decided by engine.delivery.outbox.next_state)."""
+
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+
+
+SUMMARY_COLUMNS = (
+    "id", "received_at", "listener", "peer", "route", "control_id", "message_type", "trigger_event",
+    "sending_application", "sending_facility", "patient_id", "placer_appointment_id",
+    "filler_appointment_id", "transaction_id", "status", "ack_code", "error", "size",
+)
+
+
+@dataclass
+class SearchQuery:
+    """Filters for ``Journal.search``; every one given must hold. Keyed filters use indexes."""
+
+    patient: str | None = None
+    control_id: str | None = None
+    appointment: str | None = None
+    transaction: str | None = None
+    message_type: str | None = None  # "SIU" or "SIU^S12"
+    sending_facility: str | None = None
+    route: str | None = None
+    status: str | None = None
+    delivery: str | None = None  # "DESTINATION:STATE", or just a state (any destination)
+    duplicate: str | None = None  # "exact" (resends), "differing" (control ID reused, content differs), "any"
+    oldest_first: bool = False
+    since: str | None = None  # ISO timestamp, inclusive
+    until: str | None = None  # ISO timestamp, exclusive
+    text: str | None = None  # free text anywhere in the message
+    limit: int = 50
+
+
+@dataclass
+class PruneResult:
+    messages: int
+    bytes_before: int
+    bytes_after: int
+    dry_run: bool
+
+    @property
+    def freed(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+class Journal(ABC):
+    """The journal: one writer (the engine, or a CLI command) and any number of readers.
+
+    Methods that say "inside the caller's transaction" must run within ``transaction()``; the
+    others run their own short transaction (or none, for reads).
+    """
+
+    path: Path  # where the journal is (for SQLite, its file; the engine's PID file goes beside it)
+
+    @abstractmethod
+    def close(self):
+        """Release the connection(s)."""
+
+    # -- writing: ingest ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager:
+        """One write transaction: committed (and on disk, as durable as the journal was opened)
+        when the block exits, rolled back if it raises."""
+
+    @abstractmethod
+    def checkpoint(self):
+        """Housekeeping the writer runs between transactions, never inside one an ACK waits for
+        (SQLite: copy the WAL back into the database)."""
+
+    @abstractmethod
+    def background_checkpointer(self):
+        """An object with ``run_once()`` and ``close()`` that does the bulk of ``checkpoint``'s
+        work from another thread without blocking the writer; None when the backend needs none."""
+
+    @abstractmethod
+    def accepted_with_key(self, sending_facility: str, control_id: str) -> list[tuple]:
+        """Every accepted message with this (sending facility, control ID), oldest first:
+        [(id, ack, ack_code, raw)]. Exact resends are left out: they are never the original."""
+
+    @abstractmethod
+    def insert(self, entry: Entry) -> int:
+        """Store one entry, its identifiers and its conversion (if it has one), inside the
+        caller's transaction; returns its message ID."""
+
+    # -- writing: conversion --------------------------------------------------------------------------
+
+    @abstractmethod
+    def waiting_for_conversion(self, limit: int = 100) -> list[tuple[int, bytes, str, str]]:
+        """Routed messages ACKed before mapping and not converted yet, oldest first:
+        [(id, raw, charset, route)]."""
+
+    @abstractmethod
+    def message_source(self, message_id: int) -> tuple[bytes, str, str | None] | None:
+        """(raw, charset, route) of a message, or None when there is no such message."""
+
+    @abstractmethod
+    def record_conversion(self, message_id: int, record: ConversionRecord, update_status: bool = False,
+                          route: str | None = None):
+        """Store a message's conversion, replacing an earlier one, inside the caller's transaction;
+        with ``update_status`` the message takes the conversion's status, with ``route`` that route."""
+
+    # -- the outbox ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def message_identifiers(self, message_id: int) -> list[dict]:
+        """A message's identifiers as stored: [{kind, value, authority}] (what ordering keys come from)."""
+
+    @abstractmethod
+    def delivery_destinations(self, message_id: int) -> set[str]:
+        """The destinations a message already has a delivery for."""
+
+    @abstractmethod
+    def create_deliveries(self, message_id: int, deliveries: list[tuple[str, str]], now: datetime):
+        """Queue one pending delivery per (destination, ordering key), inside the caller's transaction."""
+
+    @abstractmethod
+    def due_deliveries(self, destination: str, now: datetime, limit: int) -> list[Delivery]:
+        """Pending or retrying deliveries of ``destination`` whose time has come and that no earlier
+        undelivered delivery with the same key holds back, in order, with their Bundles."""
+
+    @abstractmethod
+    def claim(self, deliveries: list[Delivery], now: datetime):
+        """Mark deliveries in flight (committed before anything is sent)."""
+
+    @abstractmethod
+    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState):
+        """Record an attempt and move its delivery to ``next_state``, in one transaction."""
+
+    @abstractmethod
+    def recover_in_flight(self, now: datetime) -> list[int]:
+        """Deliveries left in flight by a crash become retrying, due now; returns their IDs."""
+
+    @abstractmethod
+    def outbox_counts(self, open_only: bool = False) -> list[tuple[str, str, int, str | None]]:
+        """(destination, state, count, oldest created_at) per destination and state (with
+        ``open_only``, not the delivered ones), sorted by destination and state."""
+
+    @abstractmethod
+    def list_deliveries(self, destination: str | None = None, state: str | None = None,
+                        limit: int = 50) -> list[dict]:
+        """Deliveries, newest first: id, message_id, control_id, destination, key, state, attempts,
+        created_at, next_attempt_at, last_error."""
+
+    @abstractmethod
+    def replay(self, message_ids: list[int], destinations: list[str] | None, who: str, why: str,
+               now: datetime, only_dead: bool = False, remapped: bool = False) -> int:
+        """Start the messages' deliveries (to all or the named destinations; with ``only_dead``,
+        the dead ones) over as pending, and record each replay (who, when, why), in one
+        transaction. Deliveries in flight are left alone. Returns how many were reset."""
+
+    @abstractmethod
+    def held_among(self, message_ids: list[int]) -> list[int]:
+        """Which of these messages are held for an operator (never mapped)."""
+
+    @abstractmethod
+    def messages_with_dead_deliveries(self, destination: str) -> list[int]:
+        """IDs of the messages with a dead delivery to ``destination``, ascending."""
+
+    @abstractmethod
+    def messages_with_control_id(self, control_id: str) -> list[int]:
+        """IDs of every message with this control ID (MSH-10), from any sender."""
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def check_readable(self):
+        """Raise an exception (with the backend's words) when the journal cannot be read."""
+
+    @abstractmethod
+    def get(self, message_id: int) -> dict | None:
+        """One message as a dict of its columns (raw and ack as bytes), with ``ids``
+        ([{kind, value, authority}] in the order of ID_KINDS), or None."""
+
+    @abstractmethod
+    def conversion(self, message_id: int) -> dict | None:
+        """A message's conversion: route, status, converted_at, bundle (JSON text), problems."""
+
+    @abstractmethod
+    def history(self, message_id: int) -> dict:
+        """What happened after ingest: {"deliveries": [... with "tries": [attempts]], "replays": [...]}."""
+
+    @abstractmethod
+    def deliveries_of(self, message_id: int) -> list[dict]:
+        """A message's deliveries in brief: id, destination, state, attempts, last_error."""
+
+    @abstractmethod
+    def count(self, status: str | None = None) -> int:
+        """How many messages (with this status)."""
+
+    @abstractmethod
+    def search(self, query: SearchQuery) -> list[dict]:
+        """Messages matching every filter of ``query`` (SUMMARY_COLUMNS, no raw bytes), newest
+        first. Free text finds what was just received: the text index is brought up to date first."""
+
+    @abstractmethod
+    def stats(self, since: str, until: str | None = None) -> dict:
+        """Counts per route, type and status, and latency percentiles (receipt to ACK, to
+        conversion, to delivery per destination), for messages received in [since, until)."""
+
+    @abstractmethod
+    def traffic(self, since: str) -> dict:
+        """Per hour since ``since``: {"flow": [{hour, route, messages}], "delivered": [{hour,
+        destination, deliveries}]} (hours as 'YYYY-MM-DDTHH')."""
+
+    @abstractmethod
+    def exceptions(self, limit: int = 50) -> dict:
+        """What needs an operator, newest first: {"messages": rejected, error, mapping_error and
+        held messages (with the problems of their conversion), "differing": messages that reused
+        a control ID with different content}."""
+
+    # -- retention ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def count_prunable(self, cutoff: datetime, keep_errors: bool) -> int:
+        """How many messages the retention rules (engine.store.retention) allow to delete."""
+
+    @abstractmethod
+    def prune_step(self, cutoff: datetime, keep_errors: bool, after_id: int, batch: int = 500) -> tuple[int, int]:
+        """Delete one batch of prunable messages with an ID above ``after_id``, everything that
+        hangs off them included (free-text entries too), in a short transaction; returns (how
+        many, the last ID seen) so the caller can go on after it."""
+
+    @abstractmethod
+    def reclaim(self):
+        """Give the space of deleted rows back to the file system."""
+
+    @abstractmethod
+    def prune(self, cutoff: datetime, keep_errors: bool = False, dry_run: bool = False, progress=None,
+              batch: int = 500) -> PruneResult:
+        """Everything the rules allow, batch by batch (``progress(n)`` after each), then reclaim."""

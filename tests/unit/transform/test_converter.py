@@ -1,0 +1,67 @@
+"""The converter's work, in-process: messages ACKed at commit are mapped, journaled and queued."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import EXAMPLES, ROOT
+from engine.mllp.ingest import Frame, Ingestor
+from engine.store.base import ACCEPTED, MAPPED, MAPPING_ERROR
+from engine.transform.converter import BATCH, convert_pending
+from engine.transform.project import Project
+
+SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
+
+
+@pytest.fixture
+def project():
+    return Project.load(ROOT)
+
+
+def receive(journal, project, raw, count=1):
+    ingestor = Ingestor(journal, project=project)
+    return [ingestor.ingest([Frame(raw.replace(b"NC000123", f"NC{n:06d}".encode(), 1))])[0] for n in range(count)]
+
+
+def test_waiting_messages_are_mapped_and_queued(journal, project):
+    [outcome] = receive(journal, project, SIU)
+    assert outcome.status == ACCEPTED and journal.waiting_for_conversion() != []
+    assert convert_pending(journal, project) == 1
+    row = journal.get(outcome.message_id)
+    conversion = journal.conversion(outcome.message_id)
+    assert (row["status"], conversion["status"], conversion["route"]) == (MAPPED, MAPPED, "clinic-scheduling")
+    assert json.loads(conversion["bundle"])["type"] == "transaction"
+    [delivery] = journal.list_deliveries()
+    assert (delivery["destination"], delivery["key"], delivery["state"]) == ("fhir-main", "patient:NORTHCLINIC|100234",
+                                                                               "pending")
+    assert journal.waiting_for_conversion() == [] and convert_pending(journal, project) == 0
+
+
+def test_a_short_batch_at_a_time(journal, project):
+    receive(journal, project, SIU, count=BATCH + 3)
+    assert convert_pending(journal, project) == BATCH
+    assert convert_pending(journal, project) == 3
+    assert journal.count(MAPPED) == BATCH + 3
+
+
+def test_a_route_no_longer_configured_is_a_mapping_error_that_says_what_to_do(journal, project, tmp_path):
+    [outcome] = receive(journal, project, SIU)
+    for part in ("routes", "mappings", "destinations"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    (tmp_path / "routes" / "10-scheduling.yaml").unlink()
+    assert convert_pending(journal, Project.load(tmp_path)) == 1
+    conversion = journal.conversion(outcome.message_id)
+    assert (conversion["status"], conversion["route"]) == (MAPPING_ERROR, "clinic-scheduling")
+    assert json.loads(conversion["problems"]) == [
+        "route 'clinic-scheduling' is no longer configured; replay the message to route it again"]
+    assert journal.list_deliveries() == []
+
+
+def test_a_message_that_cannot_be_mapped_is_journaled_with_its_problems(journal, project):
+    bad = SIU.replace(b"|19840312|", b"|1984-03-12|", 1)  # PID-7 is no HL7 date
+    [outcome] = receive(journal, project, bad)
+    convert_pending(journal, project)
+    assert journal.get(outcome.message_id)["status"] == MAPPING_ERROR
+    problems = json.loads(journal.conversion(outcome.message_id)["problems"])
+    assert any(p.startswith("Patient.birthDate:") and "(date(PID-7))" in p for p in problems), problems

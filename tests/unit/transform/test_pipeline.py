@@ -1,0 +1,103 @@
+"""One pipeline for every path: what ``hl7bridge convert`` and ``hl7bridge test`` say about a message
+is what the engine journals for it, structure validation included."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import EXAMPLES, ROOT
+from engine.cli import cli
+from engine.mllp.ingest import Frame, Ingestor
+from engine.store.base import MAPPED, MAPPING_ERROR, UNROUTED
+from engine.transform import pipeline
+from engine.transform.converter import convert_pending
+from engine.transform.project import Project
+
+SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
+# A SIU^S12 without its SCH: the mapping alone can still make something of it, but the standard
+# requires SCH, so a route with validate: structure must refuse it.
+NO_SCH = b"\r".join(line for line in SIU.replace(b"\n", b"\r").split(b"\r") if not line.startswith(b"SCH"))
+
+
+@pytest.fixture
+def config(tmp_path):
+    for part in ("routes", "mappings", "destinations"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    return tmp_path
+
+
+def validating(config, **changes):
+    """The shipped scheduling route with validate: structure (and other changes: old -> new)."""
+    route = config / "routes" / "10-scheduling.yaml"
+    text = route.read_text().replace("validate: none", "validate: structure", 1)
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new, 1)
+    route.write_text(text)
+    return Project.load(config)
+
+
+def test_without_structure_validation_the_message_maps(config):
+    converted = pipeline.convert(Project.load(config), pipeline.read(NO_SCH))
+    assert converted.status == MAPPED and converted.ok
+
+
+def test_structure_validation_fails_convert_test_and_the_engine_alike(config, journal):
+    project = validating(config)
+    # The library.
+    converted = pipeline.convert(project, pipeline.read(NO_SCH))
+    assert converted.status == MAPPING_ERROR
+    assert converted.problems == ["structure: Missing required child SIU_S12.SCH"]
+    # hl7bridge convert.
+    sample = config / "no_sch.hl7"
+    sample.write_bytes(NO_SCH)
+    result = CliRunner().invoke(cli, ["convert", str(sample), "--config", str(config)])
+    assert result.exit_code == 1
+    assert "(route clinic-scheduling): cannot convert\n  structure: Missing required child SIU_S12.SCH\n" in result.output
+    # hl7bridge test, with an expected Bundle written without validation.
+    (config / "no_sch.fhir.json").write_text(json.dumps(pipeline.convert(Project.load(ROOT), pipeline.read(NO_SCH)).bundle))
+    result = CliRunner().invoke(cli, ["test", str(config), "--config", str(config)])
+    assert result.exit_code == 1 and "FAIL  no_sch.hl7\n      structure: Missing required child SIU_S12.SCH" in result.output
+    # The engine: ACKed at commit, then the converter journals the same problems.
+    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_SCH)])
+    assert (outcome.status, outcome.ack_code) == ("accepted", "AA")
+    assert convert_pending(journal, project) == 1
+    assert journal.get(outcome.message_id)["status"] == MAPPING_ERROR
+    assert json.loads(journal.conversion(outcome.message_id)["problems"]) == converted.problems
+    assert journal.list_deliveries() == []
+
+
+def test_a_route_that_maps_before_the_ack_refuses_it_in_the_ack(config, journal):
+    project = validating(config, **{"after: commit": "after: mapping", "mapping_error: AE": "mapping_error: AR"})
+    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_SCH)])
+    assert (outcome.status, outcome.ack_code) == (MAPPING_ERROR, "AR")
+    assert b"cannot be mapped: structure: Missing required child SIU_S12.SCH" in outcome.ack
+
+
+def test_mapped_messages_say_where_their_deliveries_go():
+    project = Project.load(ROOT)
+    converted = pipeline.convert(project, pipeline.read((EXAMPLES / "dft_p03.hl7").read_bytes()))
+    assert converted.status == MAPPED
+    assert [d.name for d in converted.destinations] == ["fhir-main", "erp-finance"]
+    record = converted.record("2026-11-24T06:00:00.000000Z")
+    assert record.route == "clinic-charges" and json.loads(record.bundle) == converted.bundle
+
+
+def test_unrouted_and_unknown_routes():
+    project = Project.load(ROOT)
+    message = pipeline.read(SIU.replace(b"|NORTHCLINIC|", b"|SOUTHCLINIC|", 1).replace(b"SIU^S12^SIU_S12", b"ADT^A01^ADT_A01", 1))
+    converted = pipeline.convert(project, message)
+    assert (converted.status, converted.route, converted.ok) == (UNROUTED, None, False)
+    assert converted.problems == ["no route matches ADT^A01 from SOUTHCLINIC"]
+    with pytest.raises(pipeline.RouteNotFound, match="no route named 'nowhere' \\(routes: clinic-scheduling"):
+        pipeline.convert(project, pipeline.read(SIU), route_name="nowhere")
+    named = pipeline.convert(project, pipeline.read(SIU), route_name="other-scheduling")
+    assert named.route.name == "other-scheduling" and named.status == MAPPED
+
+
+def test_read_uses_the_journaled_charset_or_msh18():
+    raw = (EXAMPLES / "dft_p03_latin1.hl7").read_bytes()
+    assert pipeline.read(raw).text == pipeline.read(raw, "latin-1").text
+    assert "\ufffd" in pipeline.read(raw, "utf-8").text  # what the journal says wins
