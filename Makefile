@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean docs browser
+.PHONY: serve test bench clean docs browser servers
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,19 @@ browser:
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
 	    else echo "chromium/chromedriver missing: the dashboard browser test will skip (apt-get install chromium chromium-driver)"; fi; }
 
-test: $(STAMP) $(FHIR_SERVER)/node_modules/.installed browser
+# The PostgreSQL and cluster tests start Debian's PostgreSQL server and HAProxy (tests/pgserver.py,
+# tests/haproxy.py); installed when missing and we may (root).
+PG_BINDIR = $(firstword $(shell ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r))
+servers:
+	@missing=""; \
+	  [ -x "$(PG_BINDIR)/initdb" ] || missing="$$missing postgresql"; \
+	  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	    else echo "missing:$$missing: the PostgreSQL/HAProxy tests will skip (apt-get install$$missing)"; fi; \
+	  fi
+
+test: $(STAMP) $(FHIR_SERVER)/node_modules/.installed browser servers
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

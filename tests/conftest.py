@@ -16,6 +16,8 @@ import pytest
 
 from fhirserver import fhir_server, fhir_server_factory  # noqa: F401 (fixtures for every test module)
 from tryton import tryton_server, tryton_template  # noqa: F401 (fixtures for every test module)
+from pgserver import postgres_server, postgres_url  # noqa: F401 (fixtures for every test module)
+from haproxy import haproxy_factory  # noqa: F401 (fixtures for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
