@@ -7,7 +7,9 @@ modes) and the foundation; the listener, ops and serve read it.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from .errors import ConfigError
 from .hl7.assess import AcceptPolicy
 from .hl7.versions import SUPPORTED_VERSIONS
 from .store.base import SYNCHRONOUS_MODES
-from .yamlconf import Section, expand_env, load_yaml, seconds
+from .yamlconf import Section, age, expand_env, load_yaml, seconds
 
 CONFIG_FILE = "hl7bridge.yaml"
 DEFAULT_ENDPOINT = "tcp:2575:interface=127.0.0.1"
@@ -59,6 +61,39 @@ class ListenerSettings:
 
 
 @dataclass(frozen=True)
+class DashboardUser:
+    """One operator who may sign in to the dashboard: a name (replays are recorded under it), a
+    token of their own, and a role: ``operator`` may replay, ``viewer`` only reads."""
+
+    name: str
+    token: str
+    role: str = "operator"
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """Who may open the dashboard: ``users``, each with their own token; or one shared ``token``
+    with which the operator names themself at sign-in."""
+
+    token: str | None = None
+    users: tuple = ()
+
+    def user_with_token(self, token: str) -> DashboardUser | None:
+        """The user this token belongs to (compared in constant time), or None."""
+        found = None
+        for user in self.users:
+            if hmac.compare_digest(user.token.encode(), token.encode()):
+                found = user
+        return found
+
+
+DASHBOARD_ROLES = ("operator", "viewer")
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,59}$")
+_ENV_ONLY = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+MIN_TOKEN = 12
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything ``serve`` needs. ``base`` is the directory relative paths are read from."""
 
@@ -72,7 +107,7 @@ class Settings:
     unrouted: str = "accept"  # what a message no route takes gets: accept (AA, journaled) or reject (AR)
     metrics_endpoint: str | None = DEFAULT_METRICS_ENDPOINT  # /metrics, /healthz, /readyz; None: off
     retention: tuple | None = None  # (older_than seconds, keep_errors, every seconds): prune on a schedule
-    dashboard_token: str | None = None  # serves the dashboard and guards everything but /healthz
+    dashboard: DashboardSettings | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
 
@@ -102,7 +137,8 @@ KEYS = {
     "logging": {"level"},
     "routing": {"unrouted"},
     "metrics": {"endpoint", "enabled"},
-    "dashboard": {"token"},
+    "dashboard": {"token", "users"},
+    "dashboard_user": {"name", "token", "role"},
 }
 
 
@@ -125,10 +161,7 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     journal, identity, charset, logging, routing, metrics, dashboard = (
         section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard")
     )
-    dashboard_token = expand_env(dashboard.get("token", str, None), dashboard, "token")
-    if dashboard_token:
-        if len(dashboard_token) < 12:
-            raise dashboard.error("token", "is too short", "use at least 12 characters, e.g. from: openssl rand -hex 16")
+    dashboard_settings = _dashboard(dashboard, path)
 
     default_charset = charset.get("default", str, "utf-8")
     if codec_for(default_charset) is None:
@@ -149,13 +182,16 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         if policy.data.get("older_than") is None:
             raise policy.error("older_than", "is required", "e.g. 90d")
         try:
-            retention = (seconds(policy.data["older_than"], "older_than"), policy.get("keep_errors", bool, True),
-                         seconds(policy.data.get("every", "1h"), "every"))
+            older_than = age(policy.data["older_than"], "older_than")
         except ValueError as exc:
             raise policy.error("older_than", str(exc)) from None
+        try:
+            retention = (older_than, policy.get("keep_errors", bool, True), seconds(policy.data.get("every", "1h"), "every"))
+        except ValueError as exc:
+            raise policy.error("every", str(exc)) from None
     return Settings(
         retention=retention,
-        dashboard_token=dashboard_token,
+        dashboard=dashboard_settings,
         base=base,
         listeners=listeners,
         journal_path=base / journal.get("path", str, "var/journal.db"),
@@ -171,6 +207,48 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         source=path,
         config_dir=base,
     )
+
+
+def _dashboard(section: Section, path: Path) -> DashboardSettings | None:
+    """``dashboard``: one shared ``token``, or ``users`` each with their own (not both)."""
+    token = expand_env(section.get("token", str, None), section, "token")
+    if token is not None and len(token) < MIN_TOKEN:
+        raise section.error("token", "is too short", "use at least 12 characters, e.g. from: openssl rand -hex 16")
+    items = section.get("users", list, None)
+    if items is None:
+        return DashboardSettings(token=token) if token else None
+    if token is not None:
+        raise section.error("users", "goes without dashboard.token",
+                            "with users, each signs in with their own token: remove dashboard.token "
+                            "(or give its holder a user entry)")
+    if not items:
+        raise section.error("users", "needs at least one user", "e.g. - {name: alice, token: \"${HL7BRIDGE_TOKEN_ALICE}\"}")
+    users = []
+    for number, item in enumerate(items, 1):
+        user = Section(item, path, f"dashboard.users[{number}]", KEYS["dashboard_user"],
+                       getattr(item, "line", 0) or section.line("users"))
+        name = user.get("name", str, None)
+        variable = "HL7BRIDGE_TOKEN_" + re.sub(r"[^A-Z0-9]", "_", (name or "NAME").upper())
+        if not name:
+            raise user.error("name", "is required", "the name replays are recorded under, e.g. alice")
+        if not _USER_NAME.match(name):
+            raise user.error("name", f"{name!r} is not a usable name", "letters, digits and . _ @ - (at most 60)")
+        if any(other.name == name for other in users):
+            raise user.error("name", f"{name!r} is listed twice", "list each user once")
+        raw = user.get("token", str, None)
+        if raw is None:
+            raise user.error("token", "is required", f"write token: ${{{variable}}}")
+        if not _ENV_ONLY.match(raw.strip()):
+            raise user.error("token", "must come from the environment, not be written in the file",
+                             f"write token: ${{{variable}}} and export {variable}=$(openssl rand -hex 16) before starting")
+        value = expand_env(raw.strip(), user, "token")
+        if len(value) < MIN_TOKEN:
+            raise user.error("token", f"of {name} is too short", "use at least 12 characters, e.g. from: openssl rand -hex 16")
+        twin = next((other.name for other in users if other.token == value), None)
+        if twin is not None:
+            raise user.error("token", f"of {name} is the same as {twin}'s", "give each user a token of their own")
+        users.append(DashboardUser(name, value, user.choice("role", DASHBOARD_ROLES, "operator")))
+    return DashboardSettings(users=tuple(users))
 
 
 # Arguments of an ssl: endpoint that name files (Twisted's serverFromString).

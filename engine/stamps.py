@@ -52,3 +52,24 @@ ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4c55-9a7e-4b1d0c9e2f31")
 def stable_id(*parts: str) -> str:
     """A UUID derived from the parts: the same identifiers always give the same resource ID."""
     return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+
+
+_AGO_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_moment(value: str, now: datetime | None = None) -> str:
+    """A moment as a user types it, as a journal timestamp: '2h', '30m', '7d', '2w', '45s' ago,
+    or an ISO date/time (UTC when it has no offset). Raises ValueError with what to write."""
+    from datetime import timedelta
+
+    now = now or utc_now()
+    value = (value or "").strip()
+    if value and value[-1] in _AGO_UNITS and value[:-1].isdigit():
+        return iso(now - timedelta(**{_AGO_UNITS[value[-1]]: int(value[:-1])}))
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r}: use 30m, 2h, 7d or an ISO time like 2026-11-24T06:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return iso(moment)

@@ -168,6 +168,28 @@ def seconds(text, what: str) -> float:
     return float(match.group(1)) * factor
 
 
+# An age of data to delete (retention, ``journal prune``): the unit is required, because a slip
+# costs messages. A month is 30 days and a year 365 (the cutoff date is shown before pruning).
+AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400, "y": 365 * 86400}
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$")
+
+
+def age(text, what: str) -> float:
+    """'90d', '12h', '6mo', '1y', '2w', '30min' in seconds; a bare number or 'm' is refused."""
+    match = _AGE.match(str(text).strip().lower())
+    units = "30min, 12h, 90d, 2w, 6mo or 1y"
+    if not match:
+        raise ValueError(f"{what}: {text!r} is not an age; write {units}")
+    number, unit = match.groups()
+    if not unit:
+        raise ValueError(f"{what}: {text!r} has no unit; write {number}d for days ({units})")
+    if unit == "m":
+        raise ValueError(f"{what}: {text!r} is ambiguous; write {number}min for minutes or {number}mo for months")
+    if unit not in AGE_UNITS:
+        raise ValueError(f"{what}: unknown unit {unit!r} in {text!r}; write {units}")
+    return float(number) * AGE_UNITS[unit]
+
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -9,6 +9,7 @@ Exit codes mean the same everywhere:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -56,6 +57,20 @@ def cli():
 
     Example: hl7bridge serve
     """
+
+
+def login_name() -> str:
+    """Who runs the command, for the record: $USER, else $LOGNAME, else the account of the user ID
+    (a container or cron job often has no $USER), else "uid N"."""
+    for variable in ("USER", "LOGNAME"):
+        if os.environ.get(variable, "").strip():
+            return os.environ[variable].strip()
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.getuid()}"
 
 
 def open_journal(path):

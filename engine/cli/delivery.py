@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
-from .base import CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, journal_option, json_option, load_project, open_journal
+from .base import (CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, journal_option, json_option, load_project,
+                   login_name, open_journal)
 from .output import format_table
 
 
@@ -50,7 +50,8 @@ def outbox(journal_path, destination, state, limit, as_json):
 @click.option("--to", "destinations", multiple=True, help="Only to this destination (repeatable; default: all of the route's).")
 @click.option("--remap", is_flag=True, help="Map the message again with the routes and mappings as they are now.")
 @config_option(help="Directory with routes/ and mappings/, for --remap.")
-@click.option("--who", default=lambda: os.environ.get("USER", "unknown"), show_default="$USER", help="Who asks (recorded).")
+@click.option("--who", default=login_name, show_default="$USER, else the login name, else the user ID",
+              help="Who asks (recorded).")
 @click.option("--why", required=True, help="Why (recorded with the replay).")
 @click.option("--messages-from", type=click.File("r"), metavar="FILE",
               help="Message IDs, one per line (e.g. from 'journal search --json' piped through jq).")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import click
 
-from ..stamps import iso
+from ..stamps import iso, parse_moment, utc_now
 from ..store.base import STATUSES, SearchQuery
 from .base import CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, journal_option, json_option, open_journal
 from .output import detail_text, format_table
@@ -23,28 +23,23 @@ def journal():
 
 
 def parse_since(value: str, now: datetime | None = None) -> str:
-    """'2h', '30m', '7d', '45s' ago, or an ISO date/time, as a journal timestamp."""
-    now = now or datetime.now(timezone.utc)
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    if value and value[-1] in units and value[:-1].isdigit():
-        return iso(now - timedelta(**{units[value[-1]]: int(value[:-1])}))
+    """'2h', '30m', '7d' ago, or an ISO date/time, as a journal timestamp (``engine.stamps.parse_moment``)."""
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time like 2026-11-24T06:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return iso(moment)
+        return parse_moment(value, now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @journal.command("search", context_settings=CONTEXT)
 @journal_option
-@click.option("--patient", help="Patient identifier (any repetition of PID-3).")
+@click.option("--patient", metavar="ID[^^^AUTHORITY]",
+              help="Patient identifier (any repetition of PID-3); ID^^^AUTHORITY for one assigning authority's "
+                   "(PID-3.4), e.g. 100234^^^NORTHCLINIC.")
 @click.option("--control-id", help="Message control ID (MSH-10).")
 @click.option("--appointment", help="Appointment ID (SCH-1 placer or SCH-2 filler).")
 @click.option("--transaction", help="Financial transaction ID (FT1-2).")
 @click.option("--type", "message_type", help="Message type, optionally with trigger: SIU or SIU^S12.")
-@click.option("--facility", help="Sending facility (MSH-4).")
+@click.option("--facility", help="Sending facility (MSH-4), e.g. NORTHCLINIC.")
 @click.option("--route", help="The route that took the message.")
 @click.option("--status", type=click.Choice(STATUSES), help="Status: ingest, routing or mapping outcome.")
 @click.option("--delivery", metavar="[DESTINATION:]STATE",
@@ -65,8 +60,13 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
 
     Example: hl7bridge journal search --type SIU^S12 --since 2h --status rejected
     """
+    from ..hl7.identifiers import patient_filter
+
+    patient, authority = patient_filter(patient) if patient else (None, None)
+    if patient == "":
+        raise Failure("--patient needs an ID: 100234, or 100234^^^NORTHCLINIC for one assigning authority's")
     query = SearchQuery(
-        patient=patient, control_id=control_id, appointment=appointment, transaction=transaction,
+        patient=patient, patient_authority=authority, control_id=control_id, appointment=appointment, transaction=transaction,
         message_type=message_type, sending_facility=facility, route=route, status=status, delivery=delivery,
         duplicate=duplicate, oldest_first=oldest_first,
         since=parse_since(since) if since else None, until=parse_since(until) if until else None,
@@ -83,12 +83,31 @@ def journal_search(journal_path, patient, control_id, appointment, transaction, 
         elif as_json:
             click.echo(json.dumps(rows, indent=2))
         else:
+            for row in rows:
+                row["patient"] = patient_text(row)
             click.echo(format_table(rows, ["id", "received_at", "control_id", "message_type", "trigger_event",
-                                           "sending_facility", "patient_id", "status", "ack_code"]))
+                                           "sending_facility", "patient", "status", "ack_code"]))
     finally:
         with_journal.close()
+    if patient and authority is None:
+        authorities = sorted({row.get("patient_authority") or "" for row in rows if row.get("patient_id") == patient})
+        if len(authorities) > 1:
+            named = ", ".join(a or "(none)" for a in authorities)
+            click.echo(f"note: patient ID {patient} is used by {len(authorities)} assigning authorities here ({named}); "
+                       f"--patient {patient}^^^{authorities[-1] or 'AUTHORITY'} shows one's", err=True)
     if not rows:
         sys.exit(EXIT_NOT_ACCEPTED)
+
+
+NO_TYPE = "(no MSH-9)"
+
+
+def patient_text(row: dict) -> str:
+    """A row's patient in CX form, ID^^^AUTHORITY, so two authorities' same ID are told apart."""
+    if not row.get("patient_id"):
+        return ""
+    authority = row.get("patient_authority")
+    return f"{row['patient_id']}^^^{authority}" if authority else row["patient_id"]
 
 
 @journal.command("stats", context_settings=CONTEXT)
@@ -106,6 +125,9 @@ def journal_stats(journal_path, since, until, as_json):
         stats = with_journal.stats(parse_since(since), parse_since(until) if until else None)
     finally:
         with_journal.close()
+    for row in stats["by_type"]:
+        # Rejected frames with no readable MSH-9 (no MSH at all, or MSH-9 empty) have no type.
+        row["value"] = row["value"] if row["value"] not in ("", "-", None) else NO_TYPE
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -124,7 +146,8 @@ def journal_stats(journal_path, since, until, as_json):
 
 @journal.command("prune", context_settings=CONTEXT)
 @journal_option
-@click.option("--older-than", required=True, metavar="AGE", help="Prune messages received longer ago than this: 90d, 12h, 30m.")
+@click.option("--older-than", required=True, metavar="AGE",
+              help="Prune messages received longer ago than this, with a unit: 30min, 12h, 90d, 2w, 6mo (30 days), 1y (365 days).")
 @click.option("--keep-errors", is_flag=True, help="Keep rejected, error and mapping_error messages whatever their age.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be pruned.")
 @json_option
@@ -136,13 +159,13 @@ def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
 
     Example: hl7bridge journal prune --older-than 90d --keep-errors --dry-run
     """
-    from ..yamlconf import seconds
+    from ..yamlconf import age
 
     try:
-        age = seconds(older_than, "--older-than")
+        cutoff = utc_now() - timedelta(seconds=age(older_than, "--older-than"))
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=age)
+        raise Failure(str(exc)) from None
+    before = f"received before {cutoff:%Y-%m-%d %H:%M} UTC ({older_than} ago)"
     with_journal = open_journal(journal_path)
     try:
         if dry_run or not sys.stderr.isatty():
@@ -154,12 +177,12 @@ def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
     finally:
         with_journal.close()
     if as_json:
-        click.echo(json.dumps({"messages": result.messages, "dry_run": result.dry_run,
+        click.echo(json.dumps({"messages": result.messages, "dry_run": result.dry_run, "cutoff": iso(cutoff),
                                "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}))
     elif dry_run:
-        click.echo(f"would prune {result.messages} messages received before {cutoff:%Y-%m-%d %H:%M} UTC")
+        click.echo(f"would prune {result.messages} messages {before}")
     else:
-        click.echo(f"pruned {result.messages} messages; journal and text index "
+        click.echo(f"pruned {result.messages} messages {before}; journal and text index "
                    f"{result.bytes_before / 1e6:.1f} MB -> {result.bytes_after / 1e6:.1f} MB")
 
 

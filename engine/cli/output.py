@@ -15,6 +15,14 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def delivery_state(delivery: dict) -> str:
+    """'dead after 2 attempt(s)', and after a replay how many of them came since it."""
+    text = f"{delivery['state']} after {delivery['attempts']} attempt(s)"
+    if delivery["replayed"] and delivery["attempts_since_replay"] != delivery["attempts"]:
+        text += f", {delivery['attempts_since_replay']} since it was replayed"
+    return text
+
+
 def detail_text(detail: dict) -> str:
     lines = []
     summary = detail["summary"]
@@ -53,15 +61,21 @@ def detail_text(detail: dict) -> str:
             lines.append(f"  bundle: {len(entries)} entries")
             for entry in entries:
                 lines.append(f"    {entry['request']['method']} {entry['request']['url']}")
-    history = detail.get("history") or {}
-    for delivery in history.get("deliveries", []):
+    for delivery in detail.get("deliveries") or []:
         lines.append("")
-        lines.append(f"delivery to {delivery['destination']}: {delivery['state']} after {delivery['attempts']} attempt(s)"
-                     + (f" ({delivery['last_error']})" if delivery["last_error"] else ""))
-        for attempt in delivery["tries"]:
-            status = f" HTTP {attempt['status']}" if attempt["status"] else ""
-            lines.append(f"  {attempt['started_at']}  {attempt['outcome']}{status}  {attempt['duration_ms']:.0f} ms")
-    for replay in history.get("replays", []):
-        lines.append(f"replayed {replay['requested_at']} by {replay['who']}: {replay['why']}"
-                     + (" (mapped again)" if replay["remapped"] else ""))
+        lines.append(f"delivery to {delivery['destination']}: {delivery_state(delivery)}"
+                     + (f" ({delivery['reason']})" if delivery["reason"] else ""))
+        for event in delivery["events"]:
+            if event["kind"] == "replay":
+                lines.append(f"  {event['at']}  replayed by {event['who']}: {event['why']}"
+                             + (" (mapped again)" if event["remapped"] else ""))
+                continue
+            status = f" HTTP {event['status']}" if event["status"] else ""
+            lines.append(f"  {event['at']}  {event['outcome']}{status}  {event['duration_ms'] or 0:.0f} ms")
+            lines += [f"      {said}" for said in event["server_said"]]
+    history = detail.get("history") or {}
+    if not detail.get("deliveries"):
+        for replay in history.get("replays", []):
+            lines.append(f"replayed {replay['requested_at']} by {replay['who']}: {replay['why']}"
+                         + (" (mapped again)" if replay["remapped"] else ""))
     return "\n".join(lines)

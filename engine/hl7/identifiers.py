@@ -53,3 +53,14 @@ def identifiers(message: Message) -> list[tuple[str, str, str]]:
         if value:
             found.append(("transaction", value, ""))
     return found
+
+
+def patient_filter(text: str) -> tuple[str, str | None]:
+    """A patient as a user types it: ``100234`` (any assigning authority) or in CX form
+    ``100234^^^NORTHCLINIC`` (that authority only; ``^MR`` after it and ``&`` sub-components of
+    the authority are allowed, as in PID-3). Returns (ID, authority or None)."""
+    parts = text.strip().split("^")
+    value = parts[0].strip()
+    if len(parts) < 4:
+        return value, None
+    return value, parts[3].split("&", 1)[0].strip()

@@ -20,6 +20,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from ..config import ListenerSettings
+from ..hl7.ack import TABLE_0357
 from ..ops.metrics import Histogram
 from .framing import MLLPFraming
 from .ingest import AcceptPolicy, Frame, Ingestor, Outcome, Prepared
@@ -226,6 +227,16 @@ def tls_refusal(reason: Failure) -> tuple[str, str, str] | None:
     return "other", "the TLS handshake failed", text
 
 
+def error_reason(entry) -> str:
+    """The HL7 error of a journal row for the log: table 0357 code, its meaning and the field
+    (", error 101 Required field missing at MSH-9"); never the text, which may quote content."""
+    if entry is None or not entry.error_code:
+        return ""
+    meaning = TABLE_0357.get(entry.error_code, "")
+    where = f" at {entry.error_location}" if entry.error_location else ""
+    return f", error {entry.error_code}{' ' + meaning if meaning else ''}{where}"
+
+
 class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
     """One MLLP connection: frames in, one message at a time, ACKs out in order."""
 
@@ -254,6 +265,7 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
         self._open = True
         self.callLater = factory.clock.callLater  # TimeoutMixin's timer runs on the factory's clock
         factory.open_connections += 1
+        factory.connections[self] = Connection(self.peer, factory.clock.seconds())
         factory.counters.connections += 1
         self.setTimeout(factory.settings.idle_timeout)
         log.info("listener {listener}: connection from {peer}", listener=factory.name, peer=self.peer)
@@ -269,6 +281,10 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
         self._received_at = self.factory.clock.seconds()
         counts = self.factory.frames_by_listener
         counts[self.factory.name] = counts.get(self.factory.name, 0) + 1
+        connection = self.factory.connections.get(self)
+        if connection is not None:
+            connection.messages += 1
+            connection.last_message_at = self._received_at
         frame = Frame(payload, listener=self.factory.name, peer=self.peer)
         self.factory.submit(frame).addCallback(self._reply).addErrback(self._crashed)
 
@@ -286,9 +302,10 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
         if outcome.status not in NORMAL_STATUSES:
             log.warn(
                 "listener {listener}: {status} {message_code} control ID {control_id} from {peer}: ACK {ack_code}"
-                " (route {route})",
+                "{reason} (route {route})",
                 listener=self.factory.name, status=outcome.status, message_code=outcome.message_code or "-",
                 control_id=outcome.control_id or "-", peer=self.peer, ack_code=outcome.ack_code,
+                reason=error_reason(outcome.entry),
                 route=(outcome.entry.route if outcome.entry is not None else None) or "-",
             )
         else:
@@ -329,6 +346,7 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
             return
         self._open = False
         self.factory.open_connections -= 1
+        self.factory.closed(self)
         refusal = tls_refusal(reason)
         if refusal is not None:
             code, meaning, words = refusal
@@ -342,6 +360,21 @@ class MLLPServerProtocol(MLLPFraming, TimeoutMixin):
             log.info("listener {listener}: {count} bytes outside MLLP frames discarded from {peer}",
                      listener=self.factory.name, count=self.discardedBytes, peer=self.peer)
         log.info("listener {listener}: {peer} disconnected", listener=self.factory.name, peer=self.peer)
+
+
+@dataclass
+class Connection:
+    """One peer's connection as the operator sees it (no message content): where from, since
+    when (clock seconds), how many messages, the last one's time, and when it closed."""
+
+    peer: str
+    since: float
+    messages: int = 0
+    last_message_at: float | None = None
+    closed_at: float | None = None
+
+
+RECENTLY_CLOSED = 20  # closed connections remembered per listener, for "when did the clinic last connect?"
 
 
 class MLLPServerFactory(protocol.Factory):
@@ -358,6 +391,8 @@ class MLLPServerFactory(protocol.Factory):
         self.counters = committer.counters
         self.clock = committer.clock
         self.open_connections = 0
+        self.connections: dict[MLLPServerProtocol, Connection] = {}  # open ones, by protocol
+        self.recently_closed: list[Connection] = []  # newest first, at most RECENTLY_CLOSED
         # Shared with the engine's /metrics (serve replaces them with its own).
         self.ack_latency = Histogram()
         self.frames_by_listener: dict[str, int] = {}
@@ -365,3 +400,15 @@ class MLLPServerFactory(protocol.Factory):
     def submit(self, frame: Frame) -> defer.Deferred:
         frame.policy = self.policy
         return self.committer.submit(frame)
+
+    def closed(self, proto: MLLPServerProtocol):
+        connection = self.connections.pop(proto, None)
+        if connection is not None:
+            connection.closed_at = self.clock.seconds()
+            self.recently_closed.insert(0, connection)
+            del self.recently_closed[RECENTLY_CLOSED:]
+
+    def peers(self) -> dict:
+        """The open connections, oldest first, and the recently closed ones, newest first."""
+        return {"open": sorted(self.connections.values(), key=lambda c: c.since),
+                "recently_closed": list(self.recently_closed)}

@@ -65,8 +65,19 @@ def read_ack(payload: bytes) -> tuple[str | None, str, str | None]:
     return code, text, error or None
 
 
+class AckTimeout(Exception):
+    """The connection is open but no ACK came within the client's timeout (not a connection failure)."""
+
+    def __init__(self, source: str, control_id: str):
+        super().__init__(f"no ACK for {source} {control_id}".rstrip())
+        self.source, self.control_id = source, control_id
+
+
 def send_all(client, messages, conditional_wait: float = 2.0):
-    """Send ``(source, bytes)`` pairs in order on one connection; yield a ``SendResult`` each."""
+    """Send ``(source, bytes)`` pairs in order on one connection; yield a ``SendResult`` each.
+
+    Raises ``AckTimeout`` when an ACK that must come does not come in time, and ``OSError`` or
+    ``FramingError`` when the connection fails."""
     for source, data in messages:
         condition = ack_condition(data)
         try:
@@ -91,6 +102,9 @@ def send_all(client, messages, conditional_wait: float = 2.0):
             finally:
                 client.sock.settimeout(previous)
         else:
-            payload = client.send(data)
+            try:
+                payload = client.send(data)
+            except socket.timeout:
+                raise AckTimeout(source, control_id) from None
         code, text, error = read_ack(payload)
         yield SendResult(source, control_id, code, text, error)

@@ -58,11 +58,13 @@ def _labels(**labels) -> str:
 
 def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts: dict,
            outbox_open: list[tuple[str, str, int, str | None]], now: datetime,
-           sender_counts: dict | None = None) -> str:
+           sender_counts: dict | None = None, listeners: list | None = None,
+           configuration: dict | None = None) -> str:
     """The whole /metrics page.
 
     ``delivery_counts`` maps (destination, outcome) to a count; ``outbox_open`` is rows of
-    (destination, state, count, oldest created_at) for the states that are not delivered.
+    (destination, state, count, oldest created_at) for the states that are not delivered;
+    ``listeners`` and ``configuration`` are what ``engine.ops.status.Status`` says of them.
     """
     lines = []
 
@@ -115,4 +117,15 @@ def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts
     ):
         metric(name, "counter", help_text,
                [f"{name}{_labels(destination=d)} {n}" for (d, c), n in sorted(sender_counts.items()) if c == counter])
+    if listeners is not None:
+        metric("hl7bridge_open_connections", "gauge", "MLLP connections open now, by listener.",
+               [f"hl7bridge_open_connections{_labels(listener=item['name'])} {len(item['open'])}" for item in listeners])
+    if configuration is not None:
+        reloads = configuration.get("reloads") or {}
+        metric("hl7bridge_config_reloads_total", "counter", "Reloads of routes, mappings and destinations, by outcome.",
+               [f"hl7bridge_config_reloads_total{_labels(outcome=o)} {reloads.get(o, 0)}" for o in ("ok", "refused")])
+        last = configuration.get("last_reload")
+        metric("hl7bridge_config_last_reload_successful", "gauge",
+               "1 when the last reload took (or none was asked for), 0 when it was refused.",
+               [f"hl7bridge_config_last_reload_successful {0 if last and not last['ok'] else 1}"])
     return "\n".join(lines) + "\n"

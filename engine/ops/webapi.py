@@ -54,7 +54,7 @@ def site_root(status: Status) -> Resource:
         def page(open_outbox):
             text = render(status.counters, status.frames_by_listener, status.ack_latency,
                           status.delivery_outcomes(), open_outbox, datetime.now(timezone.utc),
-                          status.sender_counters())
+                          status.sender_counters(), status.listeners(), status.configuration())
             return 200, text
 
         return status.read(lambda journal: journal.outbox_counts(open_only=True)).addCallback(page)
@@ -77,8 +77,8 @@ def site_root(status: Status) -> Resource:
     root.putChild(b"metrics", Text(metrics, b"text/plain; version=0.0.4; charset=utf-8"))
     root.putChild(b"healthz", Text(healthz))
     root.putChild(b"readyz", Text(readyz))
-    if status.dashboard_token:
+    if status.dashboard is not None:
         from .dashboard import mount
 
-        mount(root, status, status.dashboard_token)
+        mount(root, status, status.dashboard)
     return root

@@ -15,6 +15,7 @@ May import every package; nothing imports it but ``engine.cli``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -36,7 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
-from ..config import ListenerSettings, Settings, TlsSettings
+from ..config import CONFIG_FILE, ListenerSettings, Settings, TlsSettings
 from ..delivery.dispatcher import Dispatcher
 from ..errors import ConfigError
 from ..mllp.ingest import Ingestor
@@ -124,6 +125,10 @@ class Engine:
         self._stats.clock = reactor
         self._last_frames = 0
         self._retention_loop = None
+        self.reloads = {"ok": 0, "refused": 0}  # since start, for /metrics
+        self.last_reload: dict | None = None
+        self.factories: list[tuple[ListenerSettings, MLLPServerFactory]] = []
+        self.bound: dict[str, str] = {}  # listener name -> host:port it listens on
 
     def _in(self, pool: ThreadPool):
         """A ``run(fn, *args) -> Deferred`` that runs in ``pool``."""
@@ -138,6 +143,7 @@ class Engine:
             self.ports.append(port)
             address = port.getHost()
             bound.append((listener.name, address.host, address.port))
+            self.bound[listener.name] = f"{address.host}:{address.port}"
             log.info(
                 "listener {name} on {host}:{port} ({kind})",
                 name=listener.name, host=address.host, port=address.port,
@@ -166,20 +172,38 @@ class Engine:
         return bound
 
     def reload(self):
-        """Load routes and mappings again; a file that fails leaves the running ones in place."""
+        """Load routes and mappings again; a file that fails leaves the running ones in place.
+
+        The verdict goes to the log, to /metrics and to the reload file beside the journal, where
+        ``hl7bridge reload`` waits for it."""
         directory = self.project.directory if self.project is not None else self.settings.config_dir
         try:
             project = Project.load(directory)
         except ConfigError as exc:
             log.error("reload refused, the running routes and mappings stay: {error}", error=str(exc))
+            self._reloaded(False, str(exc))
             return False
         self.project = project
         self.ingestor.project = project
         self.dispatcher.update(project.destinations)
         self.supervisor.signal("converter", "HUP")
-        log.info("reloaded {routes} routes and {mappings} message mappings from {directory}",
-                 routes=len(project.routes), mappings=len(project.mappings.messages), directory=str(directory))
+        text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
+                f"{len(project.destinations)} destinations from {directory}")
+        log.info("reloaded {what}", what=text)
+        self._reloaded(True, text)
         return True
+
+    def _reloaded(self, ok: bool, text: str):
+        self.reloads["ok" if ok else "refused"] += 1
+        self.last_reload = {"pid": os.getpid(), "sequence": sum(self.reloads.values()),
+                            "at": datetime.now(timezone.utc).isoformat(), "ok": ok, "message": text}
+        path = reload_file(self.writer.journal.path)
+        try:
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(json.dumps(self.last_reload) + "\n")
+            temporary.replace(path)
+        except OSError as exc:
+            log.warn("cannot write {path}: {error}", path=str(path), error=exc.strerror or str(exc))
 
     @defer.inlineCallbacks
     def _apply_retention(self):
@@ -205,6 +229,7 @@ class Engine:
             return defer.fail(ValueError(f"metrics: bad endpoint {endpoint_text!r}: {exc}"))
         site = Site(site_root(self.status))
         site.noisy = False
+        site.log = lambda request: None  # no access log: a dashboard and a scraper poll every few seconds
 
         def explain(failure):
             raise RuntimeError(f"metrics: cannot listen on {endpoint_text}: {failure.getErrorMessage()}")
@@ -215,6 +240,7 @@ class Engine:
         factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
         factory.ack_latency = self.ack_latency
         factory.frames_by_listener = self.frames_by_listener
+        self.factories.append((listener, factory))
         try:
             endpoint = serverFromString(self.reactor, listener.endpoint)
         except (ValueError, TypeError, KeyError, OSError) as exc:
@@ -282,10 +308,29 @@ def start_logging(level: str, stream=None):
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def dashboard_line(settings: Settings, bound) -> str:
+    """Where the dashboard is, or how to turn it on (a newcomer's first question)."""
+    metrics = next(((host, port) for name, host, port in bound if name == "metrics"), None)
+    if settings.dashboard is not None and metrics is not None:
+        how = ("your user name and token" if settings.dashboard.users else "your name and the dashboard token")
+        return f"hl7bridge: dashboard on http://{metrics[0]}:{metrics[1]}/dashboard (sign in with {how})"
+    where = settings.source or (settings.base / CONFIG_FILE)
+    return (f"hl7bridge: dashboard off; to turn it on, put 'dashboard: {{token: \"${{HL7BRIDGE_DASHBOARD_TOKEN}}\"}}' in "
+            f"{where}, export HL7BRIDGE_DASHBOARD_TOKEN=$(openssl rand -hex 16) and start again "
+            "(examples/hl7bridge.yaml has every option; docs/operations.md, 'The dashboard')")
+
+
 def pid_file(journal_path) -> Path:
     """Where a running engine writes its process ID (beside its journal), for ``hl7bridge reload``."""
     path = Path(journal_path)
     return path.with_name(path.stem + ".pid")
+
+
+def reload_file(journal_path) -> Path:
+    """Where a running engine writes the verdict of its last reload (JSON: pid, sequence, at, ok,
+    message), for ``hl7bridge reload`` to wait for."""
+    path = Path(journal_path)
+    return path.with_name(path.stem + ".reload")
 
 
 def run(settings: Settings, project: Project | None = None) -> int:
@@ -299,6 +344,30 @@ def run(settings: Settings, project: Project | None = None) -> int:
     engine = Engine(settings, reactor, project=project)
     exit_code = [0]
     pid_path = pid_file(engine.writer.journal.path)
+    stopping = []
+
+    def shut_down(reason: str | None = None):
+        """Stop the reactor once: SIGTERM to the whole process group (or Ctrl-C under make)
+        reaches the engine more than once, and its helpers exit on the same signal."""
+        if stopping:
+            return
+        stopping.append(reason)
+        engine.supervisor.stopping()  # helpers that exit now are not restarted, nor warned about
+        if reason:
+            log.info("stopping ({reason})", reason=reason)
+        reactor.stop()
+
+    def on_signal(number, _frame):
+        if not stopping:
+            # Only a flag in the handler itself; the rest runs in the reactor thread.
+            engine.supervisor.stopping()
+            reactor.callFromThread(shut_down, signal.Signals(number).name)
+
+    def install_signals():
+        # In place of Twisted's own SIGTERM/SIGINT handlers, which raise ReactorNotRunning when a
+        # second signal arrives during shutdown.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
     def started(bound):
         pid_path.write_text(f"{os.getpid()}\n")
@@ -307,15 +376,19 @@ def run(settings: Settings, project: Project | None = None) -> int:
             # One line per listener on stdout, so scripts and tests can find the port.
             kind = "metrics" if name == "metrics" else f"listener {name}"
             print(f"hl7bridge: {kind} ready on {host}:{port}", flush=True)
+        print(dashboard_line(settings, bound), flush=True)
         reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
         reactor.addSystemEventTrigger("after", "shutdown", lambda: pid_path.unlink(missing_ok=True))
+        reactor.addSystemEventTrigger("after", "shutdown",
+                                      lambda: reload_file(engine.writer.journal.path).unlink(missing_ok=True))
 
     def failed(failure):
         print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
         exit_code[0] = 1
         engine.abandon()
-        reactor.stop()
+        shut_down()
 
+    reactor.callWhenRunning(install_signals)
     reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
     reactor.run()
     return exit_code[0]

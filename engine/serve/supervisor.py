@@ -76,6 +76,12 @@ class Supervisor:
         for worker in self.workers.values():
             worker.start()
 
+    def stopping(self):
+        """The engine is shutting down: a helper that exits from now on (it may have had the same
+        signal) is neither restarted nor warned about."""
+        for worker in self.workers.values():
+            worker.stopping = True
+
     def signal(self, worker: str, name: str):
         """Pass a signal (HUP: reload) to one helper, when it is running."""
         if worker in self.workers:

@@ -145,7 +145,8 @@ SUMMARY_COLUMNS = (
 class SearchQuery:
     """Filters for ``Journal.search``; every one given must hold. Keyed filters use indexes."""
 
-    patient: str | None = None
+    patient: str | None = None  # the ID (PID-3.1 of any repetition)
+    patient_authority: str | None = None  # with ``patient``: only that assigning authority's (PID-3.4)
     control_id: str | None = None
     appointment: str | None = None
     transaction: str | None = None
@@ -160,6 +161,8 @@ class SearchQuery:
     until: str | None = None  # ISO timestamp, exclusive
     text: str | None = None  # free text anywhere in the message
     limit: int = 50
+    # Paging: only rows after this (received_at, id) in the sort order (the last row of the page before).
+    after: tuple[str, int] | None = None
 
 
 @dataclass
@@ -321,8 +324,10 @@ class Journal(ABC):
 
     @abstractmethod
     def search(self, query: SearchQuery) -> list[dict]:
-        """Messages matching every filter of ``query`` (SUMMARY_COLUMNS, no raw bytes), newest
-        first. Free text finds what was just received: the text index is brought up to date first."""
+        """Messages matching every filter of ``query`` (SUMMARY_COLUMNS, and ``patient_authority``:
+        the assigning authority of ``patient_id``; no raw bytes), newest first (or oldest, and
+        after ``query.after`` for the next page). Free text finds what was just received: the text
+        index is brought up to date first."""
 
     @abstractmethod
     def stats(self, since: str, until: str | None = None) -> dict:

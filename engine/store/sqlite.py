@@ -641,7 +641,10 @@ def search_sql(query: SearchQuery) -> tuple[str, list]:
         marks = ", ".join("?" for _ in kinds)
         add(f"m.id IN (SELECT message_id FROM message_ids WHERE kind IN ({marks}) AND value = ?)", *kinds, value)
 
-    if query.patient:
+    if query.patient and query.patient_authority is not None:
+        add("m.id IN (SELECT message_id FROM message_ids WHERE kind = 'patient' AND value = ? AND authority = ?)",
+            query.patient, query.patient_authority)
+    elif query.patient:
         by_id(["patient"], query.patient)
     if query.appointment:
         by_id(["placer_appointment", "filler_appointment"], query.appointment)
@@ -680,12 +683,18 @@ def search_sql(query: SearchQuery) -> tuple[str, list]:
         add("m.received_at < ?", query.until)
     if query.text:
         add("m.id IN (SELECT rowid FROM text.messages_fts WHERE messages_fts MATCH ?)", fts_query(query.text))
+    direction = "ASC" if query.oldest_first else "DESC"
+    if query.after:
+        received_at, last_id = query.after
+        add(f"(m.received_at, m.id) {'>' if query.oldest_first else '<'} (?, ?)", received_at, int(last_id))
     columns = ", ".join(f"m.{c}" for c in SUMMARY_COLUMNS)
+    # The first patient ID's assigning authority (message_ids is clustered by message: one lookup).
+    columns += (", (SELECT i.authority FROM message_ids i WHERE i.message_id = m.id AND i.kind = 'patient' "
+                "AND i.value = m.patient_id LIMIT 1) AS patient_authority")
     sql = f"SELECT {columns} FROM messages m"
     if where:
         sql += " WHERE " + " AND ".join(where)
     # By time (then ID): every time-ordered index can then hand over the newest rows directly.
-    direction = "ASC" if query.oldest_first else "DESC"
     sql += f" ORDER BY m.received_at {direction}, m.id {direction} LIMIT ?"
     params.append(int(query.limit))
     return sql, params

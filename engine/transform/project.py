@@ -5,9 +5,11 @@
     DIR/mappings/...        mappings (engine.transform.mappings)
     DIR/destinations/*.yaml destinations (engine.delivery.destinations)
 
-Without ``--config`` (or with one that holds only ``hl7bridge.yaml``) the engine uses the directory
-it runs in when that has ``mappings/``, else the routes and mappings shipped beside the package
-(the repository's own).
+One rule, for ``serve`` and every analyst command: the config directory is ``--config DIR``, or
+the current directory without it. Routes, mappings and destinations are read from it when it has
+``routes/`` or ``mappings/``; a directory with neither (say, one that holds only an
+``hl7bridge.yaml``) uses the ones shipped beside the package (the repository's own), never those
+of whatever directory the command happens to run in.
 """
 
 from __future__ import annotations
@@ -26,18 +28,16 @@ from .routes import Route, RouteTable, load_routes
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository (or installation) root
 
 
-def config_dir(given: str | Path | None) -> Path:
-    """The directory routes and mappings are read from (see the module docstring).
+def has_routes(directory: str | Path) -> bool:
+    """Whether a directory holds routes or mappings of its own."""
+    return (Path(directory) / "mappings").is_dir() or (Path(directory) / "routes").is_dir()
 
-    A given directory with neither ``routes/`` nor ``mappings/`` (only engine settings) uses the
-    defaults, like every other setting it leaves out.
-    """
-    if given is not None and ((Path(given) / "mappings").is_dir() or (Path(given) / "routes").is_dir()):
-        return Path(given)
-    here = Path.cwd()
-    if (here / "mappings").is_dir():
-        return here
-    return PACKAGE_ROOT
+
+def config_dir(given: str | Path | None) -> Path:
+    """The directory routes, mappings and destinations are read from (see the module docstring):
+    ``given`` (the current directory when None) if it has routes/ or mappings/, else the shipped ones."""
+    directory = Path(given) if given is not None else Path.cwd()
+    return directory if has_routes(directory) else PACKAGE_ROOT
 
 
 @dataclass

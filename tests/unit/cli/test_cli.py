@@ -41,11 +41,11 @@ def test_search_table(journal_path):
     result = invoke("journal", "search", "--journal", journal_path)
     assert result.exit_code == 0
     assert result.output == (
-        "id  received_at                  control_id  message_type  trigger_event  sending_facility  patient_id  status     ack_code\n"
-        "--  ---------------------------  ----------  ------------  -------------  ----------------  ----------  ---------  --------\n"
-        "3   2026-11-24T06:00:02.000000Z  NC1         SIU           S12            NORTHCLINIC       100234      duplicate  AA\n"
-        "2   2026-11-24T06:00:01.000000Z  NC000999                                 NORTHCLINIC       100999      rejected   AR\n"
-        "1   2026-11-24T06:00:00.000000Z  NC1         SIU           S12            NORTHCLINIC       100234      accepted   AA\n"
+        "id  received_at                  control_id  message_type  trigger_event  sending_facility  patient               status     ack_code\n"
+        "--  ---------------------------  ----------  ------------  -------------  ----------------  --------------------  ---------  --------\n"
+        "3   2026-11-24T06:00:02.000000Z  NC1         SIU           S12            NORTHCLINIC       100234^^^NORTHCLINIC  duplicate  AA\n"
+        "2   2026-11-24T06:00:01.000000Z  NC000999                                 NORTHCLINIC       100999^^^NORTHCLINIC  rejected   AR\n"
+        "1   2026-11-24T06:00:00.000000Z  NC1         SIU           S12            NORTHCLINIC       100234^^^NORTHCLINIC  accepted   AA\n"
     )
 
 
@@ -150,7 +150,8 @@ def test_send_rejects_a_bad_address_and_a_bad_batch(tmp_path):
     assert invoke("send", "nowhere", EXAMPLES / "siu_s12.hl7").output == "Error: 'nowhere' is not HOST:PORT\n"
     result = invoke("send", "127.0.0.1:9", bad)
     assert result.exit_code == 2
-    assert result.output == f"Error: {bad}: line 1: segment 'PID' is outside any message (no MSH before it)\n"
+    assert result.output == (f"Error: {bad}: line 1: segment 'PID' is outside any message (no MSH before it) "
+                             "(nothing sent; --keep-going sends the other files)\n")
 
 
 def test_serve_reports_a_bad_config(tmp_path):
@@ -230,10 +231,10 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
 
     path, outcome = dft_with_one_attempt(tmp_path, Result(OK, 201), replay=True)
     text = invoke("journal", "show", "--journal", path, str(outcome.message_id)).output
-    assert "delivery to erp-finance: pending after 0 attempt(s)" in text  # replayed
-    assert "delivery to fhir-main: pending after 0 attempt(s)" in text
-    assert "  2026-11-24T06:00:00.000000Z  ok HTTP 201  0 ms" in text
-    assert "replayed 2026-11-24T06:00:00.000000Z by alice: test" in text
+    assert ("delivery to erp-finance: pending after 1 attempt(s), 0 since it was replayed\n"
+            "  2026-11-24T06:00:00.000000Z  ok HTTP 201  0 ms\n"
+            "  2026-11-24T06:00:00.000000Z  replayed by alice: test\n") in text
+    assert "delivery to fhir-main: pending after 0 attempt(s)\n" in text
     rows = json.loads(invoke("journal", "search", "--journal", path, "--delivery", "fhir-main:pending", "--json").output)
     assert [r["id"] for r in rows] == [outcome.message_id]
     assert invoke("journal", "search", "--journal", path, "--delivery", "dead").exit_code == 1

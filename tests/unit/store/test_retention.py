@@ -75,4 +75,4 @@ def test_cli_dry_run_and_prune(tmp_path):
     data = json.loads(result.output)
     assert data["messages"] == 20 and data["bytes_after"] < data["bytes_before"]
     result = CliRunner().invoke(cli, ["journal", "prune", "--journal", path, "--older-than", "soon"])
-    assert result.exit_code == 2 and "not a duration" in result.output
+    assert result.exit_code == 2 and "is not an age" in result.output
