@@ -93,9 +93,10 @@ def test_command_line_overrides_keep_the_limits(tmp_path):
     assert str(s.journal_path) == "other.db"
 
 
-def test_the_shipped_example_loads():
+def test_the_shipped_example_loads(monkeypatch):
     from conftest import EXAMPLES
 
+    monkeypatch.setenv("HL7BRIDGE_DASHBOARD_TOKEN", "0123456789abcdef")
     settings = load_settings(EXAMPLES)
     assert [l.name for l in settings.listeners] == ["mllp"]
-    assert settings.journal_path == EXAMPLES / "../var/journal.db"
+    assert settings.journal_path == EXAMPLES / "var/journal.db"
