@@ -67,7 +67,7 @@ def parse_moment(value: str, now: datetime | None = None) -> str:
     if value and value[-1] in _AGO_UNITS and value[:-1].isdigit():
         return iso(now - timedelta(**{_AGO_UNITS[value[-1]]: int(value[:-1])}))
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
     except ValueError:
         raise ValueError(f"{value!r}: use 30m, 2h, 7d or an ISO time like 2026-11-24T06:00") from None
     if moment.tzinfo is None:
