@@ -1,5 +1,7 @@
-# hl7bridge: `make serve` runs the engine on embedded defaults, `make test` runs every test.
-# Both create .venv and install what they need.
+# hl7bridge: `make serve` runs the engine, `make test` runs every test. Both create .venv and
+# install what they need. `make serve` reads ./hl7bridge.yaml when there is one (cp
+# examples/hl7bridge.yaml . for every option, the dashboard on); `make serve CONFIG=DIR` reads
+# DIR's instead, with DIR's routes/ and mappings/ (or the shipped ones when it has none).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,8 +15,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
+CONFIG ?= .
+
 serve: $(STAMP)
-	$(BIN)/hl7bridge serve
+	$(BIN)/hl7bridge serve --config $(CONFIG)
 
 FHIR_SERVER := tests/fhir_server
 
