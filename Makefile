@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench clean docs browser servers
+.PHONY: serve test bench clean docs readme browser servers
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,7 @@ clean:
 
 docs: $(STAMP)
 	$(BIN)/python -m engine.cli.clidoc > docs/cli.md
+
+# The README's session blocks, rewritten from a real run (tests/e2e/test_readme.py checks them).
+readme: $(STAMP)
+	$(BIN)/python tests/readme_session.py --update
