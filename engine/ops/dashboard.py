@@ -20,18 +20,21 @@ imports one module per page from ``static/pages/`` (listed in its PAGES); a page
 
 from __future__ import annotations
 
+import hmac
 import json
 import secrets
 import time
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .dashapi import CALLS, CallError, User
 from .status import Status
 
+log = Logger(namespace="hl7bridge.dashboard")
 COOKIE = b"hl7bridge_session"
 STATIC = Path(__file__).resolve().parent / "static"
 SESSION_IDLE = 12 * 3600  # seconds of no use after which a sign-in expires
@@ -51,8 +54,6 @@ class Auth:
     def _token_user(self, token: str, name: str | None = None) -> User | None:
         """Whose token this is: a user's own (whose name must match, when one is given), or the
         shared token with the name given (None for a script: "api")."""
-        import hmac
-
         if self.settings.users:
             user = self.settings.user_with_token(token)
             if user is None or (name is not None and name != user.name):
@@ -87,8 +88,11 @@ class Auth:
         user = self._token_user(token, name)
         if user is None:
             return None
+        now = self.clock()
+        for old in [key for key, (_, last) in self.sessions.items() if now - last > SESSION_IDLE]:
+            del self.sessions[old]  # sign-ins nobody came back to
         session = secrets.token_urlsafe(24)
-        self.sessions[session] = (user, self.clock())
+        self.sessions[session] = (user, now)
         return session
 
     def logout(self, request):
@@ -237,9 +241,7 @@ class Api(Resource):
                                       else "the engine could not answer; its log says why"}).encode())
             request.finish()
             if not isinstance(error, CallError):
-                from twisted.logger import Logger
-
-                Logger(namespace="hl7bridge.dashboard").failure("dashboard call {name} failed", failure, name=name)
+                log.failure("dashboard call {name} failed", failure, name=name)
 
         defer.maybeDeferred(handler, self.status, body, user).addCallbacks(done, failed)
         return NOT_DONE_YET

@@ -2,7 +2,8 @@
 
 Journal reads run in a small pool of reader threads, each with its own read-only journal, so a
 dashboard search or a /metrics scrape never blocks the reactor and never takes the write lock;
-replays go to the journal writer.
+replays go to the journal writer. The listeners (with their peers) and the configuration are read
+from the engine's memory, on the reactor thread.
 """
 
 from __future__ import annotations
