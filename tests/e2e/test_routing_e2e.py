@@ -120,7 +120,8 @@ def test_reload_takes_new_routes_and_refuses_broken_ones(tmp_path, config):
         assert b"MSA|AR|" in send(engine.port, BAD_DFT.replace(b"EC000501", b"EC000502", 1))
 
         route.write_text(route.read_text().replace("mapping: DFT", "mapping: NOPE"))
-        assert run_cli("reload", "--journal", engine.journal).returncode == 0
+        refused = run_cli("reload", "--journal", engine.journal)
+        assert refused.returncode == 1 and f"{route}:8: route.mapping: no message mapping 'NOPE'" in refused.stderr.decode()
         assert wait_for(lambda: "reload refused" in engine.log())
         assert f"{route}:" in engine.log()
         assert b"MSA|AR|" in send(engine.port, BAD_DFT.replace(b"EC000501", b"EC000503", 1))  # still the last good one
