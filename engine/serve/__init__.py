@@ -168,7 +168,7 @@ class Engine:
         if self.project is not None:
             self.supervisor.workers["converter"].start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
-                     directory=str(self.project.directory))
+                     directory=str(self.project.directory.resolve()))
         return bound
 
     def reload(self):
