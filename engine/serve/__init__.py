@@ -188,7 +188,7 @@ class Engine:
         self.dispatcher.update(project.destinations)
         self.supervisor.signal("converter", "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
-                f"{len(project.destinations)} destinations from {directory}")
+                f"{len(project.destinations)} destinations from {Path(directory).resolve()}")
         log.info("reloaded {what}", what=text)
         self._reloaded(True, text)
         return True
