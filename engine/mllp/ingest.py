@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..hl7 import charset as charsets
 from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, ack_code, ack_wanted, build_ack
-from ..hl7.assess import AcceptPolicy, Assessment, assess
+from ..hl7.assess import AcceptPolicy, Assessment, assess, join_warnings
 from ..hl7.er7 import Message
 from ..hl7.header import Header
 from ..hl7.identifiers import identifiers
@@ -247,7 +247,8 @@ class Ingestor:
                 prepared.converted = None  # a resend is not processed again
                 entry.duplicate_of, entry.ack, entry.ack_code = original_id, ack, code
                 if entry.raw != raw:
-                    entry.warning = "resend differs from the original only in MSH-7 (time of message) or line ends"
+                    entry.warning = join_warnings([entry.warning, "resend differs from the original only in MSH-7 "
+                                                   "(time of message) or line ends"])
                 return DUPLICATE
         first = earlier[0][0]
         route = self.project.routes.get(entry.route) if self.project is not None and entry.route else None
@@ -256,7 +257,8 @@ class Ingestor:
         reused = (f"control ID {entry.control_id} from {entry.sending_facility or 'this sender'} was already used "
                   f"by message {first}, with different content")
         if policy == "process":
-            entry.warning = f"{reused}; processed as a new message (route policy duplicates.differing: process)"
+            entry.warning = join_warnings([entry.warning, f"{reused}; processed as a new message "
+                                                          "(route policy duplicates.differing: process)"])
             return policy
         prepared.converted = None
         header, charset = prepared.header, entry.charset
@@ -271,7 +273,8 @@ class Ingestor:
             code = ack_code(ACCEPT, header)
             entry.status = HELD
             entry.error = entry.error_code = entry.error_location = None
-            entry.warning = f"{reused}; held for an operator (route policy duplicates.differing: hold)"
+            entry.warning = join_warnings([entry.warning, f"{reused}; held for an operator "
+                                                          "(route policy duplicates.differing: hold)"])
         text = build_ack(header, code, now=self.clock(), control_id=self.next_control_id(), error=error,
                          identity=frame_policy.identity)
         entry.ack, entry.ack_code = charsets.encode(text, charset), code
@@ -295,7 +298,7 @@ class Ingestor:
             listener=frame.listener,
             peer=frame.peer,
             charset=decoded.charset,
-            warning=decoded.warning,
+            warning=assessment.warning,
             truncated=frame.truncated,
             ack_code=code,
             ack=charsets.encode(ack_text, decoded.charset),
