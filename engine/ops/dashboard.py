@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..delivery.outbox import summarize
-from ..store.base import SearchQuery
+from ..store.base import SearchQuery, decode_notes
 from ..transform.replay import ReplayError
 from .detail import describe_message
 from .status import Status
@@ -163,9 +163,9 @@ class Api(Resource):
         def read(journal):
             found = journal.exceptions(limit=50)
             for row in found["messages"]:
-                problems = row.pop("problems", None)
+                problems = decode_notes(row.pop("problems", None))[0]
                 if problems:
-                    row["error"] = json.loads(problems)[0].split(" (from ")[0]
+                    row["error"] = problems[0].split(" (from ")[0]
             return {"messages": found["messages"], "dead": journal.list_deliveries(state="dead", limit=50),
                     "differing": found["differing"]}
 
