@@ -91,6 +91,8 @@ def same_message(a: bytes, b: bytes) -> bool:
 
 
 def _comparable(raw: bytes) -> list[bytes]:
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    raw = raw.lstrip(b"\x0b\x1c\x00\t\r\n ").rstrip(b"\x0b\x1c\x00")  # what the reader removes too
     lines = [line.rstrip() for line in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")]
     lines = [line for line in lines if line]
     if lines and lines[0].startswith(b"MSH") and len(lines[0]) > 3:

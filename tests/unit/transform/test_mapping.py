@@ -206,7 +206,7 @@ def refused(scratch, file, old, new):
         # $-N: a field of the current segment is written with the segment's name.
         ("mappings/resource/Appointment.yaml", "$from: AIP-3", "$from: $-3", "old notation",
          "write AIP-3: a field of the current segment is named with the segment's name (the AIP at hand)"),
-        ("mappings/resource/Appointment.yaml", "dateTime(AIG-8)", "dateTime($-8)", "old notation", "write AIG-8:"),
+        ("mappings/resource/Appointment.yaml", "dateTime(AIG-8 | AIS-4)", "dateTime($-8 | AIS-4)", "old notation", "write AIG-8:"),
         ("mappings/resource/ChargeItem.yaml", "value: decimal(FT1-10)", "value: decimal($-10)", "old notation",
          "write FT1-10:"),
         ("mappings/resource/ChargeItem.yaml", "$each: FT1-19[*]", "$each: $-19[*]", "old notation", "write FT1-19[*]:"),
