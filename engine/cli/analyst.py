@@ -18,7 +18,8 @@ from .base import CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, json_
 def check(config_dir, as_json):
     """Load every route and mapping and report the first problem with its file, line and a hint.
 
-    Exit code 0 when everything loads, 1 when something does not (for CI).
+    Also prints the mapping version (a hash of the mapping files) that Bundles converted with them
+    name in their Provenance. Exit code 0 when everything loads, 1 when something does not (for CI).
 
     Example: hl7bridge check .
     """
@@ -27,9 +28,12 @@ def check(config_dir, as_json):
     routes = [{"name": r.name, "file": Path(r.path).name, "order": r.order, "match": list(r.messages) or ["any"],
                "mapping": r.mapping, "destinations": list(r.destinations)} for r in project.routes]
     if as_json:
-        click.echo(json.dumps({"directory": str(project.directory), "routes": routes, "mappings": summary}, indent=2))
+        click.echo(json.dumps({"directory": str(project.directory), "mapping_version": project.mappings.version,
+                               "routes": routes, "mappings": summary}, indent=2))
         return
     click.echo(f"ok: {project.directory}")
+    click.echo(f"mapping version: {project.mappings.version} (a hash of the mapping files; every Bundle's "
+               "Provenance names it)")
     click.echo(f"routes ({len(routes)}), tried in this order:")
     for r in routes:
         click.echo(f"  {r['order']:>4}  {r['name']:24} {' '.join(r['match']):24} -> {r['mapping']:6} -> "

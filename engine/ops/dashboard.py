@@ -282,7 +282,7 @@ async function show(id) {
   lines.push('');
   d.segments.forEach(s => { lines.push(s.segment); s.fields.forEach(f => lines.push('  ' + f.path + (f.name ? ' ' + f.name : '') + ': ' + f.value)); });
   lines.push('', 'ACK:', (d.ack || '(none)').split('\\r').join('\\n'));
-  if (d.conversion) lines.push('', 'conversion: ' + d.conversion.status + ' (route ' + d.conversion.route + ')', ...(d.conversion.problems || []));
+  if (d.conversion) lines.push('', 'conversion: ' + d.conversion.status + ' (route ' + d.conversion.route + ')', ...(d.conversion.problems || []), ...(d.conversion.warnings || []).map(w => 'warning: ' + w));
   (d.deliveries || []).forEach(x => lines.push('delivery to ' + x.destination + ': ' + x.state + ' after ' + x.attempts + ' attempt(s)' + (x.last_error ? ' (' + x.last_error + ')' : '')));
   document.getElementById('detail').textContent = lines.join('\\n');
 }

@@ -113,3 +113,14 @@ def test_read_uses_the_journaled_charset_or_msh18():
     raw = (EXAMPLES / "dft_p03_latin1.hl7").read_bytes()
     assert pipeline.read(raw).text == pipeline.read(raw, "latin-1").text
     assert "\ufffd" in pipeline.read(raw, "utf-8").text  # what the journal says wins
+
+
+def test_structure_validation_sees_the_message_as_read(config):
+    """hl7apy reads MSH-2 strictly and segment IDs as sent: it gets the message as our reader read
+    it (four-character MSH-2, IDs repaired), so a tolerated message is not refused for what we
+    tolerate."""
+    project = validating(config)
+    sloppy = SIU.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    sloppy = sloppy.replace(b"^~\\&", b"^~&", 1).replace(b"\rPID|", b"\rpid|", 1)
+    converted = pipeline.convert(project, pipeline.read(sloppy))
+    assert converted.status == MAPPED, converted.problems
