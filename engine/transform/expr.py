@@ -27,6 +27,7 @@ the value in words (never a Python exception's own text).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import quote
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -369,9 +370,26 @@ def field_label(ctx, label: str) -> str:
     return label
 
 
+@lru_cache(maxsize=1024)
+def _read_dtm_cached(value: str, year: int, label: str | None):
+    """read_dtm without side effects: (Dtm, warnings) or (None, what is wrong); appointment timing
+    reads the same few values several times per message."""
+    warnings = []
+    try:
+        return read_dtm(value, year, warnings.append, label), tuple(warnings)
+    except DataError as exc:
+        return None, str(exc)
+
+
 def _dtm(ctx, value: str, label: str | None = None) -> Dtm:
-    return read_dtm(value, ctx.reference_year() if ctx is not None else None, ctx.warn if ctx is not None else None,
-                    label or getattr(value, "source", None))
+    if ctx is None:
+        return read_dtm(value, None, None, label or getattr(value, "source", None))
+    dtm, notes = _read_dtm_cached(str(value), ctx.reference_year(), label or getattr(value, "source", None))
+    if dtm is None:
+        raise DataError(str(notes))
+    for note in notes:
+        ctx.warn(note)
+    return dtm
 
 
 def format_datetime(moment: datetime, tz) -> str:

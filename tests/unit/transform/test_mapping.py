@@ -41,7 +41,7 @@ def convert(project, path):
 
 def test_golden_examples(project):
     results = run_directory(project, EXAMPLES)
-    assert len(results) == 18
+    assert len(results) == 19
     failures = [f"{r.name}:\n{r.detail}" for r in results if not r.passed]
     assert not failures, "\n".join(failures)
 

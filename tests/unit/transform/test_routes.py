@@ -150,7 +150,7 @@ def test_test_command_shows_a_diff(tmp_path, monkeypatch):
     assert any(l.startswith("-") and '"status": "booked"' in l for l in diff)
     assert any(l.startswith("+") and '"status": "cancelled"' in l for l in diff)
     assert result.output.endswith("0 passed, 1 failed\n")
-    assert invoke("test", EXAMPLES).output.endswith("18 passed, 0 failed\n")
+    assert invoke("test", EXAMPLES).output.endswith("19 passed, 0 failed\n")
 
 
 def test_the_mapping_version_changes_with_any_mapping_file(tmp_path):
