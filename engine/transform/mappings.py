@@ -509,7 +509,11 @@ class Conversion:
                 token = f"{system}|{value}"
                 return stable_id(kind, system, value), f"{kind}?identifier={quote(token, safe='|:/')}"
         if mapping.key:
-            parts = [str(plain(getter(ctx)) or "") for getter in mapping.key]
+            try:
+                parts = [str(plain(getter(ctx)) or "") for getter in mapping.key]
+            except DataError as exc:
+                self.errors.append(f"{kind} ($key): {exc} (from {mapping.path})")
+                parts = []
             if any(parts):
                 resource_id = stable_id(kind, *parts)
                 return resource_id, f"{kind}/{resource_id}"
