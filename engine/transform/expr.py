@@ -634,7 +634,7 @@ def notes(ctx, segments: list) -> list[str]:
         if not text:
             source = unescape(seg.field(2), seps).strip()
             if source and source.upper() not in ("L", "P", "O"):
-                ctx.warn(f"NTE-2 (source of comment) holds text, not an HL7 0105 code: read as the comment")
+                ctx.warn("NTE-2 (source of comment) holds text, not an HL7 0105 code: read as the comment")
                 text = source
         if text.strip():
             found.append(text)

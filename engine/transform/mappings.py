@@ -37,7 +37,7 @@ from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
                    plain, raw_selector, urn)
-from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, element_path, expression_error
+from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
 from .templates import segment_of
 

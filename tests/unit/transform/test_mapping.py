@@ -6,9 +6,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from conftest import CORPUS, EXAMPLES, ROOT, corpus_dir, corpus_files
-from engine.mllp.batch import split_messages
-from engine.errors import BatchError, ConfigError
+from conftest import EXAMPLES, ROOT, corpus_dir
+from engine.errors import ConfigError
 from engine.transform.project import Project
 from engine.transform.regression import run_directory
 from engine.transform import pipeline
