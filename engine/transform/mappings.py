@@ -219,7 +219,7 @@ class MappingSet:
                 if not isinstance(name, str) or not re.fullmatch(r"[a-z_][A-Za-z0-9_]*", name):
                     raise ConfigError(f"$let: {name!r} is not a name", path, line,
                                       "a name starts with a lower-case letter (upper-case reads as a segment)")
-                if not isinstance(text, str) or isinstance(text, type(None)):
+                if not isinstance(text, str):
                     raise ConfigError(f"$let.{name}: an expression is needed", path, line)
                 uses = set()
                 try:
@@ -321,8 +321,9 @@ class MappingSet:
         """Convert one message with ``mappings/message/<mapping>.yaml``: the Bundle and its warnings.
 
         ``route`` names the route in the Provenance; ``now`` is when the conversion happens (its
-        ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version. Raises ``MappingError`` listing every problem
-        (evaluation, FHIR validation and invariants), each in words.
+        ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version.
+        Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
+        each in words.
         """
         if mapping not in self.messages:
             raise MappingError([f"no message mapping {mapping!r} (mappings/message/{mapping}.yaml)"])
@@ -413,6 +414,7 @@ class Conversion:
 
     def run(self, mapping: MessageMapping) -> Result:
         self.ctx.groups = mapping.groups or None
+        self.ctx.reference_year()  # once, before contexts are derived from this one
         header = read_header(self.message)
         for rule in mapping.rules:
             contexts = rule.source(self.ctx)
