@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import BatchError, ConfigError, ParseError
+from ..errors import BatchError, ConfigError
 from .base import CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, json_option, load_project
 
 
@@ -18,7 +18,8 @@ from .base import CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, json_
 def check(config_dir, as_json):
     """Load every route and mapping and report the first problem with its file, line and a hint.
 
-    Exit code 0 when everything loads, 1 when something does not (for CI).
+    Also prints the mapping version (a hash of the mapping files) that Bundles converted with them
+    name in their Provenance. Exit code 0 when everything loads, 1 when something does not (for CI).
 
     Example: hl7bridge check .
     """
@@ -27,9 +28,12 @@ def check(config_dir, as_json):
     routes = [{"name": r.name, "file": Path(r.path).name, "order": r.order, "match": list(r.messages) or ["any"],
                "mapping": r.mapping, "destinations": list(r.destinations)} for r in project.routes]
     if as_json:
-        click.echo(json.dumps({"directory": str(project.directory), "routes": routes, "mappings": summary}, indent=2))
+        click.echo(json.dumps({"directory": str(project.directory), "mapping_version": project.mappings.version,
+                               "routes": routes, "mappings": summary}, indent=2))
         return
     click.echo(f"ok: {project.directory}")
+    click.echo(f"mapping version: {project.mappings.version} (a hash of the mapping files; every Bundle's "
+               "Provenance names it)")
     click.echo(f"routes ({len(routes)}), tried in this order:")
     for r in routes:
         click.echo(f"  {r['order']:>4}  {r['name']:24} {' '.join(r['match']):24} -> {r['mapping']:6} -> "
@@ -45,13 +49,19 @@ def check(config_dir, as_json):
 def convert(files, route_name, config_dir):
     """Dry run: print the FHIR Bundle each message converts to, or why it cannot. Sends nothing.
 
-    Files may hold one message or many (also FHS/BHS batches). Bundles go to standard output as
-    JSON (one per message, a list when there are several); problems go to standard error, each
-    with the FHIR element, the mapping file and line, and the HL7 field. Exit code 1 when any
+    Files may hold one message or many (also FHS/BHS batches). Each message is read and checked as
+    the engine's listener would (a message it would reject is reported with the reason it would
+    give), then routed and mapped. Bundles go to standard output as JSON (one per message, a list
+    when there are several). Standard error gets, for each message, FILE:LINE (the line its MSH is
+    on) and its control ID, then why it cannot be converted (each problem with the FHIR element,
+    the mapping file and line, and the HL7 field), and any warning: what was assumed to read it.
+    A file that is not HL7 v2 ER7 is reported and the next one is read. Exit code 1 when any
     message could not be converted.
 
     Example: hl7bridge convert examples/siu_s12.hl7 --route clinic-scheduling
     """
+    from ..hl7.ack import ACCEPT
+    from ..hl7.assess import assess
     from ..mllp.batch import split_messages
     from ..transform import pipeline
 
@@ -61,22 +71,35 @@ def convert(files, route_name, config_dir):
         try:
             found = split_messages(path.read_bytes())
         except BatchError as exc:
-            raise Failure(f"{path}: {exc}") from None
+            where = f"{path}:{exc.line}" if exc.line else f"{path}"
+            click.echo(f"{where}: not converted: {str(exc).split(': ', 1)[-1] if exc.line else exc}", err=True)
+            failed = True
+            continue
         for item in found:
-            try:
-                converted = pipeline.convert(project, pipeline.read(item.data), route_name=route_name)
-            except ConfigError as exc:
-                raise Failure(str(exc)) from None
-            except ParseError as exc:
-                click.echo(f"{path}:{item.line}: not HL7: {exc}", err=True)
+            assessment = assess(item.data)
+            header = assessment.header
+            control_id = f" {header.control_id.strip()}" if header is not None and header.control_id.strip() else ""
+            where = f"{path}:{item.line}{control_id}"
+            for warning in assessment.warnings:
+                click.echo(f"{where}: warning: {warning}", err=True)
+            if assessment.outcome != ACCEPT:
+                error = assessment.error
+                location = f" ({error.location})" if error.location and error.location not in error.text else ""
+                click.echo(f"{where}: not accepted: {error.text}{location}", err=True)
                 failed = True
                 continue
+            try:
+                converted = pipeline.convert(project, assessment.message, header=header, route_name=route_name)
+            except ConfigError as exc:
+                raise Failure(str(exc)) from None
+            for warning in converted.warnings:
+                click.echo(f"{where}: warning: {warning}", err=True)
             if converted.ok:
                 bundles.append(converted.bundle)
                 continue
             failed = True
             route = f" (route {converted.route.name})" if converted.route else ""
-            click.echo(f"{path}:{item.line} {converted.header.control_id.strip()}{route}: cannot convert", err=True)
+            click.echo(f"{where}{route}: cannot convert", err=True)
             for problem in converted.problems:
                 click.echo(f"  {problem}", err=True)
     if bundles:

@@ -195,6 +195,9 @@ def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
 def journal_show(journal_path, message_id, raw, validate, as_json):
     """Show one message: what was received, its fields by name, and the ACK sent.
 
+    Also what the reader assumed to read it (warning), and its FHIR conversion: the Bundle's
+    entries, or the problems, and what mapping assumed (its warnings).
+
     Example: hl7bridge journal show 42
     """
     from ..ops.detail import describe_message

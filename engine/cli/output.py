@@ -56,6 +56,8 @@ def detail_text(detail: dict) -> str:
         lines.append(f"conversion: {conversion['status']} by route {conversion['route']} at {conversion['converted_at']}")
         for problem in conversion.get("problems") or []:
             lines.append(f"  problem: {problem}")
+        for warning in conversion.get("warnings") or []:
+            lines.append(f"  warning: {warning}")
         if conversion.get("bundle"):
             entries = conversion["bundle"].get("entry", [])
             lines.append(f"  bundle: {len(entries)} entries")

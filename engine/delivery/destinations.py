@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..yamlconf import Section, expand_env, load_yaml, seconds
 
 TYPES = ("fhir", "file", "erp-http", "erp-tryton")
-PAYLOADS = ("bundle", "finance-events")
+PAYLOADS = ("bundle", "message", "finance-events")
 FHIR_MODES = ("transaction", "resources")
 ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
@@ -69,7 +69,7 @@ class Destination:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 4
     order_by: str = "patient"
-    payload: str = "bundle"  # what is sent: the FHIR Bundle, or the canonical finance events
+    payload: str = "bundle"  # what is sent: the FHIR Bundle, a FHIR message, or the canonical finance events
     body: dict | None = None  # erp-http: the shape of each request body (a template over the event)
     database: str = ""  # erp-tryton: the Tryton database
     product: str = "Patient charge"  # erp-tryton: the product invoice lines use
@@ -108,6 +108,8 @@ def load_destination(path: Path, base: Path) -> Destination:
     )
     if kind.startswith("erp-") and fields["payload"] != "finance-events":
         raise top.error("payload", "an ERP destination takes finance-events")
+    if kind == "fhir" and fields["payload"] == "finance-events":
+        raise top.error("payload", "a FHIR destination takes bundle or message")
     if kind in ("fhir", "erp-http", "erp-tryton"):
         url = expand_env(top.get("url", str, None), top, "url")
         if not url or not url.startswith(("http://", "https://")):

@@ -96,7 +96,7 @@ def _charge_event(item: dict, resources: dict, message_id: int, control_id: str,
         "schema": SCHEMA,
         "event": event,
         "event_id": stable_id("finance", key, transaction_id or code.get("code") or "", event),
-        "occurred_at": item.get("occurrenceDateTime"),
+        "occurred_at": item.get("occurrenceDateTime") or (item.get("occurrencePeriod") or {}).get("start"),
         "account": _account(item, resources),
         "transaction": {
             "id": transaction_id,

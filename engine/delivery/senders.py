@@ -22,6 +22,7 @@ from . import ndjson
 from .destinations import Destination
 from .finance import events
 from .http import NETWORK_ERRORS, TokenError, HttpClient, classify_status, failure_result, retry_after
+from .messaging import message_bundle
 from .outbox import OK, PERMANENT, TRANSIENT, Result
 from .tryton import TrytonSender
 
@@ -89,7 +90,9 @@ class FhirSender:
     @defer.inlineCallbacks
     def send(self, delivery):
         try:
-            if self.destination.mode == "transaction":
+            if self.destination.payload == "message":
+                result = yield self._message(delivery.bundle)
+            elif self.destination.mode == "transaction":
                 result = yield self._transaction(delivery.bundle)
             else:
                 result = yield self._resources(delivery.bundle)
@@ -114,6 +117,17 @@ class FhirSender:
                 return Result(outcome, status, text, error=f"transaction entries failed: {problems}"[:300])
             return Result(OK, status, text)
         return Result(outcome, status, text, retry_after(after), error=f"HTTP {status}")
+
+    @defer.inlineCallbacks
+    def _message(self, bundle_json: str):
+        """A FHIR message, to the server's $process-message operation."""
+        body = json.dumps(message_bundle(json.loads(bundle_json), self.destination.name, self.destination.url))
+        status, answer, after = yield self.request(b"POST", f"{self.destination.url}/$process-message", body.encode())
+        outcome = self.classify(status)
+        text = answer.decode("utf-8", errors="replace")
+        if outcome == OK:
+            return Result(OK, status, text)
+        return Result(outcome, status, text, retry_after(after), error=f"HTTP {status} on $process-message")
 
     @defer.inlineCallbacks
     def _resources(self, bundle_json: str):
@@ -216,6 +230,9 @@ class FileSender:
             bundle = json.loads(delivery.bundle)
             if self.destination.payload == "finance-events":
                 records = events(bundle, delivery.message_id, delivery.control_id, delivery.discriminator)
+            elif self.destination.payload == "message":
+                records = [{"message_id": delivery.message_id, "control_id": delivery.control_id,
+                            "bundle": message_bundle(bundle, self.destination.name)}]
             else:
                 records = [{"message_id": delivery.message_id, "control_id": delivery.control_id, "bundle": bundle}]
             with self.lock:

@@ -38,6 +38,26 @@ class Assessment:
     message: Message | None = None
     error: AckError | None = None
 
+    @property
+    def warnings(self) -> list[str]:
+        """Everything assumed to read the frame, in the order it was met: decoding, the reader,
+        MSH-9. The journal keeps them (joined with '; ') with the message."""
+        found = [self.decoded.warning] if self.decoded.warning else []
+        if self.message is not None:
+            found += self.message.warnings
+        if self.header is not None:
+            found += list(self.header.warnings)
+        return found
+
+    @property
+    def warning(self) -> str | None:
+        return join_warnings(self.warnings)
+
+
+def join_warnings(warnings) -> str | None:
+    """Warnings as the journal's one text column keeps them: joined with '; ', None when none."""
+    return "; ".join(w for w in warnings if w) or None
+
 
 def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
     """Read a frame and decide whether it is acceptable HL7 v2. Never raises for bad input."""
@@ -57,6 +77,7 @@ def assess(raw: bytes, policy: AcceptPolicy = AcceptPolicy()) -> Assessment:
 
 
 def _header_only(text: str) -> Header | None:
+    text = text.lstrip("\ufeff\x0b\x1c\x00\t\r\n ")
     first = text.split("\r", 1)[0].split("\n", 1)[0]
     try:
         return read_header(parse(first))
@@ -82,7 +103,7 @@ def _check_header(header: Header, policy: AcceptPolicy) -> AckError | None:
     if policy.message_types is not None and header.message_type not in policy.message_types:
         return AckError(200, f"message type {header.message_type} is not accepted", "MSH-9")
     if header.message_type not in ("ACK",) and not header.trigger_event and version_tuple(header.version) >= (2, 3):
-        return AckError(201, "MSH-9 has no trigger event", "MSH-9.2")
+        return AckError(201, header.trigger_missing or "MSH-9 has no trigger event (MSH-9.2)", "MSH-9.2")
     if header.accept_ack_type and header.accept_ack_type not in ("AL", "NE", "ER", "SU"):
         return AckError(103, f"MSH-15 {header.accept_ack_type} is not in HL7 table 0155", "MSH-15")
     return None

@@ -65,14 +65,24 @@ def codec_for(declared: str) -> str | None:
     return _TABLE_0211.get(key)
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8", "UTF-8"), (b"\xff\xfe", "utf-16-le", "UTF-16LE"),
+         (b"\xfe\xff", "utf-16-be", "UTF-16BE"))
+
+
+def _start(raw: bytes) -> bytes:
+    """The bytes from MSH on: without what may stand before it (framing, NUL, blank lines)."""
+    return raw.lstrip(b"\x0b\x1c\x00\t\r\n ")
+
+
 def declared_charset(raw: bytes) -> str:
     """MSH-18 (first repetition) read from the raw bytes, '' when absent or unreadable."""
+    raw = _start(raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw)
     end = len(raw)
     for terminator in (b"\r", b"\n"):
         pos = raw.find(terminator)
         if 0 <= pos < end:
             end = pos
-    header = raw[:end].lstrip(b"\x00\t ")
+    header = raw[:end]
     if len(header) < 4 or not header.startswith(b"MSH"):
         return ""
     fields = header.split(header[3:4])
@@ -84,7 +94,15 @@ def declared_charset(raw: bytes) -> str:
 
 
 def decode(raw: bytes, default: str = DEFAULT_CHARSET) -> Decoded:
-    """Decode a frame per its MSH-18; undeclared text is tried as ``default``, then Latin-1."""
+    """Decode a frame per its MSH-18; undeclared text is tried as ``default``, then Latin-1.
+
+    A byte-order mark says the encoding better than MSH-18 can (some Windows tools write one):
+    UTF-16 text is decoded as such, and UTF-8 with a mark is read as UTF-8, with a warning when
+    MSH-18 says otherwise. The reader removes the UTF-8 mark itself (and says so).
+    """
+    for bom, codec, name in _BOMS:
+        if raw.startswith(bom):
+            return _decode_marked(raw, bom, codec, name)
     declared = declared_charset(raw)
     if declared:
         codec = codec_for(declared)
@@ -101,6 +119,25 @@ def decode(raw: bytes, default: str = DEFAULT_CHARSET) -> Decoded:
             )
     text, charset, warning = _decode_undeclared(raw, default)
     return Decoded(text, charset, warning)
+
+
+def _decode_marked(raw: bytes, bom: bytes, codec: str, name: str) -> Decoded:
+    warnings = []
+    body = raw[len(bom):]
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as exc:
+        text = body.decode(codec, errors="replace")
+        warnings.append(f"bytes do not match the byte-order mark ({name}) at offset {exc.start + len(bom)}; "
+                        "undecodable bytes replaced")
+    declared = declared_charset(text.encode("utf-8"))
+    if declared and codec_for(declared) not in (None, "utf-8", codec):
+        warnings.append(f"MSH-18 says {declared!r} but a byte-order mark says {name}: read as {name}")
+    if codec == "utf-8":
+        text = "\ufeff" + text  # the reader removes the mark itself, and says so
+    else:
+        warnings.insert(0, f"byte-order mark ({name}) before MSH: read as {name}")
+    return Decoded(text, codec, "; ".join(warnings) or None)
 
 
 def _decode_undeclared(raw: bytes, default: str):

@@ -11,6 +11,7 @@ tools that ask for it.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -112,12 +113,23 @@ def validate(text: str) -> ValidationReport:
             for line in report_file:
                 kind, _, text_ = line.strip().partition(": ")
                 if kind == "Error":
-                    report.errors.append(text_)
+                    report.errors.append(_in_words(text_))
                 elif kind == "Warning":
-                    report.warnings.append(text_)
+                    report.warnings.append(_in_words(text_))
     finally:
         os.unlink(report_path)
     return report
+
+
+_ELEMENT = re.compile(r"<\w+ ([A-Z][A-Z0-9]{2})_(\d+)(?:_(\d+))? \(([^)]*)\) of type \w+>")
+
+
+def _in_words(text: str) -> str:
+    """hl7apy's texts name elements as Python objects (``<Field MSH_9 (MESSAGE_TYPE) of type
+    CM_MSG>``) and list children as ``[None]``: say them as HL7 paths and words."""
+    text = _ELEMENT.sub(lambda m: f"{m.group(1)}-{m.group(2)}{'.' + m.group(3) if m.group(3) else ''} "
+                                  f"({m.group(4).replace('_', ' ').lower()})", text)
+    return text.replace(": [None]", ": a component the standard does not define there")
 
 
 def _as_reference_version(segments: list[str]) -> list[str]:

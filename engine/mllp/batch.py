@@ -1,7 +1,14 @@
 """Splitting files of HL7 messages: one message, many, or FHS/BHS batches.
 
-Works on bytes, because the character set of each message is only known from its own MSH-18.
-Envelope segments (FHS, BHS, BTS, FTS) are checked and removed: messages are sent one per frame.
+Works on bytes, because the character set of each message is only known from its own MSH-18 (the
+bytes are looked at as Latin-1, one character per byte, so nothing is changed by looking).
+A file saved as UTF-16 (with its byte-order mark, as some Windows tools write it) is read as such
+and its messages are given back in UTF-16 with the mark. Envelope segments (FHS, BHS, BTS, FTS)
+are checked and removed: messages are sent one per frame.
+
+Lines are found as the reader finds segments (``engine.hl7.er7.read_lines``): CR, LF or CRLF, and
+in a file that uses CR a lone LF that is not followed by a segment is a line break inside a field.
+Segment IDs are recognised in any case and with spaces before them, as the reader accepts them.
 """
 
 from __future__ import annotations
@@ -10,9 +17,11 @@ import re
 from dataclasses import dataclass
 
 from ..errors import BatchError
+from ..hl7.er7 import XML_NOT_SUPPORTED, looks_like_segment
 
-_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
-_ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
+_ENDS = re.compile(r"(\r\n|\r|\n)")
+_ENVELOPE = ("FHS", "BHS", "BTS", "FTS")
+_UTF16 = ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
 
 @dataclass(frozen=True)
@@ -23,17 +32,27 @@ class FileMessage:
     data: bytes
 
 
-def _lines(data: bytes):
-    """(line number, text without terminator, text with terminator) for each non-blank line."""
-    number = 0
-    for match in _LINE.finditer(data):
-        chunk = match.group(0)
-        if not chunk:
-            break
+def _lines(text: str):
+    """(line number, text without its end, text with its end) for each non-blank line.
+
+    A lone LF in text that has CR is a line end only when a segment starts after it."""
+    parts = _ENDS.split(text)
+    has_cr = "\r" in text
+    number = 1
+    body, chunk = parts[0], parts[0]
+    start = 1
+    for index in range(1, len(parts), 2):
+        end, after = parts[index], parts[index + 1]
         number += 1
-        body = chunk.rstrip(b"\r\n")
+        if end == "\n" and has_cr and after.strip() and body.strip() and not looks_like_segment(after, None):
+            body += end + after
+            chunk += end + after
+            continue
         if body.strip():
-            yield number, body, chunk
+            yield start, body, chunk + end
+        body, chunk, start = after, after, number
+    if body.strip():
+        yield start, body, chunk
 
 
 def split_messages(data: bytes, keep_line_endings: bool = False) -> list[FileMessage]:
@@ -41,11 +60,16 @@ def split_messages(data: bytes, keep_line_endings: bool = False) -> list[FileMes
 
     By default each message is rebuilt with CR segment terminators, as the standard and MLLP
     expect, whatever the file used. With ``keep_line_endings`` the bytes are the file's own.
-    Raises ``BatchError`` (with the line) for a malformed batch: a segment outside a message, a
-    BHS inside a message, or a BTS/FTS count that does not match.
+    Raises ``BatchError`` (with the line) for what is not a file of ER7 messages: HL7 v2 XML, a
+    segment outside a message, a BHS inside a message, or a BTS/FTS count that does not match.
     """
+    codec, mark = "latin-1", b""
+    for bom, name in _UTF16:
+        if data.startswith(bom):
+            codec, mark, data = name, bom, data[len(bom):]
+    text = data.decode(codec, errors="replace")
     messages: list[FileMessage] = []
-    current: list[bytes] | None = None
+    current: list[str] | None = None
     start_line = 0
     in_batch = False
     batch_count = 0
@@ -54,43 +78,46 @@ def split_messages(data: bytes, keep_line_endings: bool = False) -> list[FileMes
     def close():
         nonlocal current
         if current is not None:
-            joined = b"".join(current) if keep_line_endings else b"\r".join(current) + b"\r"
-            messages.append(FileMessage(start_line, joined))
+            joined = "".join(current) if keep_line_endings else "\r".join(current) + "\r"
+            messages.append(FileMessage(start_line, mark + joined.encode(codec)))
             current = None
 
-    for number, body, chunk in _lines(data):
-        body = body.lstrip(b"\x00\t ")
-        kind = body[:3]
-        if kind == b"MSH":
+    for number, body, chunk in _lines(text):
+        stripped = body[3:] if body.startswith("\xef\xbb\xbf") else body  # a UTF-8 byte-order mark
+        stripped = stripped.lstrip("\ufeff\x0b\x1c\x00\t ")
+        if not messages and current is None and stripped.startswith("<"):
+            raise BatchError(XML_NOT_SUPPORTED, number)
+        kind = stripped[:3].upper()
+        if kind == "MSH":
             close()
             current, start_line = [], number
             batch_count += 1
-        elif kind in _ENVELOPE:
-            if kind == b"BHS":
+        elif kind in _ENVELOPE and not stripped[3:4].isalnum():
+            if kind == "BHS":
                 if current is not None:
                     raise BatchError("BHS inside a message (a batch starts only after BTS)", number)
                 if in_batch:
                     raise BatchError("BHS before the previous batch's BTS", number)
                 in_batch, batch_count = True, 0
                 batches += 1
-            elif kind == b"BTS":
+            elif kind == "BTS":
                 close()
                 if not in_batch:
                     raise BatchError("BTS without a BHS", number)
-                _check_count(body, batch_count, "BTS-1 message count", number)
+                _check_count(stripped, batch_count, "BTS-1 message count", number)
                 in_batch = False
-            elif kind == b"FTS":
+            elif kind == "FTS":
                 close()
                 if in_batch:
                     raise BatchError("FTS before the batch's BTS", number)
-                _check_count(body, batches, "FTS-1 batch count", number)
+                _check_count(stripped, batches, "FTS-1 batch count", number)
             else:  # FHS
                 if messages or current is not None or batches:
                     raise BatchError("FHS must be the first segment of the file", number)
             continue
         else:
             if current is None:
-                raise BatchError(f"segment {kind.decode('latin-1')!r} is outside any message (no MSH before it)", number)
+                raise BatchError(f"segment {body[:3]!r} is outside any message (no MSH before it)", number)
         current.append(chunk if keep_line_endings else body)
     close()
     if in_batch:
@@ -98,8 +125,8 @@ def split_messages(data: bytes, keep_line_endings: bool = False) -> list[FileMes
     return messages
 
 
-def _check_count(segment: bytes, actual: int, what: str, line: int):
+def _check_count(segment: str, actual: int, what: str, line: int):
     fields = segment.split(segment[3:4]) if len(segment) > 3 else [segment]
-    declared = fields[1].strip() if len(fields) > 1 else b""
+    declared = fields[1].strip() if len(fields) > 1 else ""
     if declared and declared.isdigit() and int(declared) != actual:
         raise BatchError(f"{what} says {int(declared)} but {actual} found", line)

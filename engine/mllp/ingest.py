@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..hl7 import charset as charsets
 from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, ack_code, ack_wanted, build_ack
-from ..hl7.assess import AcceptPolicy, Assessment, assess
+from ..hl7.assess import AcceptPolicy, Assessment, assess, join_warnings
 from ..hl7.er7 import Message
 from ..hl7.header import Header
 from ..hl7.identifiers import identifiers
@@ -91,6 +91,8 @@ def same_message(a: bytes, b: bytes) -> bool:
 
 
 def _comparable(raw: bytes) -> list[bytes]:
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    raw = raw.lstrip(b"\x0b\x1c\x00\t\r\n ").rstrip(b"\x0b\x1c\x00")  # what the reader removes too
     lines = [line.rstrip() for line in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")]
     lines = [line for line in lines if line]
     if lines and lines[0].startswith(b"MSH") and len(lines[0]) > 3:
@@ -247,7 +249,8 @@ class Ingestor:
                 prepared.converted = None  # a resend is not processed again
                 entry.duplicate_of, entry.ack, entry.ack_code = original_id, ack, code
                 if entry.raw != raw:
-                    entry.warning = "resend differs from the original only in MSH-7 (time of message) or line ends"
+                    entry.warning = join_warnings([entry.warning, "resend differs from the original only in MSH-7 "
+                                                   "(time of message) or line ends"])
                 return DUPLICATE
         first = earlier[0][0]
         route = self.project.routes.get(entry.route) if self.project is not None and entry.route else None
@@ -256,7 +259,8 @@ class Ingestor:
         reused = (f"control ID {entry.control_id} from {entry.sending_facility or 'this sender'} was already used "
                   f"by message {first}, with different content")
         if policy == "process":
-            entry.warning = f"{reused}; processed as a new message (route policy duplicates.differing: process)"
+            entry.warning = join_warnings([entry.warning, f"{reused}; processed as a new message "
+                                                          "(route policy duplicates.differing: process)"])
             return policy
         prepared.converted = None
         header, charset = prepared.header, entry.charset
@@ -271,7 +275,8 @@ class Ingestor:
             code = ack_code(ACCEPT, header)
             entry.status = HELD
             entry.error = entry.error_code = entry.error_location = None
-            entry.warning = f"{reused}; held for an operator (route policy duplicates.differing: hold)"
+            entry.warning = join_warnings([entry.warning, f"{reused}; held for an operator "
+                                                          "(route policy duplicates.differing: hold)"])
         text = build_ack(header, code, now=self.clock(), control_id=self.next_control_id(), error=error,
                          identity=frame_policy.identity)
         entry.ack, entry.ack_code = charsets.encode(text, charset), code
@@ -295,7 +300,7 @@ class Ingestor:
             listener=frame.listener,
             peer=frame.peer,
             charset=decoded.charset,
-            warning=decoded.warning,
+            warning=assessment.warning,
             truncated=frame.truncated,
             ack_code=code,
             ack=charsets.encode(ack_text, decoded.charset),

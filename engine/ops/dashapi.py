@@ -20,7 +20,7 @@ from twisted.internet import defer
 from ..delivery.outbox import summarize
 from ..hl7.identifiers import patient_filter
 from ..stamps import parse_moment
-from ..store.base import DELIVERY_STATES, STATUSES, SearchQuery
+from ..store.base import DELIVERY_STATES, STATUSES, SearchQuery, decode_notes
 from ..transform.replay import ReplayError
 from .detail import delivery_stories, describe_ack, describe_message
 from .status import Status
@@ -161,9 +161,9 @@ def exceptions(status: Status, body: dict, user: User):
     def read(journal):
         found = journal.exceptions(limit=50)
         for row in found["messages"]:
-            problems = row.pop("problems", None)
+            problems = decode_notes(row.pop("problems", None))[0]
             if problems:
-                row["error"] = json.loads(problems)[0].split(" (from ")[0]
+                row["error"] = problems[0].split(" (from ")[0]
         dead = journal.list_deliveries(state="dead", limit=50)
         stories = {}
         for delivery in dead:

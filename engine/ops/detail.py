@@ -13,6 +13,7 @@ from ..hl7.charset import decode
 from ..hl7.er7 import parse, unescape
 from ..errors import ParseError
 from ..hl7.standard import field_info, validate as validate_structure
+from ..store.base import decode_notes
 
 SUMMARY_FIELDS = (
     "id", "received_at", "listener", "peer", "route", "status", "error", "error_code", "error_location",
@@ -61,12 +62,14 @@ def describe_message(record: dict, validate: bool = False) -> dict:
         detail["deliveries"] = delivery_stories(record["history"])
     conversion = record.get("conversion")
     if conversion:
+        problems, warnings = decode_notes(conversion["problems"])
         detail["conversion"] = {
             "route": conversion["route"],
             "status": conversion["status"],
             "converted_at": conversion["converted_at"],
             "bundle": json.loads(conversion["bundle"]) if conversion["bundle"] else None,
-            "problems": json.loads(conversion["problems"]) if conversion["problems"] else [],
+            "problems": problems,
+            "warnings": warnings,
         }
     if validate and message is not None:
         report = validate_structure(text)

@@ -21,6 +21,7 @@ one writer thread, and its reads in a pool of threads with a read-only journal e
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -43,13 +44,35 @@ RESPONSE_KEPT = 2000  # characters of a response body kept with an attempt (the 
 
 @dataclass
 class ConversionRecord:
-    """The FHIR conversion of a message: 'mapped' with a Bundle, or 'mapping_error' with problems."""
+    """The FHIR conversion of a message: 'mapped' with a Bundle, or 'mapping_error' with problems.
+
+    ``problems`` also carries the conversion's warnings (what mapping assumed to read the message),
+    each prefixed ``warning: `` after the problems (``encode_notes``): a mapped message may have
+    warnings and no problems."""
 
     route: str
     status: str
     converted_at: str
     bundle: str | None = None  # JSON text
-    problems: str | None = None  # JSON list of text
+    problems: str | None = None  # JSON list of text: the problems, then the warnings (encode_notes)
+
+
+WARNING_PREFIX = "warning: "
+
+
+def encode_notes(problems: list, warnings: list) -> str | None:
+    """The ``problems`` text of a ConversionRecord: one JSON list, the problems first, then each
+    warning prefixed ``warning: ``; None when there is neither."""
+    notes = list(problems) + [WARNING_PREFIX + w for w in warnings]
+    return json.dumps(notes) if notes else None
+
+
+def decode_notes(text: str | None) -> tuple[list, list]:
+    """(problems, warnings) from the ``problems`` text of a ConversionRecord."""
+    notes = json.loads(text) if text else []
+    problems = [n for n in notes if not n.startswith(WARNING_PREFIX)]
+    warnings = [n[len(WARNING_PREFIX):] for n in notes if n.startswith(WARNING_PREFIX)]
+    return problems, warnings
 
 
 @dataclass

@@ -6,18 +6,23 @@
       datatype/CX.yaml        reusable pieces: an HL7 data type to a FHIR data type
       codesystem/filler-status.yaml   code maps (HL7 tables to FHIR codes)
 
-Every resource gets an ID derived from its first identifier (or its ``$key``), so the same message
-converted twice gives the same Bundle, and every entry is a conditional update
-(``PUT Patient?identifier=system|value``): sent twice, it changes nothing downstream.
-Every resource is validated with fhir.resources (R4, ``fhir.resources.R4B``) before it leaves;
-a problem names the FHIR element and the mapping line and HL7 field it came from.
+Every resource gets an ID derived from its first identifier (or its ``$key``, or the message
+itself), so the same message converted twice gives the same Bundle, and every entry is a
+conditional update (``PUT Patient?identifier=system|value``): sent twice, it changes nothing
+downstream. Every Bundle ends with a Provenance: which message, which route and mapping version,
+when. Every resource is validated with fhir.resources (R4, ``fhir.resources.R4B``), and the FHIR
+invariants fhir.resources does not check and our mappings could break (Appointment app-2, app-3)
+are checked here, before it leaves; a problem names the FHIR element and the mapping line and HL7
+field it came from, in words.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,11 +31,13 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ..hl7.er7 import Message
+from ..hl7.header import read_header
 from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
-from .expr import Context, ExpressionError, compile_condition, compile_expression, raw_selector
-from .templates import Obj, Output, compile_template, expression_error
+from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
+                   plain, raw_selector, urn)
+from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
 from .templates import segment_of
 
@@ -65,6 +72,30 @@ class ResourceMapping:
     template: Obj
     key: list = field(default_factory=list)  # getters for the ID when there is no identifier
     path: str = ""
+    lets: list = field(default_factory=list)  # [(name, Expr)]: $let, in order
+
+    def node_at(self, element: tuple) -> Node | None:
+        """The template node that builds ``element`` (('code',), ('participant', 'actor')), if any."""
+        node = self.template
+        for key in element:
+            while isinstance(node, Array) and node.items:
+                node = node.items[0]
+            fields = dict(getattr(node, "fields", []) or [])
+            if key not in fields:
+                return None
+            node = fields[key]
+        return node
+
+    def explain(self, node) -> str:
+        """Where a node takes its value from: its file, line and expression (and its $let values)."""
+        if isinstance(node, Obj) and node.source_text:
+            return f"{node.origin.path}:{node.origin.line} ($from: {node.source_text})"
+        text = str(node.origin)
+        lets = dict(self.lets)
+        for name in getattr(node, "uses", ()):
+            if name in lets:
+                text += f"; {name} from {lets[name].origin}"
+        return text
 
 
 @dataclass
@@ -76,6 +107,8 @@ class ResourceRule:
     each: bool
     when: object
     line: int
+    source_text: str = ""
+    required: bool = False
 
 
 @dataclass
@@ -85,6 +118,15 @@ class MessageMapping:
     rules: list
     timezone: str | None
     path: str
+    groups: dict = field(default_factory=dict)  # head segment -> the segment kinds that belong to it
+
+
+@dataclass
+class Result:
+    """A conversion: the Bundle and what was assumed to map it (warnings, in words)."""
+
+    bundle: dict
+    warnings: list = field(default_factory=list)
 
 
 class MappingSet:
@@ -96,6 +138,7 @@ class MappingSet:
         self.datatypes: dict = {}
         self.resources: dict[str, ResourceMapping] = {}
         self.messages: dict[str, MessageMapping] = {}
+        self.version = ""
         self._load()
 
     # -- loading --------------------------------------------------------------------------------
@@ -121,6 +164,19 @@ class MappingSet:
         for path in self._files("message"):
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
+        self.version = self._version()
+
+    def _version(self) -> str:
+        """The mapping version: the first 12 hex digits of a SHA-256 over every file of the mapping
+        directory (names and bytes), as loaded. Any change to any mapping file changes it; it is
+        computed when the mappings load (at start, at each reload, by check/convert/test)."""
+        digest = hashlib.sha256()
+        for kind in ("message", "resource", "datatype", "codesystem"):
+            for path in self._files(kind):
+                digest.update(f"{kind}/{path.name}\0".encode())
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+        return digest.hexdigest()[:12]
 
     def _codemap(self, path) -> CodeMap:
         data = load_yaml(path)
@@ -152,23 +208,58 @@ class MappingSet:
             get_fhir_model_class(resource_type)
         except (KeyError, ValueError, AttributeError):
             raise ConfigError(f"{resource_type!r} is not a FHIR R4 resource", path, data.line_of("resourceType")) from None
+        lets = []
+        given = data.get("$let")
+        if given is not None:
+            if not isinstance(given, dict):
+                raise ConfigError("$let: a mapping of names to expressions", path, data.line_of("$let"),
+                                  "e.g. $let: {begins: precise(TQ1-7.1, SCH-11.4)}, used as begins")
+            for name, text in given.items():
+                line = given.line_of(name) if hasattr(given, "line_of") else data.line_of("$let")
+                if not isinstance(name, str) or not re.fullmatch(r"[a-z_][A-Za-z0-9_]*", name):
+                    raise ConfigError(f"$let: {name!r} is not a name", path, line,
+                                      "a name starts with a lower-case letter (upper-case reads as a segment)")
+                if not isinstance(text, str):
+                    raise ConfigError(f"$let.{name}: an expression is needed", path, line)
+                uses = set()
+                try:
+                    getter = compile_expression(text, names, {n for n, _ in lets}, uses)
+                except ExpressionError as exc:
+                    error = expression_error(exc, f"$let.{name}", path, line, segment)
+                    later = [n for n in given if f"{n!r} is neither" in str(exc)]
+                    if later:
+                        raise ConfigError(f"$let.{name}: uses {later[0]!r}, which is defined below it", path, line,
+                                          "a $let uses only the names defined above it") from None
+                    raise error from None
+                lets.append((name, Expr(getter, Origin(str(path), line, f"{name}: {text}"), uses)))
+        known = frozenset(n for n, _ in lets)
         key = []
         for text in data.get("$key", []) or []:
             try:
-                key.append(compile_expression(text, names))
+                key.append(compile_expression(text, names, known))
             except ExpressionError as exc:
                 raise expression_error(exc, "$key", path, data.line_of("$key"), segment) from None
-        body = type(data)({k: v for k, v in data.items() if k not in ("resourceType", "$key")})
+        body = type(data)({k: v for k, v in data.items() if k not in ("resourceType", "$key", "$let")})
         body.line, body.key_lines = data.line, data.key_lines
-        template = compile_template(body, path, data.line, names, resource_type, segment)
-        return ResourceMapping(path.stem, resource_type, template, key, str(path))
+        template = compile_template(body, path, data.line, names, resource_type, segment, known)
+        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets)
 
     def _message(self, path, names) -> MessageMapping:
         data = load_yaml(path)
-        section = Section(data, path, "message mapping", {"description", "resources", "timezone"})
+        section = Section(data, path, "message mapping", {"description", "resources", "timezone", "groups"})
+        groups = {}
+        given = section.get("groups", dict, {}) or {}
+        for head, members in given.items():
+            kinds = members if isinstance(members, list) else None
+            if not isinstance(head, str) or not re.fullmatch(r"[A-Z][A-Z0-9]{2}", head) or kinds is None or \
+                    not all(isinstance(k, str) and re.fullmatch(r"[A-Z][A-Z0-9]{2}", k) for k in kinds):
+                line = given.line_of(head) if hasattr(given, "line_of") else section.line("groups")
+                raise ConfigError(f"groups.{head}: a segment and the list of segments that belong to it", path, line,
+                                  "e.g. RGS: [AIS, AIG, AIL, AIP, NTE]")
+            groups[head] = frozenset(kinds)
         rules = []
         for index, item in enumerate(section.get("resources", list, []), 1):
-            rule = Section(item, path, f"resources[{index}]", {"resource", "from", "each", "when"},
+            rule = Section(item, path, f"resources[{index}]", {"resource", "from", "each", "when", "required"},
                            getattr(item, "line", section.line("resources")))
             resource = rule.get("resource", str, None)
             if resource is None:
@@ -182,11 +273,12 @@ class MappingSet:
             except ExpressionError as exc:
                 key = "from" if "when" not in rule.data else "when"
                 raise expression_error(exc, f"resources[{index}].{key}", path, rule.line(key)) from None
-            rules.append(ResourceRule(resource, source, rule.get("each", bool, "[*]" in source_text), when, rule.line()))
+            rules.append(ResourceRule(resource, source, rule.get("each", bool, "[*]" in source_text), when, rule.line(),
+                                      source_text, rule.get("required", bool, False)))
         timezone_name = section.get("timezone", str, None)
         if timezone_name is not None:
             check_timezone(timezone_name, section, "timezone")
-        return MessageMapping(path.stem, section.get("description", str, ""), rules, timezone_name, str(path))
+        return MessageMapping(path.stem, section.get("description", str, ""), rules, timezone_name, str(path), groups)
 
     def _check_names(self):
         for mapping in self.messages.values():
@@ -224,20 +316,26 @@ class MappingSet:
         return {kind: sorted(getattr(self, attr)) for kind, attr in
                 (("message", "messages"), ("resource", "resources"), ("datatype", "datatypes"), ("codesystem", "tables"))}
 
-    def convert(self, message: Message, mapping: str, tz: str | None = None) -> dict:
-        """Convert one message with ``mappings/message/<mapping>.yaml``; returns a FHIR Bundle dict.
+    def convert(self, message: Message, mapping: str, tz: str | None = None, *, route: str = "",
+                now: datetime | None = None, version: str | None = None) -> Result:
+        """Convert one message with ``mappings/message/<mapping>.yaml``: the Bundle and its warnings.
 
-        Raises ``MappingError`` listing every problem (evaluation and FHIR validation).
+        ``route`` names the route in the Provenance; ``now`` is when the conversion happens (its
+        ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version.
+        Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
+        each in words.
         """
         if mapping not in self.messages:
             raise MappingError([f"no message mapping {mapping!r} (mappings/message/{mapping}.yaml)"])
         message_mapping = self.messages[mapping]
         zone = zone_of(tz or message_mapping.timezone)
+        now = now or datetime.now(timezone.utc)
         try:
-            return Conversion(self, message, zone).run(message_mapping)
+            return Conversion(self, message, zone, route=route, now=now, version=version).run(message_mapping)
         except MappingError:
             # Again, recording where every value came from, so each problem can name its origin.
-            return Conversion(self, message, zone, tracking=True).run(message_mapping)
+            return Conversion(self, message, zone, tracking=True, route=route, now=now,
+                              version=version).run(message_mapping)
 
 
 def zone_of(name: str | None):
@@ -270,43 +368,105 @@ def validate_resource(resource: dict):
     _VALID[key] = None
 
 
+# Appointment statuses that may go without start and end (FHIR invariant app-3).
+UNTIMED_STATUSES = ("proposed", "cancelled", "waitlist")
+V2_EVENTS = "http://terminology.hl7.org/CodeSystem/v2-0003"
+
+
+def message_fingerprint(message: Message) -> str:
+    """What identifies a message's content for IDs made from the message itself: every segment as
+    read (line ends do not matter), without MSH-7. A resend (even restamped) gives the same; any
+    other message, however alike, gives another."""
+    lines = [seg.line for seg in message.segments]
+    msh = message.segments[0]
+    fields = msh.fields
+    if len(fields) > 7:
+        head = list(fields)
+        head[7] = ""
+        del head[1]  # MSH-1 is the separator itself
+        lines[0] = message.seps.field.join(head)
+    return hashlib.sha256("\r".join(lines).encode("utf-8", errors="replace")).hexdigest()
+
+
 class Conversion:
     """One message being converted: the resources built so far, by type and ID."""
 
-    def __init__(self, mappings: MappingSet, message: Message, tz, tracking: bool = False):
+    def __init__(self, mappings: MappingSet, message: Message, tz, tracking: bool = False, route: str = "",
+                 now: datetime | None = None, version: str | None = None):
         self.mappings = mappings
+        self.version = version or mappings.version
         self.message = message
         self.tracking = tracking
+        self.route = route
+        self.now = now or datetime.now(timezone.utc)
         self.ctx = Context(message, None, None, tz, mappings.tables)
         self.entries: dict[tuple[str, str], dict] = {}
         self.outputs: dict[tuple[str, str], Output] = {}
+        self.built: dict[tuple, dict | None] = {}  # (mapping, segment, value) -> reference, each built once
         self.errors: list[str] = []
+        self._fingerprint = None
 
-    def run(self, mapping: MessageMapping) -> dict:
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = message_fingerprint(self.message)
+        return self._fingerprint
+
+    def run(self, mapping: MessageMapping) -> Result:
+        self.ctx.groups = mapping.groups or None
+        self.ctx.reference_year()  # once, before contexts are derived from this one
+        header = read_header(self.message)
         for rule in mapping.rules:
             contexts = rule.source(self.ctx)
             if not rule.each:
                 contexts = contexts[:1]
+            if rule.required and not contexts:
+                segment = rule.source_text.split("[")[0]
+                self.errors.append(f"{header.message_code or 'the message'} has no {segment} segment: no "
+                                   f"{rule.resource} can be built (from {mapping.path}:{rule.line} (required: true))")
+                continue
             for item in contexts:
                 ctx = item if isinstance(item, Context) else self.ctx.at(value=item)
-                if rule.when is not None and not rule.when(ctx):
+                try:
+                    if rule.when is not None and not rule.when(ctx):
+                        continue
+                except DataError as exc:
+                    self.errors.append(f"{rule.resource}: {exc} (from {mapping.path}:{rule.line} (when))")
                     continue
-                self.build(rule.resource, ctx)
+                errors_before = len(self.errors)
+                reference = self.build(rule.resource, ctx)
+                if rule.required and reference is None and len(self.errors) == errors_before:
+                    self.errors.append(f"the {rule.source_text.split('[')[0]} segment has nothing to build a "
+                                       f"{rule.resource} from: every field the mapping reads is empty")
+        if self.entries:
+            self.provenance(header)
         self.validate()
         if self.errors:
-            raise MappingError(self.errors)
-        return {
+            raise MappingError(list(dict.fromkeys(self.errors)))
+        if not self.entries:
+            raise MappingError([f"{header.message_code or 'the message'} gives no FHIR resource: nothing the "
+                                f"mapping {mapping.name} reads is in it"])
+        return Result({
             "resourceType": "Bundle",
             "type": "transaction",
             "entry": [entry for entry in self.entries.values()],
-        }
+        }, list(self.ctx.notes))
 
     def build(self, name: str, ctx: Context) -> dict | None:
+        memo = (name, id(ctx.segment), ctx.value)
+        if memo in self.built:
+            return self.built[memo]
         resource_mapping = self.mappings.resources[name]
         out = Output(self.mappings, self, self.tracking)
-        body = resource_mapping.template.build(ctx, out, (resource_mapping.resource_type,)) or {}
+        where = (resource_mapping.resource_type,)
+        if resource_mapping.lets:
+            ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
+        elif ctx.lets is not None:
+            ctx = ctx.with_lets(None)
+        body = resource_mapping.template.build(ctx, out, where) or {}
         self.errors.extend(out.errors)
         if not body:
+            self.built[memo] = None
             return None
         resource = {"resourceType": resource_mapping.resource_type, **body}
         resource_id, url = self.identity(resource_mapping, resource, ctx)
@@ -319,8 +479,19 @@ class Conversion:
                 "resource": resource,
                 "request": {"method": "PUT", "url": url},
             }
-            self.outputs[key] = out
-        return {"reference": f"urn:uuid:{resource_id}"}
+            self.outputs[key] = (out, resource_mapping)
+        reference = {"reference": f"urn:uuid:{resource_id}"}
+        self.built[memo] = reference
+        return reference
+
+    def lets(self, mapping: ResourceMapping, ctx: Context, out: Output) -> Lets:
+        """The $let values of a resource, each computed once, in order (a later one may use an
+        earlier one). One that fails is reported once, as ``Resource.%name``."""
+        lets = Lets({})
+        scoped = ctx.with_lets(lets)
+        for name, node in mapping.lets:
+            lets.values[name] = node.evaluate(scoped, out, (mapping.resource_type, "$let", name))
+        return lets
 
     def referenced(self, name, ctx, out, origin):
         if name not in self.mappings.resources:
@@ -335,29 +506,129 @@ class Conversion:
             value = identifier.get("value")
             if value:
                 system = identifier.get("system", "")
-                token = f"{system}|{value}" if system else value
+                # Without a system, '|value' (FHIR token search: "no system"), so that a resource
+                # with the same value under some system is not taken for this one.
+                token = f"{system}|{value}"
                 return stable_id(kind, system, value), f"{kind}?identifier={quote(token, safe='|:/')}"
         if mapping.key:
-            parts = [str(getter(ctx) or "") for getter in mapping.key]
+            try:
+                parts = [str(plain(getter(ctx)) or "") for getter in mapping.key]
+            except DataError as exc:
+                self.errors.append(f"{kind} ($key): {exc} (from {mapping.path})")
+                parts = []
             if any(parts):
                 resource_id = stable_id(kind, *parts)
                 return resource_id, f"{kind}/{resource_id}"
-        # No identity in the data: stable for this message (a replay updates in place).
-        msh = self.message.segments[0]
+        # No identity in the data: from the message's content and the resource's place in it, so
+        # a resend or a replay updates in place, and no two different messages share an ID (not
+        # even with the same sender and control ID, which senders do reuse).
         position = sum(1 for key in self.entries if key[0] == kind)
-        resource_id = stable_id(kind, msh.field(4), msh.field(10), str(position))
+        resource_id = stable_id(kind, self.fingerprint, str(position))
         return resource_id, f"{kind}/{resource_id}"
+
+    def provenance(self, header):
+        """The Provenance of the Bundle: the message it was made from (source), the sender
+        (author) and hl7bridge (assembler), the route and mapping version (policy), when."""
+        message = self.message
+        seps = message.seps
+        facility = header.sending_facility
+        described = f"{header.message_code or 'HL7 v2'} message {header.control_id.strip()}" + \
+            (f" from {facility}" if facility else "")
+        targets = [{"reference": entry["fullUrl"]} for entry in self.entries.values()]
+        provenance = {
+            "resourceType": "Provenance",
+            "target": targets,
+            "recorded": self.now.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "policy": [urn("route", self.route or "none"),
+                       urn("mapping", self.version)],
+            "activity": {"coding": [{"system": V2_EVENTS, "code": header.trigger_event}]} if header.trigger_event
+            else None,
+            "agent": [
+                {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                      "code": "author", "display": "Author"}]},
+                 "who": {"display": " ".join(p for p in (header.sending_application, facility and f"({facility})")
+                                             if p) or "the sender"}},
+                {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                      "code": "assembler", "display": "Assembler"}]},
+                 "who": {"display": "hl7bridge"}},
+            ],
+            "entity": [{"role": "source", "what": {
+                "identifier": {"system": urn("message", facility or "unknown"), "value": header.control_id.strip()},
+                "display": described}}],
+        }
+        moment = message.segments[0].field(7)
+        if moment:
+            try:
+                provenance["occurredDateTime"] = fhir_datetime(moment.split(seps.component)[0], self.ctx.tz, self.ctx)
+            except DataError as exc:
+                self.ctx.warn(f"MSH-7 cannot be read ({exc}): Provenance.occurredDateTime left out")
+        provenance = {k: v for k, v in provenance.items() if v not in (None, [], {})}
+        if not header.control_id.strip():
+            del provenance["entity"]
+        resource_id = stable_id("Provenance", self.fingerprint)
+        provenance = {"resourceType": "Provenance", "id": resource_id,
+                      **{k: v for k, v in provenance.items() if k != "resourceType"}}
+        key = ("Provenance", resource_id)
+        self.entries[key] = {"fullUrl": f"urn:uuid:{resource_id}", "resource": provenance,
+                             "request": {"method": "PUT", "url": f"Provenance/{resource_id}"}}
+        self.outputs[key] = (None, None)
 
     def validate(self):
         for key, entry in self.entries.items():
             resource = entry["resource"]
+            out, mapping = self.outputs[key]
+            checked = resource
+            if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
+                # Its targets are the Bundle's own urn:uuid fullUrls, all alike: one stands for all.
+                checked = {**resource, "target": resource["target"][:1]}
             try:
-                validate_resource(resource)
+                validate_resource(checked)
             except ValidationError as exc:
-                out = self.outputs[key]
                 for problem in exc.errors():
                     where = (resource["resourceType"], *problem["loc"])
-                    origin = out.origin_of(where)
-                    located = f" (from {origin})" if origin else ""
                     element = ".".join(str(p) for p in where)
-                    self.errors.append(f"{element}: {problem['msg']}{located}")
+                    self.errors.append(f"{element}: {self.explain(problem, where, out, mapping)}")
+            for problem in invariant_problems(resource):
+                located = ""
+                if mapping is not None:
+                    node = mapping.node_at(("start",))
+                    located = f" (from {mapping.explain(node)})" if node is not None else ""
+                self.errors.append(f"{resource['resourceType']}: {problem}{located}")
+
+    def explain(self, problem: dict, where: tuple, out: Output | None, mapping: ResourceMapping | None) -> str:
+        """A fhir.resources (pydantic) complaint in words, with the mapping line it came from."""
+        kind = problem.get("type", "")
+        origin = out.origin_of(where) if out is not None else None
+        if kind == "missing":
+            node = mapping.node_at(tuple(str(p) for p in problem["loc"] if not isinstance(p, int))) \
+                if mapping is not None else None
+            if node is not None:
+                return (f"FHIR requires it, but nothing came from the message for it: the fields it is read "
+                        f"from are empty (from {mapping.explain(node)})")
+            return "FHIR requires it, and the mapping gives it nothing"
+        words = {
+            "less_than_equal": "the value is too large for this FHIR element",
+            "greater_than_equal": "the value is too small for this FHIR element",
+            "int_parsing": "a whole number is needed",
+            "int_from_float": "a whole number is needed",
+            "decimal_parsing": "a number is needed",
+            "string_type": "text is needed",
+            "extra_forbidden": "this element does not exist in FHIR R4",
+        }.get(kind)
+        message = words or problem["msg"].replace("Value error, ", "")
+        return message + (f" (from {origin})" if origin else "")
+
+
+def invariant_problems(resource: dict) -> list[str]:
+    """FHIR invariants fhir.resources does not check and mappings could break, in words."""
+    if resource.get("resourceType") != "Appointment":
+        return []
+    problems = []
+    has_start, has_end = "start" in resource, "end" in resource
+    if has_start != has_end:
+        problems.append("FHIR invariant app-2: an Appointment has both a start and an end, or neither "
+                        f"(it has only {'a start' if has_start else 'an end'})")
+    elif not has_start and resource.get("status") not in UNTIMED_STATUSES:
+        problems.append(f"FHIR invariant app-3: an Appointment with status {resource.get('status')} needs a start and "
+                        "an end, and the message gives no start time")
+    return problems

@@ -10,6 +10,8 @@ no sockets, no reactor; the caller decides which thread it runs in.
 from __future__ import annotations
 
 import json
+import logging
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,11 +21,12 @@ from ..hl7.charset import decode
 from ..hl7.er7 import Message, parse
 from ..hl7.header import Header, read_header
 from ..hl7.standard import validate as validate_structure
-from ..store.base import MAPPED, MAPPING_ERROR, UNROUTED, ConversionRecord, Journal
+from ..store.base import MAPPED, MAPPING_ERROR, UNROUTED, ConversionRecord, Journal, encode_notes
 from .mappings import MappingError
 from .project import Project
 from .routes import Route
 
+log = logging.getLogger("hl7bridge.pipeline")
 
 class RouteNotFound(ConfigError):
     """A route asked for by name (``--route``, or the one a journaled message took) is not configured."""
@@ -44,17 +47,20 @@ class Converted:
     bundle: dict | None = None
     problems: list = field(default_factory=list)
     destinations: list = field(default_factory=list)  # where its deliveries go (when mapped)
+    warnings: list = field(default_factory=list)  # what mapping assumed (the reader's are the message's)
 
     @property
     def ok(self) -> bool:
         return self.bundle is not None and not self.problems
 
     def record(self, converted_at: str, route_name: str | None = None) -> ConversionRecord:
-        """The conversion as the journal keeps it: the Bundle as compact JSON, or the problems."""
+        """The conversion as the journal keeps it: the Bundle as compact JSON, and in ``problems``
+        a JSON list of texts: the problems, then the warnings (``notes``)."""
         name = self.route.name if self.route is not None else route_name
+        notes = encode_notes(self.problems, self.warnings)
         if self.status == MAPPED:
-            return ConversionRecord(name, MAPPED, converted_at, json.dumps(self.bundle, separators=(",", ":")), None)
-        return ConversionRecord(name, MAPPING_ERROR, converted_at, None, json.dumps(self.problems))
+            return ConversionRecord(name, MAPPED, converted_at, json.dumps(self.bundle, separators=(",", ":")), notes)
+        return ConversionRecord(name, MAPPING_ERROR, converted_at, None, notes)
 
 
 def read(raw: bytes, charset: str | None = None) -> Message:
@@ -76,11 +82,14 @@ def route_of(project: Project, message: Message, header: Header | None = None,
 
 
 def convert(project: Project, message: Message, *, header: Header | None = None, route: Route | None = None,
-            route_name: str | None = None) -> Converted:
+            route_name: str | None = None, now: datetime | None = None,
+            mapping_version: str | None = None) -> Converted:
     """The whole pipeline for one message: route it (unless ``route`` is given), check its
     structure when the route says ``validate: structure``, map it, validate every resource, and
     say which destinations its deliveries go to. Never raises for a message that cannot be
-    mapped: ``problems`` says why (each with the FHIR element, mapping file and line, HL7 field)."""
+    mapped: ``problems`` says why (each with the FHIR element, mapping file and line, HL7 field).
+    ``now`` is the conversion's time (the Provenance's ``recorded``; the clock when not given);
+    ``mapping_version`` stands in for the mappings' own in the Provenance (``hl7bridge test``)."""
     header = header or read_header(message)
     if route is None:
         route = route_of(project, message, header, route_name)
@@ -89,19 +98,29 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
                          problems=[f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
     problems = []
     if route.validate == "structure":
-        report = validate_structure(message.text)
+        report = validate_structure(message.normalized)
         problems += [f"structure: {error}" for error in report.errors]
-    bundle = None
+    result = None
     if not problems:
         try:
-            bundle = project.mappings.convert(message, route.mapping, route.timezone)
+            result = project.mappings.convert(message, route.mapping, route.timezone, route=route.name, now=now,
+                                              version=mapping_version)
         except MappingError as exc:
             problems = exc.problems
-        except (ParseError, ValueError) as exc:
+        except ParseError as exc:
             problems = [str(exc)]
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the engine's mapping
+            # A bug of ours, not the sender's: said in words (never Python's own text, which may
+            # quote message content); the log gets where in the code, without content.
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("internal error mapping message %s from %s: %s:%s in %s", header.control_id.strip(),
+                      header.sending_facility or "-", frame.filename, frame.lineno, frame.name)
+            problems = ["hl7bridge could not map this message because of an internal error (a bug); the message "
+                        "is kept in the journal: report it with its control ID, and replay it once fixed"]
     if problems:
         return Converted(header, route, MAPPING_ERROR, problems=problems)
-    return Converted(header, route, MAPPED, bundle, destinations=project.destinations_of(route))
+    return Converted(header, route, MAPPED, result.bundle, destinations=project.destinations_of(route),
+                     warnings=result.warnings)
 
 
 def record(journal: Journal, message_id: int, converted: Converted, converted_at: str, now: datetime, *,

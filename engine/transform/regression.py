@@ -2,6 +2,10 @@
 
 A case is ``NAME.hl7`` with ``NAME.fhir.json`` beside it (the Bundle it must convert to). Analysts
 keep such cases next to their routes and run them before a change goes live.
+
+What in a Bundle depends on when and with what it is made, the Provenance's ``recorded`` and its
+mapping version, is the message's own time (MSH-7) and ``test`` in these runs, so an expected file
+stays right from day to day and a change to one mapping file fails only the cases it changes.
 """
 
 from __future__ import annotations
@@ -9,11 +13,17 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ParseError
+from ..hl7.er7 import Message
 from . import pipeline
+from .expr import DataError, read_dtm
 from .project import Project
+
+FIXED_TIME = datetime(2000, 1, 1, tzinfo=timezone.utc)  # for a message whose MSH-7 cannot be read
+TEST_VERSION = "test"  # the mapping version written in regression runs
 
 EXPECTED_SUFFIX = ".fhir.json"
 
@@ -34,9 +44,19 @@ def pretty(bundle) -> str:
     return json.dumps(bundle, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
 
 
+def message_time(message: Message) -> datetime:
+    """When the message says it was made (MSH-7), as the conversion time of a regression run."""
+    try:
+        dtm = read_dtm(message.segments[0].field(7).split(message.seps.component)[0])
+        return dtm.moment(timezone.utc) if dtm.has_time else FIXED_TIME
+    except DataError:
+        return FIXED_TIME
+
+
 def run_case(project: Project, sample: Path, update: bool = False) -> CaseResult:
     try:
-        converted = pipeline.convert(project, pipeline.read(sample.read_bytes()))
+        message = pipeline.read(sample.read_bytes())
+        converted = pipeline.convert(project, message, now=message_time(message), mapping_version=TEST_VERSION)
     except ParseError as exc:
         return CaseResult(sample.name, False, f"not an HL7 message: {exc}")
     expected_file = expected_path(sample)

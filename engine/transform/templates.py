@@ -20,6 +20,7 @@ A template is a YAML value:
   ``$from: SEL``        the field (or component) the datatype or resource is built from; inside
                         that template it is ``$``
   ``$const: VALUE``     a value taken as it is (any YAML: a number, a list, an object)
+  ``$value: EXPR``      with ``$when``: one value (not an object), only when the condition holds
 
 Other keys next to ``$datatype`` or ``$reference`` are added to (or override) what they give.
 
@@ -36,15 +37,17 @@ from ..errors import ConfigError
 from ..yamlconf import Quoted
 from .expr import (
     Context,
+    DataError,
     ExpressionError,
     OldSegmentNotation,
     compile_condition,
     compile_expression,
+    plain,
     raw_selector,
     tokenize,
 )
 
-DIRECTIVES = {"$each", "$when", "$datatype", "$reference", "$from", "$const"}
+DIRECTIVES = {"$each", "$when", "$datatype", "$reference", "$from", "$const", "$value"}
 
 
 @dataclass
@@ -75,14 +78,24 @@ class Const(Node):
 
 
 class Expr(Node):
-    def __init__(self, getter, origin):
+    def __init__(self, getter, origin, uses=()):
         self.getter, self.origin = getter, origin
+        self.uses = tuple(sorted(uses))  # the $let names it reads
 
     def build(self, ctx, out, where):
+        return plain(self.evaluate(ctx, out, where))
+
+    def evaluate(self, ctx, out, where):
+        """The value as computed (a ``$let`` keeps where it was read), None when it fails (the
+        failure is recorded in ``out``)."""
         try:
             value = self.getter(ctx)
-        except (ValueError, ArithmeticError) as exc:
+        except DataError as exc:
             out.fail(where, self.origin, str(exc))
+            return None
+        except (ValueError, ArithmeticError, TypeError, OverflowError):
+            # Not one of our worded errors: never show Python's own text (it names classes).
+            out.fail(where, self.origin, "a value in the message could not be read for this element")
             return None
         if value is not None and out.tracking:
             out.note(where, self.origin)
@@ -98,8 +111,12 @@ class Array(Node):
         for item in self.items:
             value = item.build(ctx, out, (*where, len(result)))
             if isinstance(item, Obj) and item.each is not None:
-                result.extend(v for v in (value or []) if v not in (None, {}, []))
-            elif value not in (None, {}, [], ""):
+                for v in value or []:
+                    if v not in (None, {}, []) and not (isinstance(v, dict) and v in result):
+                        result.append(v)
+            elif value not in (None, {}, [], "") and not (isinstance(value, dict) and value in result):
+                # An object equal to one already there says nothing new (the same room in every
+                # resource group); equal texts are kept (a given name may repeat as a middle name).
                 result.append(value)
         return result or None
 
@@ -115,27 +132,48 @@ class Obj(Node):
         self.datatype = datatype  # name, resolved at build time through the mapping set
         self.reference = reference  # resource type name
         self.source = source  # raw selector for $from
+        self.source_text = None  # the $from as written, to explain where a value comes from
+        self.each_text = None  # the $each as written (the field each value is)
+        self.value = None  # $value: the node of an object that gives one value (with $when)
 
     def build(self, ctx, out, where):
         if self.each is None:
             return self._one(ctx, out, where)
         results = []
         for item in self.each(ctx):
-            item_ctx = item if isinstance(item, Context) else ctx.at(value=item)
+            item_ctx = item if isinstance(item, Context) else ctx.at(value=item, label=self.each_text)
             value = self._one(item_ctx, out, where)
             if value not in (None, {}, []):
                 results.append(value)
         return results
 
+    def _label(self, ctx) -> str | None:
+        """The HL7 field the value built from is: ``$from`` as written (``$.2`` inside another
+        value is that value's field)."""
+        text = self.source_text
+        if not isinstance(text, str):
+            return ctx.value_label
+        if text.startswith("$"):
+            return ctx.value_label + text[1:] if ctx.value_label else None
+        return text
+
     def _one(self, ctx, out, where):
-        if self.when is not None and not self.when(ctx):
-            return None
+        if self.when is not None:
+            try:
+                holds = self.when(ctx)
+            except DataError as exc:
+                out.fail(where, self.origin, str(exc))
+                return None
+            if not holds:
+                return None
+        if self.value is not None:
+            return self.value.build(ctx, out, where)
         base = {}
         if self.datatype is not None or self.reference is not None:
             values = self.source(ctx) if self.source is not None else ([ctx.value] if ctx.value else [])
             if not values:
                 return None
-            inner = ctx.at(value=values[0])
+            inner = values[0] if isinstance(values[0], Context) else ctx.at(value=values[0], label=self._label(ctx))
             if self.datatype is not None:
                 base = out.mappings.datatype(self.datatype).build(inner, out, where) or {}
                 if not base:
@@ -188,11 +226,12 @@ def element_path(where) -> tuple:
     return tuple(str(part) for part in where if not isinstance(part, int))
 
 
-def compile_template(value, path, line, tables: set[str], what: str, segment: str | None = None) -> Node:
+def compile_template(value, path, line, tables: set[str], what: str, segment: str | None = None,
+                     lets: frozenset = frozenset()) -> Node:
     """Compile a YAML template value into nodes; raises ``ConfigError`` with file and line.
 
     ``segment`` is the kind of segment the template is at, when known (inside ``$each: AIP[*]``),
-    to say exactly how an old ``$-3`` is written now."""
+    to say exactly how an old ``$-3`` is written now. ``lets`` are the ``$let`` names it may use."""
     line = getattr(value, "line", line)
     origin = Origin(str(path), line, what)
     if isinstance(value, bool) or isinstance(value, (int, float)):
@@ -202,15 +241,16 @@ def compile_template(value, path, line, tables: set[str], what: str, segment: st
     if isinstance(value, Quoted):
         return _text(value, path, line, what)
     if isinstance(value, str):
+        uses = set()
         try:
-            return Expr(compile_expression(value, tables), Origin(str(path), line, value))
+            return Expr(compile_expression(value, tables, lets, uses), Origin(str(path), line, value), uses)
         except ExpressionError as exc:
             raise expression_error(exc, what, path, line, segment) from None
     if isinstance(value, list):
-        return Array([compile_template(item, path, line, tables, f"{what}[{i}]", segment)
+        return Array([compile_template(item, path, line, tables, f"{what}[{i}]", segment, lets)
                       for i, item in enumerate(value)], origin)
     if isinstance(value, dict):
-        return _compile_object(value, path, line, tables, what, segment)
+        return _compile_object(value, path, line, tables, what, segment, lets)
     raise ConfigError(f"{what}: {value!r} is not a template value", path, line)
 
 
@@ -246,7 +286,7 @@ def _reads_as_expression(text: str) -> bool:
     return any(kind in ("rel", "name") or (kind == "path" and "-" in token) for kind, token in tokens)
 
 
-def _compile_object(value, path, line, tables, what, segment=None) -> Node:
+def _compile_object(value, path, line, tables, what, segment=None, lets=frozenset()) -> Node:
     line_of = getattr(value, "line_of", lambda key: line)
     unknown = [k for k in value if isinstance(k, str) and k.startswith("$") and k not in DIRECTIVES]
     if unknown:
@@ -275,22 +315,33 @@ def _compile_object(value, path, line, tables, what, segment=None) -> Node:
     when = None
     if "$when" in value:
         try:
-            when = compile_condition(value["$when"], tables)
+            when = compile_condition(value["$when"], tables, lets)
         except ExpressionError as exc:
             raise expression_error(exc, f"{what}.$when", path, line_of("$when"), segment) from None
     datatype, reference = value.get("$datatype"), value.get("$reference")
     if datatype is not None and reference is not None:
         raise ConfigError(f"{what}: use $datatype or $reference, not both", path, line_of("$reference"))
     source = selector("$from")
+    if source is not None and segment_of(value["$from"]) is not None:
+        source = _each(source, value["$from"])  # a whole segment: it becomes the segment at hand
     if source is not None and datatype is None and reference is None:
         raise ConfigError(f"{what}.$from goes with $datatype or $reference", path, line_of("$from"))
     fields = [
-        (key, compile_template(item, path, line_of(key), tables, f"{what}.{key}", segment))
+        (key, compile_template(item, path, line_of(key), tables, f"{what}.{key}", segment, lets))
         for key, item in value.items()
         if not (isinstance(key, str) and key.startswith("$"))
     ]
     origin = Origin(str(path), line, what)
-    return Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
+    obj = Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
+    obj.source_text = value.get("$from")
+    obj.each_text = value["$each"].split("[")[0] if isinstance(value.get("$each"), str) else None
+    if "$value" in value:
+        others = [k for k in value if k not in ("$value", "$when")]
+        if others:
+            raise ConfigError(f"{what}: $value goes only with $when (not {others[0]})", path, line_of("$value"),
+                              "$value gives one value, not an object")
+        obj.value = compile_template(value["$value"], path, line_of("$value"), tables, what, segment, lets)
+    return obj
 
 
 def segment_of(text: str) -> str | None:
@@ -311,17 +362,9 @@ def _each(select, text):
 
     if segment_of(text) is None:
         return select
-    segment_name = parse_path(text.split("|")[0].strip())
+    path = parse_path(text.split("|")[0].strip())
 
     def segments(ctx):
-        if ctx.segment is not None and ctx.segment.name == segment_name.segment and \
-                segment_name.segment_index is None and not segment_name.every_segment:
-            return [ctx.at(segment=ctx.segment, value=None)]
-        found = ctx.message.all(segment_name.segment)
-        if segment_name.segment_index is not None:
-            found = found[segment_name.segment_index - 1 : segment_name.segment_index]
-        elif not segment_name.every_segment:
-            found = found[:1]
-        return [ctx.at(segment=seg, value=None) for seg in found]
+        return [ctx.at(segment=seg, value=None) for seg in ctx.message.select(path, ctx.segment, ctx.groups)]
 
     return segments

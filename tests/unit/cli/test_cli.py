@@ -198,7 +198,7 @@ def test_show_includes_the_conversion(tmp_path):
     text = result.output
     assert "route:                  clinic-charges" in text
     assert "conversion: mapped by route clinic-charges at 2026-11-24T06:00:00.000000Z" in text
-    assert "  bundle: 13 entries" in text
+    assert "  bundle: 14 entries" in text  # 13 resources and the Provenance
     assert "    PUT ChargeItem?identifier=urn:hl7bridge:ft1:EASTCLINIC|TX20261208-0001" in text
     rows = json.loads(invoke("journal", "search", "--journal", path, "--route", "clinic-charges", "--json").output)
     assert [r["status"] for r in rows] == ["mapped"]

@@ -110,7 +110,8 @@ def test_short_encoding_characters_fall_back_to_defaults():
         ("", "segment 1"),
         ("PID|1||123\r", "segment 1"),
         ("GET / HTTP/1.1\r\n", "segment 1"),
-        ("MSH|^~\\&|A\rpid|1\r", "segment 2"),
+        ("MSH|^~\\&|A\rpi|1\r", "segment 2"),
+        ("MSH|^~\\&|A\r p-d|1\r", "segment 2"),
         ("MSH|^^\\&|A\r", "MSH-2"),
     ],
 )

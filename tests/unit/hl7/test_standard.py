@@ -41,3 +41,11 @@ def test_one_list_of_versions_and_2_7_1_read_as_2_7():
     # hl7apy has no 2.7.1 of its own: the message is checked against 2.7, not refused as unknown.
     report = validate(raw.decode("latin-1"))
     assert not any("not supported" in error for error in report.errors), report.errors
+
+
+def test_structure_errors_name_fields_as_hl7_paths_not_python_objects():
+    # In v2.3 MSH-9 has two components: a third (the structure) is not defined there.
+    text = (EXAMPLES / "siu_s12.hl7").read_bytes().decode().replace("|2.5.1", "|2.3", 1)
+    errors = validate(text).errors
+    assert "Invalid children detected for MSH-9 (message type): a component the standard does not define there" in errors
+    assert not any("<" in error or "None" in error for error in errors), errors

@@ -65,3 +65,29 @@ def test_a_message_that_cannot_be_mapped_is_journaled_with_its_problems(journal,
     assert journal.get(outcome.message_id)["status"] == MAPPING_ERROR
     problems = json.loads(journal.conversion(outcome.message_id)["problems"])
     assert any(p.startswith("Patient.birthDate:") and "(date(PID-7))" in p for p in problems), problems
+
+
+def test_the_conversion_keeps_its_warnings_and_journal_show_lists_them(journal, project, tmp_path):
+    """A message whose SCH-10 says 'm' and has no SCH-11.5: mapped, with what mapping assumed kept
+    with the conversion (the message row keeps the reader's)."""
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+    from engine.store.base import decode_notes
+
+    raw = SIU.replace(b"|30|min^minutes^ANS+|^^30^20261201093000-0600^20261201100000-0600|",
+                      b"|30|m|^^30^20261201093000-0600|", 1).replace(b"TQ1|1|", b"ZQ1|1|", 1)
+    crlf = raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").replace(b"\r", b"\r\n")
+    [outcome] = receive(journal, project, crlf)
+    convert_pending(journal, project)
+    row, conversion = journal.get(outcome.message_id), journal.conversion(outcome.message_id)
+    assert (row["status"], row["warning"]) == (MAPPED, "segments end with CRLF, not CR")
+    assert decode_notes(conversion["problems"]) == ([], [
+        "SCH-10 unit 'm' read as minutes",
+        "end computed from the start (SCH-11.4) and the duration (SCH-9: 30 min)",
+    ])
+    journal.close()
+    shown = CliRunner().invoke(cli, ["journal", "show", "--journal", str(tmp_path / "journal.db"),
+                                     str(outcome.message_id)]).output
+    assert "warning:                segments end with CRLF, not CR" in shown
+    assert "  warning: SCH-10 unit 'm' read as minutes\n" in shown

@@ -16,8 +16,13 @@ from engine.transform.converter import convert_pending
 from engine.transform.project import Project
 
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
-# A SIU^S12 without its SCH: the mapping alone can still make something of it, but the standard
-# requires SCH, so a route with validate: structure must refuse it.
+# A SIU^S12 without its resource groups (RGS, AIS, AIL, AIP, AIG and their notes): the mapping can
+# still make an Appointment of it (SCH and TQ1 say when), but the standard requires one resource
+# group, so a route with validate: structure must refuse it.
+GROUPS = (b"RGS", b"AIS", b"AIG", b"AIL", b"AIP", b"NTE|1|L")
+NO_RGS = b"\r".join(line for line in SIU.replace(b"\n", b"\r").split(b"\r") if not line.startswith(GROUPS))
+MISSING = "structure: Missing required child SIU_S12.SIU_S12_RESOURCES"
+# A SIU^S12 without its SCH: nothing to build an Appointment from.
 NO_SCH = b"\r".join(line for line in SIU.replace(b"\n", b"\r").split(b"\r") if not line.startswith(b"SCH"))
 
 
@@ -40,28 +45,35 @@ def validating(config, **changes):
 
 
 def test_without_structure_validation_the_message_maps(config):
-    converted = pipeline.convert(Project.load(config), pipeline.read(NO_SCH))
+    converted = pipeline.convert(Project.load(config), pipeline.read(NO_RGS))
     assert converted.status == MAPPED and converted.ok
+
+
+def test_a_siu_without_sch_is_a_mapping_error_that_names_the_segment(config):
+    converted = pipeline.convert(Project.load(config), pipeline.read(NO_SCH))
+    assert converted.status == MAPPING_ERROR and converted.bundle is None
+    [problem] = converted.problems
+    assert problem.startswith("SIU^S12 has no SCH segment: no Appointment can be built (from ")
 
 
 def test_structure_validation_fails_convert_test_and_the_engine_alike(config, journal):
     project = validating(config)
     # The library.
-    converted = pipeline.convert(project, pipeline.read(NO_SCH))
+    converted = pipeline.convert(project, pipeline.read(NO_RGS))
     assert converted.status == MAPPING_ERROR
-    assert converted.problems == ["structure: Missing required child SIU_S12.SCH"]
+    assert converted.problems == [MISSING]
     # hl7bridge convert.
-    sample = config / "no_sch.hl7"
-    sample.write_bytes(NO_SCH)
+    sample = config / "no_rgs.hl7"
+    sample.write_bytes(NO_RGS)
     result = CliRunner().invoke(cli, ["convert", str(sample), "--config", str(config)])
     assert result.exit_code == 1
-    assert "(route clinic-scheduling): cannot convert\n  structure: Missing required child SIU_S12.SCH\n" in result.output
+    assert f"(route clinic-scheduling): cannot convert\n  {MISSING}\n" in result.output
     # hl7bridge test, with an expected Bundle written without validation.
-    (config / "no_sch.fhir.json").write_text(json.dumps(pipeline.convert(Project.load(ROOT), pipeline.read(NO_SCH)).bundle))
+    (config / "no_rgs.fhir.json").write_text(json.dumps(pipeline.convert(Project.load(ROOT), pipeline.read(NO_RGS)).bundle))
     result = CliRunner().invoke(cli, ["test", str(config), "--config", str(config)])
-    assert result.exit_code == 1 and "FAIL  no_sch.hl7\n      structure: Missing required child SIU_S12.SCH" in result.output
+    assert result.exit_code == 1 and f"FAIL  no_rgs.hl7\n      {MISSING}" in result.output
     # The engine: ACKed at commit, then the converter journals the same problems.
-    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_SCH)])
+    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_RGS)])
     assert (outcome.status, outcome.ack_code) == ("accepted", "AA")
     assert convert_pending(journal, project) == 1
     assert journal.get(outcome.message_id)["status"] == MAPPING_ERROR
@@ -71,9 +83,9 @@ def test_structure_validation_fails_convert_test_and_the_engine_alike(config, jo
 
 def test_a_route_that_maps_before_the_ack_refuses_it_in_the_ack(config, journal):
     project = validating(config, **{"after: commit": "after: mapping", "mapping_error: AE": "mapping_error: AR"})
-    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_SCH)])
+    [outcome] = Ingestor(journal, project=project).ingest([Frame(NO_RGS)])
     assert (outcome.status, outcome.ack_code) == (MAPPING_ERROR, "AR")
-    assert b"cannot be mapped: structure: Missing required child SIU_S12.SCH" in outcome.ack
+    assert f"cannot be mapped: {MISSING}".encode() in outcome.ack
 
 
 def test_mapped_messages_say_where_their_deliveries_go():
@@ -101,3 +113,14 @@ def test_read_uses_the_journaled_charset_or_msh18():
     raw = (EXAMPLES / "dft_p03_latin1.hl7").read_bytes()
     assert pipeline.read(raw).text == pipeline.read(raw, "latin-1").text
     assert "\ufffd" in pipeline.read(raw, "utf-8").text  # what the journal says wins
+
+
+def test_structure_validation_sees_the_message_as_read(config):
+    """hl7apy reads MSH-2 strictly and segment IDs as sent: it gets the message as our reader read
+    it (four-character MSH-2, IDs repaired), so a tolerated message is not refused for what we
+    tolerate."""
+    project = validating(config)
+    sloppy = SIU.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    sloppy = sloppy.replace(b"^~\\&", b"^~&", 1).replace(b"\rPID|", b"\rpid|", 1)
+    converted = pipeline.convert(project, pipeline.read(sloppy))
+    assert converted.status == MAPPED, converted.problems

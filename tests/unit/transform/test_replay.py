@@ -41,7 +41,7 @@ def test_remap_after_a_mapping_fix_maps_and_queues_what_is_missing(journal, tmp_
     config = shipped_config(tmp_path / "config")
     appointment = config / "mappings/resource/Appointment.yaml"
     good = appointment.read_text()
-    appointment.write_text(good.replace("minutesDuration: minutes(SCH-9, SCH-10.1)", "minutesDuration: SCH-8.1"))
+    appointment.write_text(good.replace("minutesDuration: duration", "minutesDuration: SCH-8.1"))
     broken = Project.load(config)
     [outcome] = Ingestor(journal, clock=lambda: NOW, project=broken).ingest([Frame(SIU)])
     convert_pending(journal, broken)

@@ -21,6 +21,7 @@ function bundleTab(d) {
   if (!c) return [el('p', {class: 'note'}, d.summary.route ? 'not mapped yet' : 'no conversion: no route took this message')];
   return [el('p', {}, 'conversion: ' + c.status + ' by route ' + c.route + ' at ' + c.converted_at),
     (c.problems || []).length ? el('ul', {class: 'err'}, c.problems.map(p => el('li', {}, p))) : null,
+    (c.warnings || []).length ? el('ul', {class: 'warn'}, c.warnings.map(w => el('li', {}, 'assumed: ' + w))) : null,
     c.bundle ? el('pre', {id: 'bundle'}, JSON.stringify(c.bundle, null, 2)) : null];
 }
 
