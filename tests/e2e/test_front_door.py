@@ -133,7 +133,10 @@ def test_dashboard_with_metrics_off_is_refused_at_start(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_serve_reads_hl7bridge_yaml_here_or_config():
     def command(*args):
-        result = subprocess.run(["make", "-n", "-W", "setup.cfg", "serve", *args], cwd=ROOT, capture_output=True)
+        # Under `make test` this make is a sub-make: MAKELEVEL would make it print "Leaving directory".
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        result = subprocess.run(["make", "--no-print-directory", "-n", "-W", "setup.cfg", "serve", *args],
+                                cwd=ROOT, capture_output=True, env=env)
         return result.stdout.decode().splitlines()[-1]
 
     assert command() == ".venv/bin/hl7bridge serve --config ."
