@@ -35,8 +35,10 @@ from ..hl7.header import read_header
 from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
+from . import fhirspec
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
                    plain, raw_selector, urn)
+from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
 from .templates import segment_of
@@ -164,6 +166,7 @@ class MappingSet:
         for path in self._files("message"):
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
+        check_structure(self)
         self.version = self._version()
 
     def _version(self) -> str:
@@ -317,12 +320,13 @@ class MappingSet:
                 (("message", "messages"), ("resource", "resources"), ("datatype", "datatypes"), ("codesystem", "tables"))}
 
     def convert(self, message: Message, mapping: str, tz: str | None = None, *, route: str = "",
-                now: datetime | None = None, version: str | None = None) -> Result:
+                now: datetime | None = None, version: str | None = None, strict: bool = False) -> Result:
         """Convert one message with ``mappings/message/<mapping>.yaml``: the Bundle and its warnings.
 
         ``route`` names the route in the Provenance; ``now`` is when the conversion happens (its
         ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version.
-        Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
+        Every resource's values are checked (``fhirspec``); ``strict`` validates each with
+        fhir.resources as well (a route's ``validate: strict``). Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
         each in words.
         """
         if mapping not in self.messages:
@@ -331,11 +335,12 @@ class MappingSet:
         zone = zone_of(tz or message_mapping.timezone)
         now = now or datetime.now(timezone.utc)
         try:
-            return Conversion(self, message, zone, route=route, now=now, version=version).run(message_mapping)
+            return Conversion(self, message, zone, route=route, now=now, version=version,
+                              strict=strict).run(message_mapping)
         except MappingError:
             # Again, recording where every value came from, so each problem can name its origin.
-            return Conversion(self, message, zone, tracking=True, route=route, now=now,
-                              version=version).run(message_mapping)
+            return Conversion(self, message, zone, tracking=True, route=route, now=now, version=version,
+                              strict=strict).run(message_mapping)
 
 
 def zone_of(name: str | None):
@@ -392,8 +397,9 @@ class Conversion:
     """One message being converted: the resources built so far, by type and ID."""
 
     def __init__(self, mappings: MappingSet, message: Message, tz, tracking: bool = False, route: str = "",
-                 now: datetime | None = None, version: str | None = None):
+                 now: datetime | None = None, version: str | None = None, strict: bool = False):
         self.mappings = mappings
+        self.strict = strict
         self.version = version or mappings.version
         self.message = message
         self.tracking = tracking
@@ -574,20 +580,25 @@ class Conversion:
         self.outputs[key] = (None, None)
 
     def validate(self):
+        """Check every resource's values (``fhirspec.problems``; the structure was checked when the
+        mappings loaded), and with ``strict`` validate each with fhir.resources as well."""
         for key, entry in self.entries.items():
             resource = entry["resource"]
             out, mapping = self.outputs[key]
-            checked = resource
-            if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
-                # Its targets are the Bundle's own urn:uuid fullUrls, all alike: one stands for all.
-                checked = {**resource, "target": resource["target"][:1]}
-            try:
-                validate_resource(checked)
-            except ValidationError as exc:
-                for problem in exc.errors():
-                    where = (resource["resourceType"], *problem["loc"])
-                    element = ".".join(str(p) for p in where)
-                    self.errors.append(f"{element}: {self.explain(problem, where, out, mapping)}")
+            found = [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
+            if self.strict and not found:
+                checked = resource
+                if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
+                    # Its targets are the Bundle's own urn:uuid fullUrls, all alike: one stands for all.
+                    checked = {**resource, "target": resource["target"][:1]}
+                try:
+                    validate_resource(checked)
+                except ValidationError as exc:
+                    found = exc.errors()
+            for problem in found:
+                where = (resource["resourceType"], *problem["loc"])
+                element = ".".join(str(p) for p in where)
+                self.errors.append(f"{element}: {self.explain(problem, where, out, mapping)}")
             for problem in invariant_problems(resource):
                 located = ""
                 if mapping is not None:

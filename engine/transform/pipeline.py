@@ -85,7 +85,8 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
             route_name: str | None = None, now: datetime | None = None,
             mapping_version: str | None = None) -> Converted:
     """The whole pipeline for one message: route it (unless ``route`` is given), check its
-    structure when the route says ``validate: structure``, map it, validate every resource, and
+    structure when the route says ``validate: structure``, map it, check every resource's values
+    (with fhir.resources as well when the route says ``validate: strict``), and
     say which destinations its deliveries go to. Never raises for a message that cannot be
     mapped: ``problems`` says why (each with the FHIR element, mapping file and line, HL7 field).
     ``now`` is the conversion's time (the Provenance's ``recorded``; the clock when not given);
@@ -97,14 +98,14 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
         return Converted(header, None, UNROUTED,
                          problems=[f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
     problems = []
-    if route.validate == "structure":
+    if "structure" in route.validate:
         report = validate_structure(message.normalized)
         problems += [f"structure: {error}" for error in report.errors]
     result = None
     if not problems:
         try:
             result = project.mappings.convert(message, route.mapping, route.timezone, route=route.name, now=now,
-                                              version=mapping_version)
+                                              version=mapping_version, strict=route.strict)
         except MappingError as exc:
             problems = exc.problems
         except ParseError as exc:
