@@ -24,7 +24,6 @@ import re
 import typing
 from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
 from functools import lru_cache
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -250,7 +249,7 @@ def _boolean(value):
 
 
 def _decimal(value):
-    if type(value) not in (int, float, Decimal):
+    if type(value) not in (int, float):
         return "a number is needed"
     text = str(value)
     if DECIMAL.fullmatch(text) is None:
