@@ -464,7 +464,7 @@ class Conversion:
             return self.built[memo]
         resource_mapping = self.mappings.resources[name]
         out = Output(self.mappings, self, self.tracking)
-        where = (resource_mapping.resource_type,)
+        where = (None, resource_mapping.resource_type)
         if resource_mapping.lets:
             ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
         elif ctx.lets is not None:
@@ -496,7 +496,7 @@ class Conversion:
         lets = Lets({})
         scoped = ctx.with_lets(lets)
         for name, node in mapping.lets:
-            lets.values[name] = node.evaluate(scoped, out, (mapping.resource_type, "$let", name))
+            lets.values[name] = node.evaluate(scoped, out, (((None, mapping.resource_type), "$let"), name))
         return lets
 
     def referenced(self, name, ctx, out, origin):
