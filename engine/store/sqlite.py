@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import sqlite_utils
@@ -38,6 +38,7 @@ from .base import (
     Entry,
     Journal,
     NextState,
+    Waiting,
     PruneResult,
     RESPONSE_KEPT,
     SearchQuery,
@@ -66,6 +67,7 @@ class SqliteJournal(Journal):
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
                  manual_checkpoints: bool = False, readonly: bool = False):
         self.path = Path(path)
+        self.location = str(self.path)
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         if create:
@@ -112,7 +114,7 @@ class SqliteJournal(Journal):
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
         steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3, 4: self._migrate_v4,
-                 5: self._migrate_v5}
+                 5: self._migrate_v5, 6: self._migrate_v6}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -221,6 +223,29 @@ class SqliteJournal(Journal):
         self.conn.execute("DROP INDEX idx_messages_message_type_trigger_event_received_at")
         self.conn.execute("CREATE INDEX idx_messages_type_received ON messages (message_type, received_at)")
 
+    def _migrate_v6(self):
+        """Several workers and nodes on one journal: claims with leases, one delivery per
+        (message, destination), and a lease row per scheduled job."""
+        twice = self.conn.execute(
+            "SELECT message_id, destination FROM deliveries GROUP BY message_id, destination HAVING count(*) > 1 "
+            "LIMIT 5").fetchall()
+        if twice:
+            listed = ", ".join(f"message {m} to {d}" for m, d in twice)
+            raise RuntimeError(f"{self.path}: some messages have two deliveries to one destination ({listed}); "
+                               "a journal of hl7bridge never has: remove the later ones, then start again")
+        for column in ("claimed_by TEXT", "lease_expires_at TEXT", "resumed INTEGER NOT NULL DEFAULT 0"):
+            self.conn.execute(f"ALTER TABLE deliveries ADD COLUMN {column}")
+        self.conn.execute("DROP INDEX idx_deliveries_message")
+        self.conn.execute("CREATE UNIQUE INDEX idx_deliveries_message ON deliveries (message_id, destination)")
+        self.conn.execute(
+            "CREATE INDEX idx_deliveries_in_flight ON deliveries (destination, lease_expires_at) WHERE state = 'in_flight'")
+        self.conn.execute(
+            "CREATE TABLE conversion_claims (message_id INTEGER PRIMARY KEY REFERENCES messages(id), "
+            "worker TEXT NOT NULL, lease_expires_at TEXT NOT NULL)")
+        self.conn.execute(
+            "CREATE TABLE jobs (name TEXT PRIMARY KEY, worker TEXT, lease_expires_at TEXT, last_started_at TEXT, "
+            "last_finished_at TEXT, last_outcome TEXT)")
+
     # -- writing: ingest --------------------------------------------------------------------------
 
     @contextmanager
@@ -245,6 +270,9 @@ class SqliteJournal(Journal):
 
     def background_checkpointer(self) -> "Checkpointer":
         return Checkpointer(self.path)
+
+    def lock_keys(self, keys: list[tuple[str, str]]):
+        """Nothing to do: the transaction holds SQLite's one write lock (BEGIN IMMEDIATE)."""
 
     def accepted_with_key(self, sending_facility: str, control_id: str) -> list[tuple]:
         return self.conn.execute(
@@ -283,6 +311,35 @@ class SqliteJournal(Journal):
             "ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
 
+    def claim_conversions(self, worker: str, limit: int, lease: float, now: datetime) -> list[Waiting]:
+        stamp, until = iso(now), iso(now + timedelta(seconds=lease))
+        with self.transaction():
+            claimed = [row[0] for row in self.conn.execute(CLAIM_CONVERSIONS_SQL,
+                                                           (worker, until, stamp, worker, limit, stamp, worker))]
+            if not claimed:
+                return []
+            marks = ", ".join("?" for _ in claimed)
+            rows = self.conn.execute(
+                f"SELECT id, raw, charset, route FROM messages WHERE id IN ({marks}) ORDER BY id", claimed).fetchall()
+        return [Waiting(*row) for row in rows]
+
+    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        with self.transaction():
+            return sorted(r[0] for r in self.conn.execute(
+                f"UPDATE conversion_claims SET lease_expires_at = ? WHERE worker = ? AND message_id IN ({marks}) "
+                "RETURNING message_id", (iso(now + timedelta(seconds=lease)), worker, *ids)).fetchall())
+
+    def finish_conversions(self, worker: str, ids: list[int]) -> list[int]:
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        return sorted(r[0] for r in self.conn.execute(
+            f"DELETE FROM conversion_claims WHERE worker = ? AND message_id IN ({marks}) RETURNING message_id",
+            (worker, *ids)).fetchall())
+
     def message_source(self, message_id: int) -> tuple[bytes, str, str | None] | None:
         return self.conn.execute("SELECT raw, charset, route FROM messages WHERE id = ?", (message_id,)).fetchone()
 
@@ -313,32 +370,43 @@ class SqliteJournal(Journal):
         stamp = iso(now)
         self.conn.executemany(
             "INSERT INTO deliveries (message_id, destination, key, state, created_at, next_attempt_at, updated_at) "
-            "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (message_id, destination) DO NOTHING",
             [(message_id, destination, key, stamp, stamp, stamp) for destination, key in deliveries],
         )
 
     def due_deliveries(self, destination: str, now: datetime, limit: int) -> list[Delivery]:
-        rows = self.conn.execute(
-            "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle, "
-            "CASE WHEN m.duplicate_of IS NOT NULL THEN CAST(m.id AS TEXT) ELSE '' END "
-            "FROM deliveries d JOIN messages m ON m.id = d.message_id "
-            "LEFT JOIN conversions c ON c.message_id = d.message_id "
-            "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
-            "                AND e.id < d.id AND e.state != 'delivered') "
-            "ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (destination, iso(now), limit),
-        ).fetchall()
-        return [Delivery(*row) for row in rows]
+        return [Delivery(*row) for row in self.conn.execute(DUE_SQL, (destination, iso(now), limit)).fetchall()]
 
-    def claim(self, deliveries: list[Delivery], now: datetime):
+    def claim_deliveries(self, destination: str, worker: str, now: datetime, limit: int, lease: float,
+                         cluster_limit: int | None = None) -> list[Delivery]:
+        stamp, until = iso(now), iso(now + timedelta(seconds=lease))
+        with self.transaction():  # BEGIN IMMEDIATE: the count and the claim are one step for every worker
+            if cluster_limit is not None:
+                busy = self.conn.execute("SELECT count(*) FROM deliveries WHERE destination = ? AND state = 'in_flight'",
+                                         (destination,)).fetchone()[0]
+                limit = min(limit, cluster_limit - busy)
+            if limit <= 0:
+                return []
+            found = [Delivery(*row) for row in self.conn.execute(DUE_SQL, (destination, stamp, limit)).fetchall()]
+            taken = set()
+            for delivery in found:
+                taken.update(r[0] for r in self.conn.execute(
+                    "UPDATE deliveries SET state = 'in_flight', claimed_by = ?, lease_expires_at = ?, updated_at = ? "
+                    "WHERE id = ? AND state IN ('pending', 'retrying') RETURNING id",
+                    (worker, until, stamp, delivery.id)))
+                delivery.claimed_by = worker
+        return [d for d in found if d.id in taken]
+
+    def renew_deliveries(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
         with self.transaction():
-            self.conn.executemany(
-                "UPDATE deliveries SET state = 'in_flight', updated_at = ? WHERE id = ?",
-                [(iso(now), d.id) for d in deliveries],
-            )
+            return sorted(r[0] for r in self.conn.execute(
+                f"UPDATE deliveries SET lease_expires_at = ? WHERE claimed_by = ? AND state = 'in_flight' "
+                f"AND id IN ({marks}) RETURNING id", (iso(now + timedelta(seconds=lease)), worker, *ids)).fetchall())
 
-    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState):
+    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState) -> bool:
         finished = iso(attempt.finished)
         with self.transaction():
             self.conn.execute(
@@ -346,21 +414,46 @@ class SqliteJournal(Journal):
                 (delivery.id, iso(attempt.started), round((attempt.finished - attempt.started).total_seconds() * 1000, 3),
                  attempt.outcome, attempt.status, (attempt.response or "")[:RESPONSE_KEPT]),
             )
-            self.conn.execute(
+            moved = self.conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, updated_at = ?, last_error = ?, "
-                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+                "claimed_by = NULL, lease_expires_at = NULL, resumed = 0 WHERE id = ? AND (? = '' OR claimed_by = ?)",
                 (next_state.state, next_state.attempts, iso(next_state.next_attempt_at), finished, next_state.last_error,
-                 next_state.state, finished, delivery.id),
-            )
+                 next_state.state, finished, delivery.id, delivery.claimed_by, delivery.claimed_by),
+            ).rowcount
+        return moved > 0
 
-    def recover_in_flight(self, now: datetime) -> list[int]:
+    def recover_in_flight(self, now: datetime, worker: str | None = None) -> list[int]:
+        stamp = iso(now)
         with self.transaction():
-            ids = [row[0] for row in self.conn.execute("SELECT id FROM deliveries WHERE state = 'in_flight'")]
+            return sorted(r[0] for r in self.conn.execute(
+                "UPDATE deliveries SET state = 'retrying', next_attempt_at = ?, updated_at = ?, resumed = 1, "
+                "claimed_by = NULL, lease_expires_at = NULL WHERE state = 'in_flight' "
+                "AND (lease_expires_at IS NULL OR lease_expires_at <= ? OR claimed_by = ?) RETURNING id",
+                (stamp, stamp, stamp, worker)).fetchall())
+
+    # -- scheduled jobs -------------------------------------------------------------------------------
+
+    def take_job(self, name: str, worker: str, every: float, lease: float, now: datetime) -> bool:
+        with self.transaction():
+            return self.conn.execute(TAKE_JOB_SQL, (name, worker, iso(now + timedelta(seconds=lease)), iso(now), iso(now),
+                                                    iso(now - timedelta(seconds=every)))).fetchone() is not None
+
+    def renew_job(self, name: str, worker: str, lease: float, now: datetime) -> bool:
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE name = ? AND worker = ? RETURNING name",
+                (iso(now + timedelta(seconds=lease)), name, worker)).fetchone() is not None
+
+    def finish_job(self, name: str, worker: str, now: datetime, outcome: str):
+        with self.transaction():
             self.conn.execute(
-                "UPDATE deliveries SET state = 'retrying', next_attempt_at = ?, updated_at = ? WHERE state = 'in_flight'",
-                (iso(now), iso(now)),
-            )
-        return ids
+                "UPDATE jobs SET worker = NULL, lease_expires_at = NULL, last_finished_at = ?, last_outcome = ? "
+                "WHERE name = ? AND worker = ?", (iso(now), outcome[:RESPONSE_KEPT], name, worker))
+
+    def jobs(self) -> list[dict]:
+        return self._rows("SELECT name, worker, lease_expires_at, last_started_at, last_finished_at, last_outcome "
+                          "FROM jobs ORDER BY name")
 
     def outbox_counts(self, open_only: bool = False) -> list[tuple[str, str, int, str | None]]:
         where = "WHERE state != 'delivered' " if open_only else ""
@@ -564,7 +657,7 @@ class SqliteJournal(Journal):
         with self.transaction():
             conn = self.conn
             conn.execute(f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE message_id IN ({marks}))", ids)
-            for table in ("deliveries", "replays", "conversions", "message_ids"):
+            for table in ("deliveries", "replays", "conversions", "conversion_claims", "message_ids"):
                 conn.execute(f"DELETE FROM {table} WHERE message_id IN ({marks})", ids)
             conn.execute(f"UPDATE messages SET duplicate_of = NULL WHERE duplicate_of IN ({marks})", ids)
             conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
@@ -616,6 +709,42 @@ def _vacuum(conn):
     # sqlite3's execute() steps a statement once, and incremental_vacuum frees one page per step;
     # executescript() runs it to the end.
     conn.executescript("PRAGMA incremental_vacuum;")
+
+
+# Claim waiting messages in one statement: (worker, lease end, now, worker, limit, now, worker).
+# A claim is taken when there is none, when its lease expired, or when it is the worker's own.
+CLAIM_CONVERSIONS_SQL = (
+    "INSERT INTO conversion_claims (message_id, worker, lease_expires_at) "
+    "SELECT m.id, ?, ? FROM messages m WHERE m.status = 'accepted' AND m.route IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM conversion_claims c WHERE c.message_id = m.id AND c.lease_expires_at > ? "
+    "AND c.worker != ?) ORDER BY m.id LIMIT ? "
+    "ON CONFLICT (message_id) DO UPDATE SET worker = excluded.worker, lease_expires_at = excluded.lease_expires_at "
+    "WHERE conversion_claims.lease_expires_at <= ? OR conversion_claims.worker = ? "
+    "RETURNING message_id"
+)
+
+# Due deliveries of a destination, in order: (destination, now, limit). A delivery waits while an
+# earlier one with its key is not delivered (pending, in flight anywhere, retrying or dead).
+DUE_SQL = (
+    "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle, "
+    "CASE WHEN m.duplicate_of IS NOT NULL THEN CAST(m.id AS TEXT) ELSE '' END, d.resumed != 0 "
+    "FROM deliveries d JOIN messages m ON m.id = d.message_id "
+    "LEFT JOIN conversions c ON c.message_id = d.message_id "
+    "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
+    "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
+    "                AND e.id < d.id AND e.state != 'delivered') "
+    "ORDER BY d.next_attempt_at, d.id LIMIT ?"
+)
+
+# Take a scheduled job: (name, worker, lease end, now, now, due before). Taken when nobody holds
+# it (or the holder's lease expired) and its last run started a period ago or more.
+TAKE_JOB_SQL = (
+    "INSERT INTO jobs (name, worker, lease_expires_at, last_started_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET worker = excluded.worker, lease_expires_at = excluded.lease_expires_at, "
+    "last_started_at = excluded.last_started_at "
+    "WHERE (jobs.worker IS NULL OR jobs.lease_expires_at <= ?) "
+    "AND (jobs.last_started_at IS NULL OR jobs.last_started_at <= ?) RETURNING name"
+)
 
 
 def prunable_sql(keep_errors: bool) -> str:

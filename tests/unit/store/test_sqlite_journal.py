@@ -12,6 +12,7 @@ from engine.delivery.outbox import queue
 from engine.mllp.ingest import Frame, Ingestor
 from engine.stamps import iso
 from engine.store import ConversionRecord, Journal, SearchQuery, open_journal
+from engine.store.base import SCHEMA_VERSION
 from engine.store.retention import prunable
 from engine.store.sqlite import SqliteJournal, prunable_sql, search_sql
 from engine.transform.project import Project
@@ -50,7 +51,7 @@ def test_journal_is_wal_and_survives_reopen(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     reopened = open_journal(path, create=False)
     assert reopened.count() == 1
     reopened.close()
