@@ -60,12 +60,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.charset import decode  # noqa: E402
-from engine.client import MLLPClient  # noqa: E402
-from engine.er7 import parse  # noqa: E402
-from engine.finance import events  # noqa: E402
-from engine.ingest import identifiers  # noqa: E402
-from engine.project import Project  # noqa: E402
+from engine.hl7.charset import decode  # noqa: E402
+from engine.mllp.client import MLLPClient  # noqa: E402
+from engine.hl7.er7 import parse  # noqa: E402
+from engine.delivery.finance import events  # noqa: E402
+from engine.hl7.identifiers import identifiers  # noqa: E402
+from engine.transform.project import Project  # noqa: E402
 
 MESSAGES = {"siu": ("SIU^S12", ROOT / "examples/siu_s12.hl7"), "dft": ("DFT^P03", ROOT / "examples/dft_p03.hl7")}
 

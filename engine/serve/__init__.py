@@ -98,10 +98,13 @@ class Engine:
         self.supervisor.add("text indexer", "engine.store.textindexer", journal_arg,
                             "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
         self.node = settings.node_name
-        if project is not None:
-            self.supervisor.add("converter", "engine.transform.converter", journal_arg,
+        # Converter processes (mapping for ack.after: commit routes), one per core by default:
+        # they share the work through their claims and journal it in arrival order.
+        self.converters = [f"converter-{n}" for n in range(1, settings.converters + 1)] if project is not None else []
+        for name in self.converters:
+            self.supervisor.add(name, "engine.transform.converter", journal_arg,
                                 "--config", str(project.directory), "--parent", str(os.getpid()),
-                                "--worker", f"{self.node}/converter")
+                                "--worker", f"{self.node}/{name}")
         self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
@@ -175,7 +178,8 @@ class Engine:
         yield self.dispatcher.start()
         self.scheduler.start()
         if self.project is not None:
-            self.supervisor.workers["converter"].start()
+            for name in self.converters:
+                self.supervisor.workers[name].start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
                      directory=str(self.project.directory.resolve()))
         return bound
@@ -195,7 +199,8 @@ class Engine:
         self.project = project
         self.ingestor.project = project
         self.dispatcher.update(project.destinations)
-        self.supervisor.signal("converter", "HUP")
+        for name in self.converters:
+            self.supervisor.signal(name, "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
                 f"{len(project.destinations)} destinations from {Path(directory).resolve()}")
         log.info("reloaded {what}", what=text)

@@ -6,13 +6,16 @@ mapping to this process: it claims routed messages in the order they arrived (a 
 maps a message another holds: ``Journal.claim_conversions``), converts each with its route's
 mapping, and journals the result (status ``mapped`` or ``mapping_error``, and the
 Bundle or the problems). A process and not a thread for the same reason as the text indexer:
-mapping is CPU work that must not take the GIL from the reactor. SIGHUP reloads the routes and
-mappings (``hl7bridge reload`` sends it to the engine, which passes it on).
+mapping is CPU work that must not take the GIL from the reactor; ``serve`` runs one per core by
+default (``conversion.workers``), each claiming its own batches. They map in parallel and journal
+in the order the messages arrived (``in_turn``), so deliveries are queued in that order and
+per-key delivery order holds. SIGHUP reloads the routes and mappings (``hl7bridge reload`` sends
+it to the engine, which passes it on).
 
     python -m engine.transform.converter JOURNAL [--config DIR] [--worker NAME] [--interval SECONDS]
 
-``--worker`` names it in its claims (unique in a cluster: ``NODE/converter``); a converter
-started again under the same name takes its own claims back at once.
+``--worker`` names it in its claims (unique in a cluster: ``NODE/converter-1`` … ``-N``); a
+converter started again under the same name takes its own claims back at once.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ DEFAULT_WORKER = "converter"
 
 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH, worker: str = DEFAULT_WORKER,
-                    lease: float = LEASE) -> int:
+                    lease: float = LEASE, stop=lambda: False) -> int:
     """Claim up to ``batch`` waiting messages, convert them and journal the results (those whose
-    claim was still ``worker``'s); returns how many were journaled."""
+    claim was still ``worker``'s) once every message before them is journaled; returns how many
+    were journaled. ``stop`` says when to give up waiting for the messages before them."""
+    claimed_at = time.monotonic()
     waiting = journal.claim_conversions(worker, batch, lease, utc_now())
     converted = []
     for message_id, raw, charset, route_name in waiting:
@@ -54,6 +59,13 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
         converted.append((message_id, route_name, result, now))
     if not converted:
         return 0
+    if not in_turn(journal, converted[0][0], claimed_at + lease * 0.9, stop):
+        # The messages before these were not journaled in time (their converter died, or the
+        # engine is stopping): give these back, so that whoever converts them next (the oldest
+        # first, a dead worker's once its lease is over) journals them in order.
+        with journal.transaction():
+            journal.finish_conversions(worker, [message_id for message_id, *_ in converted])
+        return 0
     now = utc_now()
     with journal.transaction():
         held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in converted]))
@@ -61,6 +73,23 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
             if message_id in held:
                 pipeline.record(journal, message_id, result, converted_at, now, update_status=True, route_name=route_name)
     return len(held)
+
+
+def in_turn(journal: Journal, first: int, deadline: float, stop) -> bool:
+    """Wait until no message before ``first`` waits for conversion (another converter is mapping
+    it): conversions are journaled in the order the messages arrived, so their deliveries are
+    queued in that order and per-key delivery order holds however many converters there are.
+    Mapping runs in parallel; only journaling waits, and it takes a few milliseconds. False when
+    ``deadline`` (``time.monotonic``) passes or ``stop()`` says so first."""
+    pause = 0.001
+    while True:
+        oldest = journal.waiting_for_conversion(1)
+        if not oldest or oldest[0][0] >= first:
+            return True
+        if time.monotonic() >= deadline or stop():
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER) -> int:
@@ -76,7 +105,7 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
                     project = Project.load(config)
                 except ConfigError as exc:
                     print(f"hl7bridge converter: reload refused, keeping the running routes: {exc}", file=sys.stderr, flush=True)
-            done = convert_pending(journal, project, worker=worker)
+            done = convert_pending(journal, project, worker=worker, stop=lambda: signals.stop)
             if parent_gone(parent):
                 break
             if done < BATCH:
