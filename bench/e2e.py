@@ -1,7 +1,10 @@
 """End to end with the shipped routes: ACKed rate against delivered rate (run by hand).
 
     .venv/bin/python bench/e2e.py [--messages 4000] [--connections 4] [--message siu|dft]
-                                  [--json FILE] [--keep] [--tmpdir DIR]
+                                  [--json FILE] [--keep] [--tmpdir DIR] [--before DIR]
+
+``--before DIR`` runs the same load against the engine of another checkout first (say, the main
+branch in a temporary git worktree), then against this one, and prints the two side by side.
 
 About 10 s with the defaults on two idle cores (7 s for ``--message dft --messages 1000``).
 
@@ -99,11 +102,11 @@ def variants(raw: bytes, count: int, tag: str) -> list[bytes]:
 # -- the engine ---------------------------------------------------------------------------------
 
 
-def start_engine(work: Path, config: Path, journal: Path):
+def start_engine(work: Path, config: Path, journal: Path, engine_root: Path = ROOT):
     """``hl7bridge serve`` with the MLLP listener and metrics on free ports; (process, ports)."""
     args = [sys.executable, "-m", "engine.cli", "serve", "--listen", "tcp:0:interface=127.0.0.1",
             "--journal", str(journal), "--config", str(config), "--metrics", "tcp:0:interface=127.0.0.1"]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(work / "engine.log", "wb"),
+    process = subprocess.Popen(args, cwd=engine_root, stdout=subprocess.PIPE, stderr=open(work / "engine.log", "wb"),
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ports, deadline = {}, time.monotonic() + 20
     while time.monotonic() < deadline and "metrics" not in ports:
@@ -245,13 +248,20 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (journal, outbox, engine log)")
     parser.add_argument("--tmpdir", help="where the temporary directory goes (a real disk, not tmpfs)")
+    parser.add_argument("--engine", type=Path, default=ROOT,
+                        help="the checkout whose engine and shipped routes, mappings and destinations run (default: this one)")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="first run the same load against DIR's engine, then this one's, and compare them")
     args = parser.parse_args(argv)
+    if args.before is not None:
+        return before_and_after(args, argv if argv is not None else sys.argv[1:])
+    engine_root = args.engine.resolve()
 
     kind, source = MESSAGES[args.message]
     work = Path(tempfile.mkdtemp(prefix="hl7bridge-e2e-", dir=args.tmpdir))
     config = work / "config"
     for part in ("routes", "mappings", "destinations"):
-        shutil.copytree(ROOT / part, config / part)
+        shutil.copytree(engine_root / part, config / part)
     journal = work / "journal.db"
     tag = f"E{int(time.time()) % 100000}x"
     messages = variants(source.read_bytes(), args.messages, tag)
@@ -260,14 +270,15 @@ def main(argv=None) -> int:
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     started_on = datetime.now(timezone.utc)
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=engine_root, capture_output=True,
+                              text=True).stdout.strip()
     print(f"# hl7bridge end to end, {started_on:%Y-%m-%d %H:%M} UTC, commit {revision or '?'}")
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"load: {len(messages):,} {kind} ({source.relative_to(ROOT)}, {len(messages[0]):,} bytes) over "
           f"{args.connections} connections, closed loop; shipped routes, file destinations")
     print(f"work directory: {work}", flush=True)
 
-    engine, ports = start_engine(work, config, journal)
+    engine, ports = start_engine(work, config, journal, engine_root)
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     db.execute("PRAGMA busy_timeout = 10000")
     if warmup:
@@ -419,6 +430,41 @@ def main(argv=None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if clean and not failures and not dead_messages else 1
+
+
+def before_and_after(args, argv: list[str]) -> int:
+    """The same load against ``--before``'s engine, then this checkout's, one after the other on
+    the same machine; each run's own report, then the two side by side."""
+    rest, skip = [], False
+    for item in argv:  # the same options, less --before and --json
+        if skip:
+            skip = False
+        elif item in ("--before", "--json"):
+            skip = True
+        elif not item.startswith(("--before=", "--json=")):
+            rest.append(item)
+    results, codes = {}, []
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, root in (("before", args.before.resolve()), ("after", ROOT)):
+            out = Path(scratch) / f"{label}.json"
+            print(f"## {label}: {root}", flush=True)
+            codes.append(subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest, "--engine", str(root),
+                                         "--json", str(out)]).returncode)
+            results[label] = json.loads(out.read_text()) if out.exists() else None
+    if None in results.values():
+        print("a run gave no figures; see its report above")
+        return 1
+    before, after = results["before"], results["after"]
+    print(f"\n## before ({before['commit']}) and after ({after['commit']})\n")
+    print("| what | before | after |")
+    print("|---|--:|--:|")
+    for key, unit in (("acked msg/s", ""), ("delivered msg/s", ""), ("ratio delivered/acked", ""),
+                      ("converter msg/s", ""), ("backlog at last ACK", ""), ("lag p50 s", " s"), ("lag p99 s", " s"),
+                      ("others share of the cores", "")):
+        print(f"| {key} | {before[key]}{unit} | {after[key]}{unit} |")
+    if args.json:
+        args.json.write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")
+    return max(codes)
 
 
 if __name__ == "__main__":
