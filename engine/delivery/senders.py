@@ -202,7 +202,8 @@ class FileSender:
     before anything is appended (``engine.delivery.ndjson``), and a delivery that is tried again (after a
     failure, or resumed after a crash) first looks whether its records already reached the file:
     each delivery is in the file once, whole. Appends are serialized (one lock per destination),
-    so records never interleave.
+    so records never interleave; the fsync that makes a record durable is shared with the records
+    appended meanwhile (``ndjson.GroupSync``).
     """
 
     def __init__(self, destination: Destination, run_blocking, clock=None):
@@ -210,6 +211,7 @@ class FileSender:
         self.run_blocking = run_blocking  # run(fn, *args) -> Deferred, in a thread pool of serve's
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.lock = threading.Lock()
+        self.syncs = ndjson.GroupSync()
         # For /metrics: torn records set aside, and resumed deliveries found already written.
         self.counters = {"torn_records_set_aside": 0, "already_written": 0}
 
@@ -247,7 +249,12 @@ class FileSender:
                 torn = ndjson.repair_tail(path)
                 if torn:
                     self.counters["torn_records_set_aside"] += 1
-                ndjson.append(path, ndjson.encode_records(delivery.id, now, records))
+                end, new = ndjson.write(path, ndjson.encode_records(delivery.id, now, records))
+                if new:
+                    self.syncs.created(path)
+            # On disk before it counts as delivered; the fsync outside the lock, so the deliveries
+            # appended meanwhile share it.
+            self.syncs.wait(path, end)
         except OSError as exc:
             return Result(TRANSIENT, None, "", error=f"cannot write {directory}: {exc.strerror}")
         notice = ""

@@ -58,7 +58,7 @@ TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
 GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
-FILE_THREADS = 2  # file destinations' appends and fsyncs
+FILE_THREADS = 4  # file destinations' appends and fsyncs (a destination's 4 in flight share an fsync)
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
