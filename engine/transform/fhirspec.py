@@ -214,34 +214,20 @@ def _pattern(pattern, words):
     return check
 
 
-def _date(value):
-    if type(value) is not str:
-        return "a date is needed (YYYY, YYYY-MM or YYYY-MM-DD)"
-    if DATE.fullmatch(value) is None or not _real_date(value):
-        return "not a FHIR date (YYYY, YYYY-MM or YYYY-MM-DD, a day that exists)"
-    return None
+def _moment(pattern, words, real=_real_date):
+    """The check of a date, dateTime, instant or time: the FHIR pattern, and a day that exists."""
+    def check(value):
+        if type(value) is not str or pattern.fullmatch(value) is None or not real(value):
+            return words
+        return None
+    return check
 
 
-def _datetime(value):
-    if type(value) is not str:
-        return "a dateTime is needed"
-    if DATETIME.fullmatch(value) is None or not _real_date(value):
-        return "not a FHIR dateTime (a date, or a date and time with seconds and a time zone, a day that exists)"
-    return None
-
-
-def _instant(value):
-    if type(value) is not str:
-        return "an instant is needed"
-    if INSTANT.fullmatch(value) is None or not _real_date(value):
-        return "not a FHIR instant (date and time to the second, with a time zone)"
-    return None
-
-
-def _time(value):
-    if type(value) is not str:
-        return "a time is needed"
-    return None if TIME.fullmatch(value) else "not a FHIR time (hh:mm:ss)"
+_date = _moment(DATE, "not a FHIR date (YYYY, YYYY-MM or YYYY-MM-DD, a day that exists)")
+_datetime = _moment(DATETIME, "not a FHIR dateTime (a date, or a date and time with seconds and a time zone, "
+                              "a day that exists)")
+_instant = _moment(INSTANT, "not a FHIR instant (date and time to the second, with a time zone)")
+_time = _moment(TIME, "not a FHIR time (hh:mm:ss)", real=lambda value: True)
 
 
 def _boolean(value):
