@@ -25,6 +25,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+import orjson
+
 SUFFIX = ".ndjson"
 TORN_SUFFIX = ".torn"
 _PREFIX = re.compile(rb'^\{"delivery_id":(\d+),"written_at":"([^"]+)"')
@@ -41,7 +43,7 @@ def encode_records(delivery_id: int, written_at: datetime, records: list[dict]) 
     stamp = written_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     lines = []
     for record in records:
-        body = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        body = orjson.dumps(record).decode()  # compact, characters as they are; ~6x the stdlib's speed
         head = f'{{"delivery_id":{int(delivery_id)},"written_at":"{stamp}"'
         lines.append(head + ("," + body[1:] if body != "{}" else "}") + "\n")
     return "".join(lines).encode("utf-8")

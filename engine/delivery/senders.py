@@ -15,6 +15,7 @@ import json
 import threading
 from datetime import datetime, timezone
 
+import orjson
 from twisted.internet import defer
 
 from ..stamps import parse_iso
@@ -133,7 +134,7 @@ class FhirSender:
     def _resources(self, bundle_json: str):
         status = None
         for url, resource in resources_in_order(json.loads(bundle_json)):
-            status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", json.dumps(resource).encode())
+            status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", orjson.dumps(resource))
             outcome = self.classify(status)
             if outcome != OK:
                 text = body.decode("utf-8", errors="replace")
