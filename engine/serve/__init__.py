@@ -7,7 +7,8 @@ reactor as a parameter, and blocking work runs in threads this package owns and 
       writer       JournalWriter: the journal's write connections, its thread, checkpoints (writer.py)
       supervisor   Supervisor: the text indexer and converter processes (supervisor.py)
       status       EngineStatus: what /metrics, /readyz and the dashboard read (status.py)
-      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in a thread pool
+      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in processes
+                   (mapping.py) that a thread pool waits on
       dispatcher   Dispatcher (engine.delivery), file writes in a thread pool
       scheduler    Scheduler: jobs that run on one node of a cluster at a time (scheduler.py)
 
@@ -47,6 +48,7 @@ from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
 from ..store import Journal, open_journal
 from ..transform.project import Project
+from .mapping import MappingProcesses
 from .status import EngineStatus
 from .scheduler import Scheduler
 from .supervisor import Supervisor
@@ -105,7 +107,11 @@ class Engine:
             self.supervisor.add(name, "engine.transform.converter", journal_arg,
                                 "--config", str(project.directory), "--parent", str(os.getpid()),
                                 "--worker", f"{self.node}/{name}")
-        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
+        # Mapping before the ACK (ack.after: mapping routes): a thread of _mapping waits for each,
+        # the conversion runs in these processes (engine.serve.mapping), off the engine's GIL.
+        self.mapping_processes = MappingProcesses(project.directory, MAPPING_THREADS) if project is not None else None
+        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted,
+                                 mapper=self.mapping_processes.convert if self.mapping_processes else None)
         self.counters = Counters()
         # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
         self._mapping = ThreadPool(minthreads=0, maxthreads=MAPPING_THREADS, name="hl7bridge-mapping")
@@ -172,6 +178,8 @@ class Engine:
         self._stats.start(STATS_INTERVAL, now=False)
         for pool in (self._mapping, self._files):
             pool.start()
+        if self.mapping_processes is not None:
+            self.mapping_processes.start()
         self.status.start()
         self.writer.start()
         self.supervisor.workers["text indexer"].start()
@@ -198,6 +206,8 @@ class Engine:
             return False
         self.project = project
         self.ingestor.project = project
+        if self.mapping_processes is not None:
+            self.mapping_processes.reload(directory)
         self.dispatcher.update(project.destinations)
         for name in self.converters:
             self.supervisor.signal(name, "HUP")
@@ -287,6 +297,8 @@ class Engine:
         for pool in (self._mapping, self._files):
             if pool.started:
                 pool.stop()
+        if self.mapping_processes is not None:
+            self.mapping_processes.stop()
         self.status.stop()
         yield self.writer.stop()
         yield self.supervisor.stop()
@@ -299,6 +311,8 @@ class Engine:
         for pool in (self._mapping, self._files):
             if pool.started:
                 pool.stop()
+        if self.mapping_processes is not None:
+            self.mapping_processes.stop()
         self.status.stop()
         self.writer.close()
 
