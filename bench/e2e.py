@@ -140,9 +140,10 @@ def machine_busy() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def family(pid: int) -> dict[str, int]:
-    """The engine and its worker processes (converter, text indexer), by a short name."""
-    found = {"engine": pid}
+def family(pid: int) -> dict[str, list[int]]:
+    """The engine and its worker processes (converters, text indexer, mapping processes), by a
+    short name: several processes of one kind (the converters) under one name."""
+    found = {"engine": [pid]}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -152,8 +153,12 @@ def family(pid: int) -> dict[str, int]:
         except OSError:
             continue
         if int(stat[1]) == pid:
-            module = next((part.decode() for part in cmdline if part.startswith(b"engine.")), entry.name)
-            found[module.removeprefix("engine.")] = int(entry.name)
+            module = next((part.decode() for part in cmdline if part.startswith(b"engine.")), None)
+            if module is None:
+                text = b" ".join(cmdline)
+                module = ("serve.mapping" if b"multiprocessing.spawn" in text else
+                          "resource tracker" if b"resource_tracker" in text else entry.name)
+            found.setdefault(module.removeprefix("engine."), []).append(int(entry.name))
     return found
 
 
@@ -292,7 +297,8 @@ def main(argv=None) -> int:
     processes = family(engine.pid)
 
     def cpu_now():
-        return {**{name: cpu_seconds(pid) for name, pid in processes.items()}, "load generator": time.process_time(),
+        return {**{name: sum(cpu_seconds(pid) for pid in pids) for name, pids in processes.items()},
+                "load generator": time.process_time(),
                 "machine": machine_busy()}
 
     cpu_start = cpu_now()

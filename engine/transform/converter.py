@@ -43,6 +43,8 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
     """Claim up to ``batch`` waiting messages, convert them and journal the results (those whose
     claim was still ``worker``'s) once every message before them is journaled; returns how many
     were journaled. ``stop`` says when to give up waiting for the messages before them."""
+    if not journal.waiting_for_conversion(1):
+        return 0  # a read: an idle converter does not take the write lock from the engine to find nothing
     claimed_at = time.monotonic()
     waiting = journal.claim_conversions(worker, batch, lease, utc_now())
     converted = []
