@@ -446,7 +446,8 @@ class ServerProcess:
             # is installed): this one, or --before's.
             self.cwd = engine_root
             command = [python, "-m", "engine.cli"]
-            self.args = [*command, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--journal", str(self.store)]
+            self.args = [*command, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--journal", str(self.store),
+                         "--metrics", "tcp:0:interface=127.0.0.1"]  # not 9102: another engine may have it
             if config is not None:
                 self.args += ["--config", str(config)]
         elif name == "ceiling":
@@ -478,7 +479,7 @@ class ServerProcess:
             line = self.process.stdout.readline()
             if not line:
                 raise RuntimeError(f"{self.name} exited before it was ready:\n{self.stderr_tail()}")
-            match = ready.search(line)
+            match = None if b"metrics" in line else ready.search(line)  # the MLLP port, not /metrics
             if match:
                 self.port = int(match.group(1))
                 return self.port

@@ -106,7 +106,7 @@ class Engine:
         for name in self.converters:
             self.supervisor.add(name, "engine.transform.converter", journal_arg,
                                 "--config", str(project.directory), "--parent", str(os.getpid()),
-                                "--worker", f"{self.node}/{name}")
+                                "--worker", f"{self.node}/{name}", "--nice", str(settings.converter_nice))
         # Mapping before the ACK (ack.after: mapping routes): a thread of _mapping waits for each,
         # the conversion runs in these processes (engine.serve.mapping), off the engine's GIL.
         self.mapping_processes = MappingProcesses(project.directory, MAPPING_THREADS) if project is not None else None

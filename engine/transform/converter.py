@@ -94,7 +94,12 @@ def in_turn(journal: Journal, first: int, deadline: float, stop) -> bool:
         pause = min(pause * 2, 0.02)
 
 
-def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER) -> int:
+def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER,
+        nice: int = 0) -> int:
+    if nice:
+        # Below the engine: on a busy machine its reactor and journal writer, on which every ACK
+        # waits, get a core first, and the converters take what is left.
+        os.nice(nice)
     signals = WorkerSignals(parent)
     project = Project.load(config)
     # Not synchronous: if a power cut loses the last conversions, those messages are still
@@ -124,8 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parent", type=int, help="the engine's process ID (the worker exits when it is gone)")
     parser.add_argument("--worker", default=DEFAULT_WORKER, help="its name in its claims, unique in a cluster")
     parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--nice", type=int, default=0, help="run at this much lower a priority (conversion.nice)")
     args = parser.parse_args(argv)
-    return run(args.journal, args.config, args.interval, args.parent or os.getppid(), args.worker)
+    return run(args.journal, args.config, args.interval, args.parent or os.getppid(), args.worker, args.nice)
 
 
 if __name__ == "__main__":
