@@ -10,10 +10,11 @@ Every resource gets an ID derived from its first identifier (or its ``$key``, or
 itself), so the same message converted twice gives the same Bundle, and every entry is a
 conditional update (``PUT Patient?identifier=system|value``): sent twice, it changes nothing
 downstream. Every Bundle ends with a Provenance: which message, which route and mapping version,
-when. Every resource is validated with fhir.resources (R4, ``fhir.resources.R4B``), and the FHIR
-invariants fhir.resources does not check and our mappings could break (Appointment app-2, app-3)
-are checked here, before it leaves; a problem names the FHIR element and the mapping line and HL7
-field it came from, in words.
+when. The templates' FHIR structure is checked when the mappings load (``structure``), every
+resource's values as it is built (``fhirspec``; fhir.resources R4B as well with ``strict``), and
+the FHIR invariants fhir.resources does not check and our mappings could break (Appointment app-2,
+app-3) here, before it leaves; a problem names the FHIR element and the mapping line and HL7 field
+it came from, in words.
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ class MappingSet:
         ``route`` names the route in the Provenance; ``now`` is when the conversion happens (its
         ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version.
         Every resource's values are checked (``fhirspec``); ``strict`` validates each with
-        fhir.resources as well (a route's ``validate: strict``). Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
-        each in words.
+        fhir.resources as well (a route's ``validate: strict``). Raises ``MappingError`` listing
+        every problem (evaluation, FHIR values and invariants), each in words.
         """
         if mapping not in self.messages:
             raise MappingError([f"no message mapping {mapping!r} (mappings/message/{mapping}.yaml)"])
