@@ -85,6 +85,11 @@ def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
     )
 
 
+def maps_before_ack(project: Project) -> bool:
+    """Whether any route ACKs after mapping (only then are mapping processes worth starting)."""
+    return any(route.ack_after == "mapping" for route in project.routes)
+
+
 class Engine:
     """The running engine: the journal writer, the helper processes, one group committer, the
     dispatcher, any number of MLLP listeners, and the status the operator's pages read."""
@@ -178,7 +183,7 @@ class Engine:
         self._stats.start(STATS_INTERVAL, now=False)
         for pool in (self._mapping, self._files):
             pool.start()
-        if self.mapping_processes is not None:
+        if self.mapping_processes is not None and maps_before_ack(self.project):
             self.mapping_processes.start()
         self.status.start()
         self.writer.start()
@@ -206,7 +211,7 @@ class Engine:
             return False
         self.project = project
         self.ingestor.project = project
-        if self.mapping_processes is not None:
+        if self.mapping_processes is not None and maps_before_ack(project):
             self.mapping_processes.reload(directory)
         self.dispatcher.update(project.destinations)
         for name in self.converters:

@@ -67,7 +67,8 @@ class MappingProcesses:
             self.executor.submit(_ready)
 
     def reload(self, directory: str | Path):
-        """New processes with the routes and mappings of ``directory``; the old ones finish theirs."""
+        """New processes with the routes and mappings of ``directory`` (the first ones, if none ran:
+        a reload added a route that ACKs after mapping); the old ones finish theirs."""
         old = self.executor
         self.directory = str(directory)
         self.start()
@@ -75,6 +76,8 @@ class MappingProcesses:
             old.shutdown(wait=False)
 
     def convert(self, project: Project, assessment, route) -> pipeline.Converted:
+        if self.executor is None:  # not started: no route mapped before its ACK when serve started
+            return pipeline.convert(project, assessment.message, header=assessment.header, route=route)
         try:
             status, bundle, problems, warnings = self.executor.submit(
                 _convert, assessment.decoded.text, route.name).result()
