@@ -14,7 +14,8 @@ from engine.stamps import iso
 from engine.store import ConversionRecord, Journal, SearchQuery, open_journal
 from engine.store.base import SCHEMA_VERSION
 from engine.store.retention import prunable
-from engine.store.sqlite import SqliteJournal, prunable_sql, search_sql
+from engine.store.sql import prunable_sql, search_sql
+from engine.store.sqlite import SqliteJournal
 from engine.transform.project import Project
 
 SIU = (EXAMPLES / "siu_s12.hl7").read_bytes()
