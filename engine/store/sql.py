@@ -210,7 +210,8 @@ class SqlJournal(Journal):
 
     def message_identifiers(self, message_id: int) -> list[dict]:
         return [{"kind": k, "value": v, "authority": a} for k, v, a in self._all(
-            "SELECT kind, value, authority FROM message_ids WHERE message_id = ?", message_id)]
+            "SELECT kind, value, authority FROM message_ids WHERE message_id = ? ORDER BY kind, value, authority",
+            message_id)]
 
     def delivery_destinations(self, message_id: int) -> set[str]:
         return {r[0] for r in self._all("SELECT destination FROM deliveries WHERE message_id = ?", message_id)}
@@ -375,7 +376,8 @@ class SqlJournal(Journal):
         if not found:
             return None
         record = found[0]
-        rows = self._all("SELECT kind, value, authority FROM message_ids WHERE message_id = ?", message_id)
+        rows = self._all("SELECT kind, value, authority FROM message_ids WHERE message_id = ? "
+                         "ORDER BY kind, value, authority", message_id)
         order = list(ID_KINDS)
         rows.sort(key=lambda row: order.index(row[0]) if row[0] in order else len(order))
         record["ids"] = [{"kind": kind, "value": value, "authority": authority} for kind, value, authority in rows]

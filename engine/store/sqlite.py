@@ -37,12 +37,13 @@ class SqliteJournal(SqlJournal):
     ``readonly`` opens it read-only (the engine's status reads)."""
 
     # Seconds from m.received_at to {b}: both are ISO text with microseconds and a Z.
+    indexes_text_apart = True
     SECONDS_BETWEEN = "(julianday(substr({b}, 1, 26)) - julianday(substr(m.received_at, 1, 26))) * 86400.0"
 
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
                  manual_checkpoints: bool = False, readonly: bool = False):
         self.path = Path(path)
-        self.location = str(self.path)
+        self.location = self.name = str(self.path)
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         if create:
