@@ -192,9 +192,10 @@ def run(pg: PostgresServer, nodes: int, args, work: Path, tpl) -> dict:
     received = int(query(pg, database, "SELECT count(*) FROM messages"))
     delivered_in = int(query(pg, database, "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND "
                                            f"delivered_at >= '{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(window_start))}'"))
-    top = query(pg, database, "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_statements s "
+    top = query(pg, database, "SELECT calls, round(total_exec_time::numeric, 0), "
+                              "left(regexp_replace(query, '\\s+', ' ', 'g'), 80) FROM pg_stat_statements s "
                               "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() "
-                              "ORDER BY calls DESC LIMIT 12")
+                              "ORDER BY total_exec_time DESC LIMIT 12")
     for node in running:
         node.stop()
     latency = array("q")
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
     print(f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['date']}, "
           f"engine at {info['revision']}; PostgreSQL {pg.bindir.parent.name} with fsync on; shared with other work.\n")
     print(table(rows))
-    print("\nMost frequent statements (calls over the last run, warm-up and drain included):\n")
+    print("\nThe statements PostgreSQL spent most time on in the last run (calls | total ms | statement):\n")
     for line in rows[-1]["top_statements"]:
         print(f"    {line}")
     if args.json:

@@ -218,3 +218,29 @@ def test_a_cluster_behind_haproxy_loses_nothing_when_nodes_are_killed(tmp_path, 
         from engine.store import postgres
 
         postgres.close_pools()
+
+
+def test_the_shipped_haproxy_example_is_a_valid_configuration(haproxy_factory):
+    from haproxy import find_haproxy
+
+    example = ROOT / "examples" / "haproxy.cfg"
+    done = subprocess.run([find_haproxy(), "-c", "-f", str(example)], capture_output=True, text=True,
+                          env={**os.environ, "HL7BRIDGE_CHECK_TOKEN": "a-viewer-token"}, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = example.read_text()
+    assert "option httpchk" in text and "uri /readyz" in text and "on-marked-down shutdown-sessions" in text
+
+
+def test_reload_reaches_the_node_of_a_cluster_on_this_host(tmp_path, postgres_url):
+    config = shipped_config(tmp_path / "node")
+    node = Node("reloadme", config, postgres_url).start()
+    try:
+        done = subprocess.run([*HL7BRIDGE, "reload", "--journal", postgres_url, "--config", str(config),
+                               "--node", "reloadme", "--json"], cwd=ROOT, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["ok"] is True
+        done = subprocess.run([*HL7BRIDGE, "reload", "--journal", postgres_url, "--config", str(config),
+                               "--node", "another"], cwd=ROOT, capture_output=True, timeout=60)
+        assert done.returncode == 3 and b"no running engine for node another" in done.stderr
+    finally:
+        node.stop()
