@@ -174,13 +174,17 @@ class SqlJournal(Journal):
                              *claimed)
         return [Waiting(*row) for row in rows]
 
-    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+    def _renew(self, sql: str, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        """Extend a worker's leases: ``sql`` takes (lease end, worker, *ids) with {ids} for their marks."""
         if not ids:
             return []
         with self.transaction():
-            return sorted(r[0] for r in self._all(
-                f"UPDATE conversion_claims SET lease_expires_at = ? WHERE worker = ? AND message_id IN ({marks(ids)}) "
-                "RETURNING message_id", iso(now + timedelta(seconds=lease)), worker, *ids))
+            return sorted(r[0] for r in self._all(sql.format(ids=marks(ids)), iso(now + timedelta(seconds=lease)),
+                                                  worker, *ids))
+
+    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        return self._renew("UPDATE conversion_claims SET lease_expires_at = ? WHERE worker = ? "
+                           "AND message_id IN ({ids}) RETURNING message_id", worker, ids, lease, now)
 
     def finish_conversions(self, worker: str, ids: list[int]) -> list[int]:
         if not ids:
@@ -249,12 +253,8 @@ class SqlJournal(Journal):
         return [d for d in found if d.id in taken]
 
     def renew_deliveries(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
-        if not ids:
-            return []
-        with self.transaction():
-            return sorted(r[0] for r in self._all(
-                f"UPDATE deliveries SET lease_expires_at = ? WHERE claimed_by = ? AND state = 'in_flight' "
-                f"AND id IN ({marks(ids)}) RETURNING id", iso(now + timedelta(seconds=lease)), worker, *ids))
+        return self._renew("UPDATE deliveries SET lease_expires_at = ? WHERE claimed_by = ? AND state = 'in_flight' "
+                           "AND id IN ({ids}) RETURNING id", worker, ids, lease, now)
 
     def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState) -> bool:
         finished = iso(attempt.finished)

@@ -209,3 +209,26 @@ def test_a_reload_rebuilds_only_the_senders_of_changed_destinations_and_stop_clo
     assert h.dispatcher.senders["b"] is first_b and not first_b.closed
     h.dispatcher.stop()
     assert senders["a"].closed and first_b.closed
+
+
+def test_a_slow_send_keeps_its_lease_and_a_dead_nodes_delivery_is_taken_over(journal, ingest):
+    ingest("C1")
+    ingest("C2", account=b"OTHER")
+    only_erp(journal)
+    # Another node claimed C1 and died: its lease (30 s) runs out while this node works.
+    [theirs] = journal.claim_deliveries("erp-finance", "node-b", T0, 1, 30)
+    dest = destination("erp-finance")
+    sender = FakeSender(dest, hold=True)
+    h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})
+    h.start()
+    [mine] = sender.sent
+    assert (theirs.control_id, mine.control_id, mine.claimed_by) == ("C1", "C2", "local")
+    for _ in range(6):  # a minute: renewed every 10 s, so never taken from this node
+        h.advance(10)
+    [row] = journal._all("SELECT lease_expires_at FROM deliveries WHERE id = ?", mine.id)
+    assert row[0] == "2026-11-24T06:01:30.000000Z"  # renewed at +60 s for another 30 s
+    assert [d.id for d in sender.sent] == [mine.id, theirs.id]  # node-b's, taken over at +30 s
+    assert sender.sent[1].resumed
+    sender.release()
+    sender.release()
+    assert h.states("erp-finance") == [DELIVERED, DELIVERED]
