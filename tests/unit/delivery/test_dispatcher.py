@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twisted.internet import defer, task
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.delivery.destinations import Destination, RetryPolicy
 from engine.delivery.dispatcher import POLL_INTERVAL, Dispatcher
@@ -89,7 +90,7 @@ def ingest(journal):
 
 def only_erp(journal):
     """Keep the tests to one destination: the fhir-main deliveries are delivered already."""
-    journal.conn.execute("UPDATE deliveries SET state = 'delivered' WHERE destination = 'fhir-main'")
+    journal._run("UPDATE deliveries SET state = 'delivered' WHERE destination = 'fhir-main'")
 
 
 def test_due_deliveries_are_sent_and_recorded(journal, ingest):
@@ -186,7 +187,7 @@ def test_deliveries_in_flight_at_start_are_resumed_and_flagged(journal, ingest):
 def test_a_delivery_without_a_bundle_is_dead_at_once(journal, ingest):
     outcome = ingest("C1")
     only_erp(journal)
-    journal.conn.execute("DELETE FROM conversions WHERE message_id = ?", (outcome.message_id,))
+    journal._run("DELETE FROM conversions WHERE message_id = ?", outcome.message_id)
     dest = destination("erp-finance")
     sender = FakeSender(dest)
     h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})
