@@ -244,3 +244,61 @@ def test_reload_reaches_the_node_of_a_cluster_on_this_host(tmp_path, postgres_ur
         assert done.returncode == 3 and b"no running engine for node another" in done.stderr
     finally:
         node.stop()
+
+
+def test_a_node_that_dies_mid_delivery_leaves_its_deliveries_to_the_others(tmp_path, postgres_url,
+                                                                           fhir_server_factory):
+    """The FHIR server stops answering (SIGSTOP), so sends hang in flight; the node holding them is
+    killed and not started again; once its lease (3 s) runs out the other node sends them."""
+    fhir = fhir_server_factory()
+    nodes = [Node(f"node{i}", node_config(tmp_path / f"node{i}", fhir.base_url), postgres_url) for i in (1, 2)]
+    journal = None
+    stopped = False
+    try:
+        for node in nodes:
+            node.start()
+        journal = open_journal(postgres_url, create=False)
+        os.kill(fhir.process.pid, signal.SIGSTOP)
+        stopped = True
+        numbers = range(20_000, 20_008)
+        with MLLPClient("127.0.0.1", nodes[0].port) as client:
+            for n in numbers:
+                assert b"MSA|AA|" in client.send(message(n))
+
+        def holders():
+            return dict(journal._all("SELECT claimed_by, count(*) FROM deliveries WHERE state = 'in_flight' "
+                                     "GROUP BY claimed_by"))
+
+        deadline = time.monotonic() + 30
+        while not holders() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = holders()
+        assert held, "no delivery went in flight"
+        victim = next(node for node in nodes if node.name == max(held, key=held.get))
+        survivor = next(node for node in nodes if node is not victim)
+        taken = [row[0] for row in journal._all(
+            "SELECT id FROM deliveries WHERE state = 'in_flight' AND claimed_by = ?", victim.name)]
+        victim.kill()
+        os.kill(fhir.process.pid, signal.SIGCONT)
+        stopped = False
+        deadline = time.monotonic() + 90
+        while any(owed(journal).values()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert owed(journal) == {"open deliveries": 0, "waiting for the converter": 0, "conversion claims": 0}
+        states = journal._all(f"SELECT state FROM deliveries WHERE id IN ({', '.join('?' for _ in taken)})", *taken)
+        assert [s for (s,) in states] == ["delivered"] * len(taken)
+        assert "in flight on a node that stopped renewing its claims" in survivor.stderr_path.read_text()
+        fillers = [i["value"] for a in fhir.resources("Appointment") for i in a.get("identifier", [])
+                   if i["value"].startswith("9")]
+        assert sorted(fillers) == sorted(f"9{n:05d}" for n in numbers)  # each once, whoever sent it
+    finally:
+        if stopped:
+            os.kill(fhir.process.pid, signal.SIGCONT)
+        for node in nodes:
+            if node.process.poll() is None:
+                node.stop()
+        if journal is not None:
+            journal.close()
+        from engine.store import postgres
+
+        postgres.close_pools()
