@@ -302,3 +302,35 @@ def test_a_node_that_dies_mid_delivery_leaves_its_deliveries_to_the_others(tmp_p
         from engine.store import postgres
 
         postgres.close_pools()
+
+
+def readyz(node: Node) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/readyz", timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_readyz_says_when_a_node_cannot_reach_its_database(tmp_path):
+    """What HAProxy checks: a node whose PostgreSQL is gone answers 503 (and is taken out of the
+    balancing); when the database is back the same node answers 200 again, without a restart."""
+    from pgserver import PostgresServer
+
+    with PostgresServer() as pg:
+        node = Node("lonely", shipped_config(tmp_path / "node"), pg.create_database()).start()
+        try:
+            assert readyz(node) == (200, "ready\n")
+            pg.stop()
+            status, text = readyz(node)
+            assert status == 503 and text.startswith("not ready: journal unreadable: ")
+            pg.start()
+            deadline = time.monotonic() + 60
+            while readyz(node)[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert readyz(node) == (200, "ready\n")
+        finally:
+            node.stop()
