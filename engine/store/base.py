@@ -241,6 +241,10 @@ class Journal(ABC):
 
     path: Path  # where the journal is (for SQLite, its file; the engine's PID file goes beside it)
     location: str  # what ``open_journal`` opens again: the file's path, or the database's URL
+    name: str  # how messages name it (a URL without its password)
+    # Whether free text is indexed apart, by the text indexer process (SQLite), or with each
+    # message in its own transaction (PostgreSQL).
+    indexes_text_apart: bool = False
 
     @abstractmethod
     def close(self):

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from backends import backend, journal, journal_location  # noqa: F401 (every test here runs on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.delivery.outbox import OK, RETRYING, TRANSIENT, Result, finish
 from engine.delivery.destinations import Destination, RetryPolicy
