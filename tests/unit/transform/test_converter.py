@@ -112,7 +112,7 @@ def test_converters_map_in_parallel_but_journal_in_arrival_order(journal, projec
 
     ingestor = Ingestor(journal, project=project)
     ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(4)]
-    other = open_journal(journal.path, "normal", create=False)
+    other = open_journal(journal.location, "normal", create=False)
     try:
         held = journal.claim_conversions("node/converter-1", 2, 60, utc_now())  # A has the first two
         assert [w.id for w in held] == ids[:2]
@@ -139,7 +139,7 @@ def test_three_converters_share_the_work_and_convert_each_message_once(journal, 
     done = {}
 
     def converter(name):
-        own = open_journal(journal.path, "normal", create=False)
+        own = open_journal(journal.location, "normal", create=False)
         try:
             total = 0
             while own.waiting_for_conversion(1):
