@@ -376,6 +376,8 @@ def validate_resource(resource: dict):
 
 # Appointment statuses that may go without start and end (FHIR invariant app-3).
 UNTIMED_STATUSES = ("proposed", "cancelled", "waitlist")
+# Appointment statuses that may carry a cancelationReason (FHIR invariant app-4).
+CANCELLED_STATUSES = ("cancelled", "noshow")
 V2_EVENTS = "http://terminology.hl7.org/CodeSystem/v2-0003"
 
 
@@ -603,7 +605,7 @@ class Conversion:
             for problem in invariant_problems(resource):
                 located = ""
                 if mapping is not None:
-                    node = mapping.node_at(("start",))
+                    node = mapping.node_at((getattr(problem, "element", "start"),))
                     located = f" (from {mapping.explain(node)})" if node is not None else ""
                 self.errors.append(f"{resource['resourceType']}: {problem}{located}")
 
@@ -631,16 +633,31 @@ class Conversion:
         return message + (f" (from {origin})" if origin else "")
 
 
+class Invariant(str):
+    """A broken invariant, in words, and the element it is about (to name the mapping line)."""
+
+    element = "start"
+
+    def __new__(cls, text: str, element: str = "start"):
+        made = super().__new__(cls, text)
+        made.element = element
+        return made
+
+
 def invariant_problems(resource: dict) -> list[str]:
-    """FHIR invariants fhir.resources does not check and mappings could break, in words."""
+    """FHIR invariants fhir.resources does not check and mappings could break, in words
+    (``Invariant``: each knows the element it is about)."""
     if resource.get("resourceType") != "Appointment":
         return []
     problems = []
     has_start, has_end = "start" in resource, "end" in resource
     if has_start != has_end:
-        problems.append("FHIR invariant app-2: an Appointment has both a start and an end, or neither "
-                        f"(it has only {'a start' if has_start else 'an end'})")
+        problems.append(Invariant("FHIR invariant app-2: an Appointment has both a start and an end, or neither "
+                                  f"(it has only {'a start' if has_start else 'an end'})"))
     elif not has_start and resource.get("status") not in UNTIMED_STATUSES:
-        problems.append(f"FHIR invariant app-3: an Appointment with status {resource.get('status')} needs a start and "
-                        "an end, and the message gives no start time")
+        problems.append(Invariant(f"FHIR invariant app-3: an Appointment with status {resource.get('status')} needs a "
+                                  "start and an end, and the message gives no start time"))
+    if "cancelationReason" in resource and resource.get("status") not in CANCELLED_STATUSES:
+        problems.append(Invariant(f"FHIR invariant app-4: only a cancelled or no-show Appointment has a cancelation "
+                                  f"reason, and this one's status is {resource.get('status')}", "cancelationReason"))
     return problems
