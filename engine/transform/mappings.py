@@ -13,8 +13,8 @@ downstream. Every Bundle ends with a Provenance: which message, which route and 
 when. The templates' FHIR structure is checked when the mappings load (``structure``), every
 resource's values as it is built (``fhirspec``; fhir.resources R4B as well with ``strict``), and
 the FHIR invariants fhir.resources does not check and our mappings could break (Appointment app-2,
-app-3) here, before it leaves; a problem names the FHIR element and the mapping line and HL7 field
-it came from, in words.
+app-3, app-4) here, before it leaves; a problem names the FHIR element and the mapping line and
+HL7 field it came from, in words.
 """
 
 from __future__ import annotations
