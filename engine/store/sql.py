@@ -135,6 +135,21 @@ class SqlJournal(Journal):
             "SELECT id, ack, ack_code, raw FROM messages WHERE sending_facility = ? AND control_id = ? "
             "AND ack_code IN ('AA', 'CA') AND status != 'duplicate' ORDER BY id", sending_facility, control_id)
 
+    def accepted_with_keys(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple]]:
+        wanted = set(keys)
+        control_ids = sorted({control_id for _, control_id in wanted})
+        found: dict[tuple[str, str], list[tuple]] = {}
+        for start in range(0, len(control_ids), 500):
+            chunk = control_ids[start : start + 500]
+            # By control ID alone: the leading column of the (control_id, sending_facility) index.
+            for facility, control_id, *row in self._all(
+                    "SELECT sending_facility, control_id, id, ack, ack_code, raw FROM messages "
+                    f"WHERE control_id IN ({marks(chunk)}) AND ack_code IN ('AA', 'CA') AND status != 'duplicate' "
+                    "ORDER BY id", *chunk):
+                if (facility, control_id) in wanted:
+                    found.setdefault((facility, control_id), []).append(tuple(row))
+        return found
+
     def _entry_row(self, entry: Entry) -> tuple:
         return (
             entry.received_at, entry.listener, entry.peer, entry.control_id, entry.message_type,
