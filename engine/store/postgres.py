@@ -133,11 +133,19 @@ class PostgresJournal(SqlJournal):
         if conn is None:
             try:
                 conn = self._pool.getconn()
-            except PoolTimeout as exc:
-                raise JournalUnreachable(f"cannot reach {self.name} within {CONNECT_TIMEOUT} s: "
-                                         f"{_reason(exc)}") from None
+            except PoolTimeout:
+                raise JournalUnreachable(f"cannot reach {self.name}: {self._why_not()}") from None
             self._conn = conn
         return conn
+
+    def _why_not(self) -> str:
+        """The server's or the network's own words for why no connection came (the pool only says
+        it waited): one direct attempt."""
+        try:
+            psycopg.connect(self.location, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            return redacted(_reason(exc)) if self.location in str(exc) else _reason(exc)
+        return f"no connection within {CONNECT_TIMEOUT} s (the pool's {POOL_SIZE} are in use)"
 
     def _release(self):
         if self._conn is not None:
