@@ -30,12 +30,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
-
-from datetime import datetime, timedelta
 
 from ..stamps import iso
 from .base import RESPONSE_KEPT, SCHEMA_VERSION, SYNCHRONOUS_MODES, Attempt, ConversionRecord, Delivery, Entry, NextState
