@@ -392,7 +392,11 @@ def run(settings: Settings, project: Project | None = None) -> int:
     # thread keeps the GIL for up to 5 ms before handing it over, which showed up as ACK latency.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     start_logging(settings.log_level)
-    engine = Engine(settings, reactor, project=project)
+    try:
+        engine = Engine(settings, reactor, project=project)
+    except OSError as exc:  # the journal's file or database cannot be opened or reached
+        print(f"hl7bridge: cannot open the journal: {exc}", file=sys.stderr, flush=True)
+        return 3
     exit_code = [0]
     pid_path = pid_file(engine.state_path)
     pid_path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,12 +30,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
-
-from datetime import datetime, timedelta
 
 from ..stamps import iso
 from .base import RESPONSE_KEPT, SCHEMA_VERSION, SYNCHRONOUS_MODES, Attempt, ConversionRecord, Delivery, Entry, NextState
@@ -133,11 +132,19 @@ class PostgresJournal(SqlJournal):
         if conn is None:
             try:
                 conn = self._pool.getconn()
-            except PoolTimeout as exc:
-                raise JournalUnreachable(f"cannot reach {self.name} within {CONNECT_TIMEOUT} s: "
-                                         f"{_reason(exc)}") from None
+            except PoolTimeout:
+                raise JournalUnreachable(f"cannot reach {self.name}: {self._why_not()}") from None
             self._conn = conn
         return conn
+
+    def _why_not(self) -> str:
+        """The server's or the network's own words for why no connection came (the pool only says
+        it waited): one direct attempt."""
+        try:
+            psycopg.connect(self.location, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            return redacted(_reason(exc)) if self.location in str(exc) else _reason(exc)
+        return f"no connection within {CONNECT_TIMEOUT} s (the pool's {POOL_SIZE} are in use)"
 
     def _release(self):
         if self._conn is not None:
@@ -340,14 +347,14 @@ RECORD_CONVERSION_SQL = (
 # keys), locked, skipping rows another node is claiming; only those few are then joined with
 # their message and Bundle (picking first and joining after: measured with bench/cluster.py, the
 # join before the LIMIT made this statement 3.6 ms of the database's time a delivery). OFFSET 0
-# keeps the key check a subplan probing the open-keys index by (destination, key, id) for each
+# keeps the key check a subplan probing the open-keys index by (destination, key, message) for each
 # candidate: as an anti-join, with statistics that lag a fast-growing outbox, the planner scanned
 # every open delivery of the destination for each candidate (29 ms, 11,000 buffers a claim).
 CLAIM_DELIVERIES_SQL = (
     "WITH due AS (SELECT d.id, d.state FROM deliveries d "
     "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
-    "AND e.id < d.id AND e.state != 'delivered' OFFSET 0) "
+    "AND e.message_id < d.message_id AND e.state != 'delivered' OFFSET 0) "
     "ORDER BY d.next_attempt_at, d.id LIMIT ? FOR UPDATE OF d SKIP LOCKED), "
     "claimed AS (UPDATE deliveries SET state = 'in_flight', claimed_by = ?, lease_expires_at = ?, updated_at = ? "
     "FROM due WHERE deliveries.id = due.id RETURNING deliveries.*) "
@@ -397,7 +404,7 @@ SCHEMA_V6 = (
     "resumed INTEGER NOT NULL DEFAULT 0)",
     "CREATE INDEX idx_deliveries_due ON deliveries (destination, next_attempt_at, id) "
     "WHERE state IN ('pending', 'retrying')",
-    "CREATE INDEX idx_deliveries_open_keys ON deliveries (destination, key, id) WHERE state != 'delivered'",
+    "CREATE INDEX idx_deliveries_open_keys ON deliveries (destination, key, message_id) WHERE state != 'delivered'",
     "CREATE UNIQUE INDEX idx_deliveries_message ON deliveries (message_id, destination)",
     "CREATE INDEX idx_deliveries_state ON deliveries (state, destination)",
     "CREATE INDEX idx_deliveries_in_flight ON deliveries (destination, lease_expires_at) WHERE state = 'in_flight'",

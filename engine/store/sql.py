@@ -62,8 +62,10 @@ CLAIM_CONVERSIONS_SQL = (
     "RETURNING message_id"
 )
 
-# Due deliveries of a destination, in order: (destination, now, limit). A delivery waits while an
-# earlier one with its key is not delivered (pending, in flight on any node, retrying or dead).
+# Due deliveries of a destination, in order: (destination, now, limit). A delivery waits while one
+# with its key for an earlier message is not delivered (pending, in flight on any node, retrying or
+# dead). Earlier by message, not by delivery: with several converters, a later message may be
+# converted (and its delivery created) before an earlier one.
 DUE_SQL = (
     "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle, "
     "CASE WHEN m.duplicate_of IS NOT NULL THEN CAST(m.id AS TEXT) ELSE '' END, d.resumed != 0 "
@@ -71,7 +73,7 @@ DUE_SQL = (
     "LEFT JOIN conversions c ON c.message_id = d.message_id "
     "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
-    "                AND e.id < d.id AND e.state != 'delivered') "
+    "                AND e.message_id < d.message_id AND e.state != 'delivered') "
     "ORDER BY d.next_attempt_at, d.id LIMIT ?{lock}"
 )
 
@@ -134,6 +136,21 @@ class SqlJournal(Journal):
         return self._all(
             "SELECT id, ack, ack_code, raw FROM messages WHERE sending_facility = ? AND control_id = ? "
             "AND ack_code IN ('AA', 'CA') AND status != 'duplicate' ORDER BY id", sending_facility, control_id)
+
+    def accepted_with_keys(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple]]:
+        wanted = set(keys)
+        control_ids = sorted({control_id for _, control_id in wanted})
+        found: dict[tuple[str, str], list[tuple]] = {}
+        for start in range(0, len(control_ids), 500):
+            chunk = control_ids[start : start + 500]
+            # By control ID alone: the leading column of the (control_id, sending_facility) index.
+            for facility, control_id, *row in self._all(
+                    "SELECT sending_facility, control_id, id, ack, ack_code, raw FROM messages "
+                    f"WHERE control_id IN ({marks(chunk)}) AND ack_code IN ('AA', 'CA') AND status != 'duplicate' "
+                    "ORDER BY id", *chunk):
+                if (facility, control_id) in wanted:
+                    found.setdefault((facility, control_id), []).append(tuple(row))
+        return found
 
     def _entry_row(self, entry: Entry) -> tuple:
         return (

@@ -214,6 +214,11 @@ class SqliteJournal(SqlJournal):
         self.conn.execute("CREATE UNIQUE INDEX idx_deliveries_message ON deliveries (message_id, destination)")
         self.conn.execute(
             "CREATE INDEX idx_deliveries_in_flight ON deliveries (destination, lease_expires_at) WHERE state = 'in_flight'")
+        # Per-key order is by message, not by delivery (several converters may create a later
+        # message's delivery first): the open-keys index follows.
+        self.conn.execute("DROP INDEX idx_deliveries_open_keys")
+        self.conn.execute("CREATE INDEX idx_deliveries_open_keys ON deliveries (destination, key, message_id) "
+                          "WHERE state != 'delivered'")
         # Due deliveries come in (next_attempt_at, id) order straight off the index, with no sort.
         self.conn.execute("DROP INDEX idx_deliveries_due")
         self.conn.execute("CREATE INDEX idx_deliveries_due ON deliveries (destination, next_attempt_at, id) "

@@ -68,6 +68,11 @@ logging: {level: debug}
         ("listeners:\n  - tls: {certificate: missing.pem, private_key: k}\n", 2, "missing.pem does not exist"),
         ("listeners:\n  - name: a\n  - name: a\n", 1, "listener names must be unique"),
         ("colour: blue\n", 1, "unknown key 'colour' in settings"),
+        ("journal:\n  url: mysql://db/x\n", 2, "journal.url: is not a PostgreSQL URL"),
+        ("journal:\n  path: a.db\n  url: postgresql://db/x\n", 3, "journal.url: goes without journal.path"),
+        ("cluster:\n  node: two words\n", 2, "'two words' is not a usable node name"),
+        ("cluster:\n  lease: 1s\n", 2, "must be 3 seconds or more, not 1"),
+        ("cluster:\n  leader: me\n", 2, "unknown key 'leader' in cluster"),
     ],
 )
 def test_errors_name_file_line_and_fix(tmp_path, text, line, fragment):
@@ -91,6 +96,19 @@ def test_command_line_overrides_keep_the_limits(tmp_path):
     assert [l.max_connections for l in s.listeners] == [5, 5]
     assert [l.name for l in s.listeners] == ["listen-1", "listen-2"]
     assert str(s.journal_path) == "other.db"
+
+
+def test_a_cluster_node_reads_its_database_url_and_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("DB_PASSWORD", "pw")
+    write(tmp_path, "journal:\n  url: postgresql://hl7:${DB_PASSWORD}@db:5432/hl7\ncluster:\n  node: hl7-a\n  lease: 45s\n")
+    s = load_settings(tmp_path)
+    assert (s.journal_location, s.node_name, s.lease) == ("postgresql://hl7:pw@db:5432/hl7", "hl7-a", 45.0)
+    # --journal with a URL keeps it a URL (a Path would fold its //); with a file, the file wins.
+    assert with_overrides(s, journal="postgresql://other/db", node="hl7-b").journal_location == "postgresql://other/db"
+    assert with_overrides(s, journal="local.db").journal_location == "local.db"
+    assert with_overrides(s, node="hl7-b").node_name == "hl7-b"
+    with pytest.raises(ConfigError, match="not a usable node name"):
+        with_overrides(s, node="no/slashes")
 
 
 def test_the_shipped_example_loads(monkeypatch):

@@ -173,3 +173,22 @@ def test_many_workers_claiming_at_once_send_each_delivery_once(journal, project)
         thread.join(60)
     every = [i for ids in claimed.values() for i in ids]
     assert len(every) == len(set(every)) == 40
+
+
+def test_per_key_order_follows_the_messages_even_when_a_later_one_was_converted_first(journal, other, project):
+    """Two converters: the later message of a patient is converted (and queued) before the earlier
+    one; the earlier message's delivery still goes first."""
+    from engine.stamps import utc_now
+    from engine.transform.converter import convert_pending
+
+    first, second = receive(journal, project, [siu(1), siu(2)])  # the same patient
+    claimed_first = journal.claim_conversions("a/converter", 1, 60, utc_now())  # a has message 1, slowly
+    assert [w.id for w in claimed_first] == [first.message_id]
+    assert convert_pending(other, project, worker="b/converter") == 1  # b converts message 2 first
+    later = utc_now() + timedelta(seconds=1)
+    [early] = journal.claim_deliveries("fhir-main", "node-a", later, 10, 30)
+    assert early.message_id == second.message_id  # nothing before it is queued yet
+    journal.recover_in_flight(later, "node-a")  # put it back (as if it had not been sent)
+    assert convert_pending(journal, project, worker="a/converter") == 1  # now a records message 1
+    [due] = journal.claim_deliveries("fhir-main", "node-a", later, 10, 30)
+    assert due.message_id == first.message_id  # message 2's delivery waits behind message 1's

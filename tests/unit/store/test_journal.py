@@ -195,6 +195,7 @@ def test_an_unreachable_database_is_an_os_error_that_names_it_without_the_passwo
     with pytest.raises(OSError) as info:
         open_journal(url)
     assert "postgresql://hl7:***@127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
+    assert "Connection refused" in str(info.value)  # the network's own words, not only "timed out"
     postgres.close_pools()
 
 
