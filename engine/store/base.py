@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
 
 # Message statuses (set at ingest, by routing and by mapping).
@@ -186,6 +186,16 @@ class SearchQuery:
     limit: int = 50
     # Paging: only rows after this (received_at, id) in the sort order (the last row of the page before).
     after: tuple[str, int] | None = None
+
+
+@dataclass
+class Candidates:
+    """What may be an exception in a window (``Journal.reconcile_candidates``); rows are dicts."""
+
+    missed: list  # active appointments started before the cutoff with no linked charge line
+    late: list  # linked charge lines made long after their appointment (``lag_s``)
+    unlinked: list  # charge lines that link to no appointment
+    unposted: list  # charge lines with no ERP delivery delivered by the time asked (with ``deliveries``)
 
 
 @dataclass
@@ -388,3 +398,85 @@ class Journal(ABC):
     def prune(self, cutoff: datetime, keep_errors: bool = False, dry_run: bool = False, progress=None,
               batch: int = 500) -> PruneResult:
         """Everything the rules allow, batch by batch (``progress(n)`` after each), then reclaim."""
+
+    # -- the scheduling-to-cash record (engine.reconcile decides; these store and find) -----------------
+
+    @abstractmethod
+    def record_appointment_event(self, message_id: int, event: dict):
+        """Keep one message's word on one appointment (the AppointmentFact fields as a dict),
+        replacing what the same message said before (a replay), inside the caller's transaction."""
+
+    @abstractmethod
+    def appointment_events(self, facility: str, appointment_id: str) -> list[dict]:
+        """Every event of an appointment (the AppointmentFact fields and message_id), as received."""
+
+    @abstractmethod
+    def put_appointment(self, facility: str, appointment_id: str, state: dict):
+        """Store an appointment's current state (``engine.reconcile.rules.current_state``), inside
+        the caller's transaction."""
+
+    @abstractmethod
+    def record_charge_line(self, message_id: int, received_at: str, line: dict) -> dict:
+        """Keep one charge line (the ChargeFact fields as a dict, ``charge_key`` filled in) and
+        that this message carried it; the first message to carry a key gives its values (a resend
+        only adds its message). Inside the caller's transaction; returns the stored row."""
+
+    @abstractmethod
+    def link_candidates(self, facility: str, visit_id: str, patient_id: str) -> list[dict]:
+        """The facility's appointments with this visit number or this patient (current state)."""
+
+    @abstractmethod
+    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str) -> list[dict]:
+        """The facility's charge lines linked to this appointment, or linked to none and sharing
+        its visit number or patient."""
+
+    @abstractmethod
+    def set_charge_link(self, facility: str, charge_key: str, appointment_id: str | None, rule: str | None,
+                        appointment_start: str | None, lag_s: float | None):
+        """Link a charge line to an appointment (or to none), with the rule that did it and the
+        lag from the appointment to the charge, inside the caller's transaction."""
+
+    @abstractmethod
+    def clear_reconcile(self):
+        """Forget the whole record (not the acknowledgements), inside the caller's transaction: a
+        rebuild follows."""
+
+    @abstractmethod
+    def reconcile_sources(self, after_id: int, limit: int) -> list[tuple]:
+        """Messages a rebuild reads, by ascending ID after ``after_id``: mapped or not mappable,
+        and not exact resends: [(id, raw, charset, route, received_at)]."""
+
+    @abstractmethod
+    def reconcile_candidates(self, since: str, as_of: str, cutoff: str, late_after: float, facility: str | None,
+                             erp_destinations: list[str]):
+        """What may be an exception in [since, as_of), as ``engine.reconcile.rules.Candidates``:
+        active appointments started in [since, cutoff) with no linked charge line; linked lines made
+        in the window with a lag over ``late_after`` seconds; lines linked to no appointment; lines
+        with no delivery to ``erp_destinations`` delivered by ``as_of`` (none when that is empty).
+        Each row has its journal message IDs (``message_ids``)."""
+
+    @abstractmethod
+    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None,
+                           erp_destinations: list[str]) -> tuple[list, list]:
+        """For the KPIs: appointments starting in [since, as_of) as (facility, status, start_at,
+        same_day_cancel), and charge lines made then as (facility, kind, service_at, made_at, first
+        ERP delivery time or None)."""
+
+    @abstractmethod
+    def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
+        """One appointment: its current state, ``history`` (its events, oldest first) and
+        ``charges`` (the lines linked to it, with their deliveries); None when unknown."""
+
+    @abstractmethod
+    def charge_record(self, facility: str, charge_key: str) -> dict | None:
+        """One charge line with ``message_ids`` and ``deliveries`` (destination, state, attempts,
+        delivered_at, last_error per message), or None."""
+
+    @abstractmethod
+    def acknowledge(self, exception_id: str, who: str, note: str, at: str):
+        """Record that an exception was resolved (replacing an earlier acknowledgement)."""
+
+    @abstractmethod
+    def acknowledgements(self) -> dict:
+        """{exception ID: {"who", "note", "at"}}."""
+

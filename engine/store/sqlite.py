@@ -13,7 +13,7 @@ those, which only means a delivery is sent again, and every send is idempotent).
 ``manual_checkpoints`` the writer copies the WAL back itself between batches (``checkpoint``),
 after their ACKs are out, while a background connection (``Checkpointer``) does the bulk of it.
 
-Every SQL statement of the engine is in this module and ``sqlite_text``.
+Every SQL statement of the engine is in this module, ``sqlite_text`` and ``sqlite_reconcile``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .base import (
     SearchQuery,
 )
 from .retention import BATCH, ERROR_STATUSES
+from .sqlite_reconcile import ReconcileTables, create_tables as create_reconcile_tables
 from .sqlite_text import TextIndex, fts_query, text_index_path
 from ..hl7.identifiers import ID_KINDS
 
@@ -59,7 +60,7 @@ _INSERT_SQL = (
 )
 
 
-class SqliteJournal(Journal):
+class SqliteJournal(ReconcileTables, Journal):
     """The SQLite journal. ``create=False`` opens an existing file without migrating it;
     ``readonly`` opens it read-only (the engine's status reads)."""
 
@@ -112,7 +113,7 @@ class SqliteJournal(Journal):
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
         steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3, 4: self._migrate_v4,
-                 5: self._migrate_v5}
+                 5: self._migrate_v5, 6: self._migrate_v6}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -220,6 +221,12 @@ class SqliteJournal(Journal):
         self.conn.execute("CREATE INDEX idx_replays_message ON replays (message_id)")
         self.conn.execute("DROP INDEX idx_messages_message_type_trigger_event_received_at")
         self.conn.execute("CREATE INDEX idx_messages_type_received ON messages (message_type, received_at)")
+
+    def _migrate_v6(self):
+        """The scheduling-to-cash record (engine.store.sqlite_reconcile): appointments, charge
+        lines, their links and acknowledged exceptions. Empty until ``hl7bridge reconcile --rebuild``
+        fills it from the messages already journaled."""
+        create_reconcile_tables(self.conn)
 
     # -- writing: ingest --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from ..delivery.destinations import load_destinations
 from ..hl7.er7 import Message
 from ..errors import ConfigError
 from ..hl7.header import Header, read_header
+from ..reconcile import settings as reconcile_settings
 from .expr import Context
 from .mappings import MappingSet
 from .routes import Route, RouteTable, load_routes
@@ -46,10 +47,12 @@ class Project:
     mappings: MappingSet
     routes: RouteTable
     destinations: dict = field(default_factory=dict)
+    reconcile: reconcile_settings.ReconcileSettings = field(default_factory=reconcile_settings.ReconcileSettings)
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> "Project":
         """Load routes, mappings and destinations; raises ``ConfigError`` (file, line, hint) on the first problem."""
+        given = directory
         directory = config_dir(directory)
         if not (directory / "mappings").is_dir():
             raise ConfigError(f"{directory} has no mappings/ directory")
@@ -64,7 +67,20 @@ class Project:
                         route.path, route.destinations_line,
                         f"known destinations: {', '.join(sorted(destinations)) or 'none'}",
                     )
-        return cls(directory, mappings, routes, destinations)
+        reconcile = reconcile_settings.load(given if given is not None else directory)
+        for name in reconcile.erp_destinations or ():
+            if name not in destinations:
+                raise ConfigError(f"reconcile.erp_destinations names {name!r}, which no file in destinations/ defines",
+                                  Path(given or directory) / reconcile_settings.CONFIG_FILE, None,
+                                  f"known destinations: {', '.join(sorted(destinations)) or 'none'}")
+        return cls(directory, mappings, routes, destinations, reconcile)
+
+    def erp_destinations(self) -> list[str]:
+        """The destinations postings go to (``reconcile.erp_destinations``, else every destination
+        that receives finance events: the erp-http and erp-tryton ones, and files of them)."""
+        if self.reconcile.erp_destinations is not None:
+            return list(self.reconcile.erp_destinations)
+        return sorted(name for name, d in self.destinations.items() if d.payload == "finance-events")
 
     def destinations_of(self, route: Route) -> list:
         return [self.destinations[name] for name in route.destinations]

@@ -1,0 +1,257 @@
+"""The scheduling-to-cash record on SQLite: appointments, their events, charge lines, the messages
+behind each line, and acknowledgements. Mixed into ``engine.store.sqlite.SqliteJournal``.
+
+Tables (schema version 6, created by ``create_tables``):
+
+    rc_appointment_events  one row per (message, appointment): what that message said
+    rc_appointments        the current state of each appointment (facility + SCH-2, else SCH-1)
+    rc_charges             one row per charge line (facility + FT1-2, else message + set ID), its
+                           link to an appointment and the rule that made it
+    rc_charge_messages     every message that carried a charge line (resends included): its
+                           deliveries say where the line got to
+    rc_acks                acknowledged exceptions (who, when, the note)
+
+The statements are plain SQL that PostgreSQL runs too (``INSERT ... ON CONFLICT``), with ``?``
+parameters; the only SQLite-specific parts are the DDL's WITHOUT ROWID and the partial indexes.
+"""
+
+from __future__ import annotations
+
+from .base import Candidates
+
+APPOINTMENT_COLUMNS = ("status", "filler_status", "start_at", "start_day", "patient_id", "visit_id", "location",
+                       "provider", "placer_id", "filler_id", "cancelled_at", "same_day_cancel", "first_message_id",
+                       "last_message_id", "updated_at")
+EVENT_COLUMNS = ("trigger", "event", "status", "filler_status", "start_at", "start_day", "patient_id", "visit_id",
+                 "location", "provider", "placer_id", "filler_id", "occurred_at")
+CHARGE_COLUMNS = ("transaction_id", "set_id", "type_code", "kind", "code", "service_at", "service_day", "made_at",
+                  "amount", "currency", "patient_id", "visit_id")
+CHARGE_SELECT = ("c.facility, c.charge_key, c.transaction_id, c.kind, c.type_code, c.code, c.service_at, "
+                 "c.service_day, c.made_at, c.amount, c.currency, c.patient_id, c.visit_id, c.appointment_id, "
+                 "c.link_rule, c.appointment_start, c.lag_s, c.received_at, c.first_message_id")
+
+
+def create_tables(conn):
+    conn.execute(
+        "CREATE TABLE rc_appointment_events (message_id INTEGER NOT NULL, facility TEXT NOT NULL, "
+        "appointment_id TEXT NOT NULL, " + ", ".join(f'"{c}" TEXT' for c in EVENT_COLUMNS) + ", "
+        "PRIMARY KEY (facility, appointment_id, message_id)) WITHOUT ROWID")
+    conn.execute("CREATE INDEX idx_rc_events_message ON rc_appointment_events (message_id)")
+    conn.execute(
+        "CREATE TABLE rc_appointments (facility TEXT NOT NULL, appointment_id TEXT NOT NULL, status TEXT NOT NULL, "
+        "filler_status TEXT, start_at TEXT, start_day TEXT, patient_id TEXT, visit_id TEXT, location TEXT, "
+        "provider TEXT, placer_id TEXT, filler_id TEXT, cancelled_at TEXT, same_day_cancel INTEGER NOT NULL DEFAULT 0, "
+        "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, charged INTEGER NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (facility, appointment_id))")
+    conn.execute("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at)")
+    conn.execute("CREATE INDEX idx_rc_appointments_visit ON rc_appointments (facility, visit_id) WHERE visit_id != ''")
+    conn.execute("CREATE INDEX idx_rc_appointments_patient ON rc_appointments (facility, patient_id, start_day)")
+    conn.execute(
+        "CREATE TABLE rc_charges (facility TEXT NOT NULL, charge_key TEXT NOT NULL, transaction_id TEXT, set_id TEXT, "
+        "type_code TEXT, kind TEXT NOT NULL, code TEXT, service_at TEXT, service_day TEXT, made_at TEXT NOT NULL, "
+        "amount REAL, currency TEXT, patient_id TEXT, visit_id TEXT, appointment_id TEXT, link_rule TEXT, "
+        "appointment_start TEXT, lag_s REAL, received_at TEXT NOT NULL, first_message_id INTEGER NOT NULL, "
+        "PRIMARY KEY (facility, charge_key))")
+    conn.execute("CREATE INDEX idx_rc_charges_made ON rc_charges (made_at)")
+    conn.execute("CREATE INDEX idx_rc_charges_appointment ON rc_charges (facility, appointment_id) "
+                 "WHERE appointment_id IS NOT NULL")
+    conn.execute("CREATE INDEX idx_rc_charges_unlinked_visit ON rc_charges (facility, visit_id) WHERE appointment_id IS NULL")
+    conn.execute("CREATE INDEX idx_rc_charges_unlinked_patient ON rc_charges (facility, patient_id) "
+                 "WHERE appointment_id IS NULL")
+    conn.execute(
+        "CREATE TABLE rc_charge_messages (facility TEXT NOT NULL, charge_key TEXT NOT NULL, message_id INTEGER NOT NULL, "
+        "PRIMARY KEY (facility, charge_key, message_id)) WITHOUT ROWID")
+    conn.execute("CREATE INDEX idx_rc_charge_messages_message ON rc_charge_messages (message_id)")
+    conn.execute("CREATE TABLE rc_acks (exception_id TEXT PRIMARY KEY, who TEXT NOT NULL, note TEXT NOT NULL, "
+                 "at TEXT NOT NULL)")
+
+
+def _marks(items) -> str:
+    return ", ".join("?" for _ in items)
+
+
+class ReconcileTables:
+    """The reconcile methods of ``engine.store.base.Journal`` (needs ``self.conn`` and ``self._rows``)."""
+
+    def record_appointment_event(self, message_id: int, event: dict):
+        columns = ("message_id", "facility", "appointment_id") + EVENT_COLUMNS
+        self.conn.execute(
+            f"INSERT INTO rc_appointment_events ({', '.join(repr_col(c) for c in columns)}) VALUES ({_marks(columns)}) "
+            f"ON CONFLICT (facility, appointment_id, message_id) DO UPDATE SET "
+            + ", ".join(f"{repr_col(c)} = excluded.{repr_col(c)}" for c in EVENT_COLUMNS),
+            (message_id, event["facility"], event["appointment_id"], *(event.get(c) for c in EVENT_COLUMNS)))
+
+    def appointment_events(self, facility: str, appointment_id: str) -> list[dict]:
+        return self._rows(
+            "SELECT message_id, facility, appointment_id, " + ", ".join(repr_col(c) for c in EVENT_COLUMNS) +
+            " FROM rc_appointment_events WHERE facility = ? AND appointment_id = ? ORDER BY message_id",
+            facility, appointment_id)
+
+    def put_appointment(self, facility: str, appointment_id: str, state: dict):
+        columns = ("facility", "appointment_id") + APPOINTMENT_COLUMNS
+        self.conn.execute(
+            f"INSERT INTO rc_appointments ({', '.join(columns)}) VALUES ({_marks(columns)}) "
+            "ON CONFLICT (facility, appointment_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in APPOINTMENT_COLUMNS),
+            (facility, appointment_id, *(state.get(c) for c in APPOINTMENT_COLUMNS)))
+
+    def record_charge_line(self, message_id: int, received_at: str, line: dict) -> dict:
+        columns = ("facility", "charge_key") + CHARGE_COLUMNS + ("received_at", "first_message_id")
+        self.conn.execute(
+            f"INSERT INTO rc_charges ({', '.join(columns)}) VALUES ({_marks(columns)}) "
+            "ON CONFLICT (facility, charge_key) DO NOTHING",
+            (line["facility"], line["charge_key"], *(line.get(c) for c in CHARGE_COLUMNS), received_at, message_id))
+        self.conn.execute(
+            "INSERT INTO rc_charge_messages (facility, charge_key, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (line["facility"], line["charge_key"], message_id))
+        return self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.charge_key = ?",
+                          line["facility"], line["charge_key"])[0]
+
+    def link_candidates(self, facility: str, visit_id: str, patient_id: str) -> list[dict]:
+        columns = "appointment_id, status, start_at, start_day, patient_id, visit_id"
+        rows = []
+        if visit_id:
+            rows += self._rows(f"SELECT {columns} FROM rc_appointments WHERE facility = ? AND visit_id = ? "
+                               "AND visit_id != ''", facility, visit_id)
+        if patient_id:
+            rows += self._rows(f"SELECT {columns} FROM rc_appointments WHERE facility = ? AND patient_id = ?",
+                               facility, patient_id)
+        unique = {row["appointment_id"]: row for row in rows}
+        return list(unique.values())
+
+    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str) -> list[dict]:
+        rows = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.appointment_id = ?",
+                          facility, appointment_id)
+        if visit_id:
+            rows += self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.visit_id = ? "
+                               "AND c.appointment_id IS NULL", facility, visit_id)
+        if patient_id:
+            rows += self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.patient_id = ? "
+                               "AND c.appointment_id IS NULL", facility, patient_id)
+        return list({row["charge_key"]: row for row in rows}.values())
+
+    def set_charge_link(self, facility, charge_key, appointment_id, rule, appointment_start, lag_s):
+        self.conn.execute(
+            "UPDATE rc_charges SET appointment_id = ?, link_rule = ?, appointment_start = ?, lag_s = ? "
+            "WHERE facility = ? AND charge_key = ?", (appointment_id, rule, appointment_start, lag_s, facility, charge_key))
+
+    def clear_reconcile(self):
+        for table in ("rc_appointment_events", "rc_appointments", "rc_charges", "rc_charge_messages"):
+            self.conn.execute(f"DELETE FROM {table}")
+
+    def reconcile_sources(self, after_id: int, limit: int) -> list[tuple]:
+        return self.conn.execute(
+            "SELECT id, raw, charset, route, received_at FROM messages WHERE id > ? "
+            "AND status IN ('mapped', 'mapping_error') ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+
+    def _message_ids(self, table: str, key: str, keys: list[tuple]) -> dict:
+        """{(facility, key): [message IDs]} for the given keys, from ``table``."""
+        found: dict[tuple, list] = {}
+        for start in range(0, len(keys), 400):
+            chunk = keys[start:start + 400]
+            where = " OR ".join(f"(facility = ? AND {key} = ?)" for _ in chunk)
+            params = [value for pair in chunk for value in pair]
+            for facility, value, message_id in self.conn.execute(
+                    f"SELECT facility, {key}, message_id FROM {table} WHERE {where} ORDER BY message_id", params):
+                found.setdefault((facility, value), []).append(message_id)
+        return found
+
+    def reconcile_candidates(self, since, as_of, cutoff, late_after, facility, erp_destinations):
+        only = " AND {t}.facility = ?" if facility else ""
+        extra = [facility] if facility else []
+        missed = self._rows(
+            "SELECT a.facility, a.appointment_id, a.status, a.start_at, a.start_day, a.patient_id, a.visit_id, "
+            "a.location, a.provider FROM rc_appointments a WHERE a.start_at >= ? AND a.start_at < ? "
+            "AND a.status IN ('booked', 'arrived', 'fulfilled')" + only.format(t="a") +
+            " AND NOT EXISTS (SELECT 1 FROM rc_charges c WHERE c.facility = a.facility "
+            "AND c.appointment_id = a.appointment_id AND c.kind IN ('charge', 'credit')) ORDER BY a.start_at",
+            since, cutoff, *extra)
+        window = "c.made_at >= ? AND c.made_at < ?" + only.format(t="c")
+        late = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE {window} AND c.appointment_id IS NOT NULL "
+                          "AND c.lag_s > ? ORDER BY c.made_at", since, as_of, *extra, late_after)
+        unlinked = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE {window} AND c.appointment_id IS NULL "
+                              "ORDER BY c.made_at", since, as_of, *extra)
+        unposted = []
+        if erp_destinations:
+            unposted = self._rows(
+                f"SELECT {CHARGE_SELECT}, (SELECT m.status FROM messages m WHERE m.id = c.first_message_id) "
+                f"AS message_status FROM rc_charges c WHERE {window} AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm "
+                "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = c.facility "
+                f"AND cm.charge_key = c.charge_key AND d.destination IN ({_marks(erp_destinations)}) "
+                "AND d.state = 'delivered' AND d.delivered_at <= ?) ORDER BY c.made_at",
+                since, as_of, *extra, *erp_destinations, as_of)
+        appointment_ids = self._message_ids(
+            "rc_appointment_events", "appointment_id",
+            sorted({(r["facility"], r["appointment_id"]) for r in missed + late}))
+        charge_ids = self._message_ids("rc_charge_messages", "charge_key",
+                                       sorted({(r["facility"], r["charge_key"]) for r in late + unlinked + unposted}))
+        for row in missed:
+            row["message_ids"] = appointment_ids.get((row["facility"], row["appointment_id"]), [])
+        for row in late:
+            row["appointment_message_ids"] = appointment_ids.get((row["facility"], row["appointment_id"]), [])
+        for row in late + unlinked + unposted:
+            row["message_ids"] = charge_ids.get((row["facility"], row["charge_key"]), [])
+        for row in unposted:
+            row["deliveries"] = self._charge_deliveries(row["facility"], row["charge_key"])
+        return Candidates(missed, late, unlinked, unposted)
+
+    def _charge_deliveries(self, facility: str, charge_key: str) -> list[dict]:
+        return self._rows(
+            "SELECT d.message_id, d.destination, d.state, d.attempts, d.delivered_at, d.last_error FROM rc_charge_messages cm "
+            "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = ? AND cm.charge_key = ? "
+            "ORDER BY d.message_id, d.id", facility, charge_key)
+
+    def reconcile_kpi_rows(self, since, as_of, facility, erp_destinations):
+        only = " AND facility = ?" if facility else ""
+        extra = [facility] if facility else []
+        appointments = self.conn.execute(
+            "SELECT facility, status, start_at, same_day_cancel FROM rc_appointments WHERE start_at >= ? AND start_at < ?"
+            + only, (since, as_of, *extra)).fetchall()
+        posted = "NULL"
+        if erp_destinations:
+            posted = ("(SELECT min(d.delivered_at) FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
+                      "WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key AND d.state = 'delivered' "
+                      f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)")
+        charges = self.conn.execute(
+            f"SELECT facility, kind, coalesce(appointment_start, service_at), made_at, {posted} FROM rc_charges c "
+            "WHERE made_at >= ? AND made_at < ?" + only,
+            (*(list(erp_destinations) + [as_of] if erp_destinations else []), since, as_of, *extra)).fetchall()
+        return appointments, charges
+
+    def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM rc_appointments WHERE facility = ? AND appointment_id = ?", facility, appointment_id)
+        if not rows:
+            return None
+        record = rows[0]
+        record["history"] = sorted(self.appointment_events(facility, appointment_id),
+                                   key=lambda e: (e["occurred_at"] or "", e["message_id"]))
+        record["charges"] = [self.charge_record(facility, row["charge_key"]) for row in self._rows(
+            "SELECT charge_key FROM rc_charges WHERE facility = ? AND appointment_id = ? ORDER BY made_at",
+            facility, appointment_id)]
+        return record
+
+    def charge_record(self, facility: str, charge_key: str) -> dict | None:
+        rows = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.charge_key = ?",
+                          facility, charge_key)
+        if not rows:
+            return None
+        record = rows[0]
+        record["message_ids"] = [r[0] for r in self.conn.execute(
+            "SELECT message_id FROM rc_charge_messages WHERE facility = ? AND charge_key = ? ORDER BY message_id",
+            (facility, charge_key))]
+        record["deliveries"] = self._charge_deliveries(facility, charge_key)
+        return record
+
+    def acknowledge(self, exception_id: str, who: str, note: str, at: str):
+        self.conn.execute(
+            "INSERT INTO rc_acks (exception_id, who, note, at) VALUES (?, ?, ?, ?) ON CONFLICT (exception_id) "
+            "DO UPDATE SET who = excluded.who, note = excluded.note, at = excluded.at", (exception_id, who, note, at))
+
+    def acknowledgements(self) -> dict:
+        return {r["exception_id"]: {"who": r["who"], "note": r["note"], "at": r["at"]}
+                for r in self._rows("SELECT exception_id, who, note, at FROM rc_acks")}
+
+
+def repr_col(name: str) -> str:
+    """A column name as SQL writes it (``trigger`` is a keyword)."""
+    return f'"{name}"'
