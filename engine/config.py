@@ -18,6 +18,7 @@ from .hl7.charset import codec_for
 from .errors import ConfigError
 from .hl7.assess import AcceptPolicy
 from .hl7.versions import SUPPORTED_VERSIONS
+from .reconcile.settings import ReconcileSettings, parse as parse_reconcile
 from .store.base import SYNCHRONOUS_MODES
 from .yamlconf import Section, age, expand_env, load_yaml, seconds
 
@@ -110,6 +111,7 @@ class Settings:
     dashboard: DashboardSettings | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
+    reconcile: ReconcileSettings = ReconcileSettings()  # windows, linking rules, the daily report (engine.reconcile)
 
     def policy(self, listener: ListenerSettings) -> AcceptPolicy:
         """The ingest policy of one listener."""
@@ -124,7 +126,8 @@ class Settings:
 
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
-    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard"},
+    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard",
+                 "reconcile"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -189,7 +192,9 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             retention = (older_than, policy.get("keep_errors", bool, True), seconds(policy.data.get("every", "1h"), "every"))
         except ValueError as exc:
             raise policy.error("every", str(exc)) from None
+    reconcile = parse_reconcile(top.data.get("reconcile"), path, top.line("reconcile"), base)
     return Settings(
+        reconcile=reconcile,
         retention=retention,
         dashboard=dashboard_settings,
         base=base,

@@ -452,7 +452,8 @@ class Journal(ABC):
         """What may be an exception in [since, as_of), as ``engine.reconcile.rules.Candidates``:
         active appointments started in [since, cutoff) with no linked charge line; linked lines made
         in the window with a lag over ``late_after`` seconds; lines linked to no appointment; lines
-        with no delivery to ``erp_destinations`` delivered by ``as_of`` (none when that is empty).
+        with no delivery to ``erp_destinations`` delivered by ``as_of`` (none when that is empty; a
+        delivery delivered once and replayed since still counts as delivered).
         Each row has its journal message IDs (``message_ids``)."""
 
     @abstractmethod

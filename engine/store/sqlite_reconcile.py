@@ -178,7 +178,7 @@ class ReconcileTables:
                 f"AS message_status FROM rc_charges c WHERE {window} AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm "
                 "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = c.facility "
                 f"AND cm.charge_key = c.charge_key AND d.destination IN ({_marks(erp_destinations)}) "
-                "AND d.state = 'delivered' AND d.delivered_at <= ?) ORDER BY c.made_at",
+                "AND d.delivered_at <= ?) ORDER BY c.made_at",
                 since, as_of, *extra, *erp_destinations, as_of)
         appointment_ids = self._message_ids(
             "rc_appointment_events", "appointment_id",
@@ -210,7 +210,7 @@ class ReconcileTables:
         posted = "NULL"
         if erp_destinations:
             posted = ("(SELECT min(d.delivered_at) FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
-                      "WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key AND d.state = 'delivered' "
+                      "WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key "
                       f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)")
         charges = self.conn.execute(
             f"SELECT facility, kind, coalesce(appointment_start, service_at), made_at, {posted} FROM rc_charges c "
