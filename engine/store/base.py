@@ -373,6 +373,13 @@ class Journal(ABC):
         destination, deliveries}]} (hours as 'YYYY-MM-DDTHH')."""
 
     @abstractmethod
+    def timeline(self, since: str) -> dict:
+        """Per hour since ``since`` (hours as 'YYYY-MM-DDTHH'), for the dashboard's charts:
+        {"messages": [{hour, messages, ack_mean_s, ack_max_s}], "deliveries": [{hour, destination,
+        delivered, mean_s, max_s}] (receipt to delivery), "queued": [{hour, destination, queued}],
+        "open": [{destination, open}] (undelivered now)}."""
+
+    @abstractmethod
     def exceptions(self, limit: int = 50) -> dict:
         """What needs an operator, newest first: {"messages": rejected, error, mapping_error and
         held messages (with the problems of their conversion), "differing": messages that reused

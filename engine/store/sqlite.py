@@ -532,6 +532,26 @@ class SqliteJournal(ReconcileTables, Journal):
             "WHERE state = 'delivered' AND delivered_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since)
         return {"flow": flow, "delivered": delivered}
 
+    def timeline(self, since: str) -> dict:
+        seconds = "(julianday(substr({b}, 1, 26)) - julianday(substr({a}, 1, 26))) * 86400.0"
+        ack = seconds.format(a="received_at", b="acked_at")
+        delivery = seconds.format(a="m.received_at", b="d.delivered_at")
+        return {
+            "messages": self._rows(
+                f"SELECT substr(received_at, 1, 13) AS hour, count(*) AS messages, avg({ack}) AS ack_mean_s, "
+                f"max({ack}) AS ack_max_s FROM messages WHERE received_at >= ? GROUP BY 1 ORDER BY 1", since),
+            "deliveries": self._rows(
+                f"SELECT substr(d.delivered_at, 1, 13) AS hour, d.destination, count(*) AS delivered, "
+                f"avg({delivery}) AS mean_s, max({delivery}) AS max_s FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id WHERE d.state = 'delivered' AND d.delivered_at >= ? "
+                "GROUP BY 1, 2 ORDER BY 1, 2", since),
+            "queued": self._rows(
+                "SELECT substr(created_at, 1, 13) AS hour, destination, count(*) AS queued FROM deliveries "
+                "WHERE created_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since),
+            "open": self._rows("SELECT destination, count(*) AS open FROM deliveries WHERE state != 'delivered' "
+                               "GROUP BY 1 ORDER BY 1"),
+        }
+
     def exceptions(self, limit: int = 50) -> dict:
         messages = self._rows(
             "SELECT id, received_at, control_id, message_type, trigger_event, route, status, coalesce(error, warning) AS error "
