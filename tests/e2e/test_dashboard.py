@@ -407,3 +407,5 @@ def test_the_reconcile_page_in_chromium(workflow, browser):
     assert badges("reconcile-after.png")["missed_charge"] == BADGE
     who, note = sqlite3.connect(journal).execute("SELECT who, note FROM rc_acks").fetchone()
     assert (who, note) == ("alice", "rebooked: the visit never happened")
+    browser.execute_script("document.querySelector('.charts').scrollIntoView()")
+    browser.save_screenshot(str(journal.parent / "reconcile-charts.png"))  # for a person to look at

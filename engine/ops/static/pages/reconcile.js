@@ -97,20 +97,34 @@ function kpis(found) {
   ], rows);
 }
 
-// One uPlot chart in the element with this id, replaced on every refresh.
+// One uPlot chart in the element with this id, replaced on every refresh. Each series may name
+// its scale (``scale``: the units on the left axis, or a second one on the right); ``categories``
+// makes the x axis a list of names (bars, one group per name).
 function chart(id, title, x, series, options) {
   const box = document.getElementById(id);
   if (!box || !window.uPlot) return;
   if (charts[id]) charts[id].destroy();
+  const opts = options || {};
+  const units = [...new Set(series.map(s => s.scale || opts.unit || 'y'))];
+  const scales = {x: opts.categories ? {time: false, range: [-0.5, opts.categories.length - 0.5]} : {time: true}};
+  units.forEach(u => { scales[u] = {auto: true, range: (self, min, max) => [0, Math.max(1, max * 1.1)]}; });
+  const axes = [opts.categories ? {values: (u, ticks) => ticks.map(t => opts.categories[t] ?? ''),
+                                   splits: () => opts.categories.map((c, i) => i)} : {},
+                ...units.map((u, i) => ({scale: u, label: u === 'y' ? '' : u, side: i ? 1 : 3,
+                                         grid: {show: i === 0}}))];
   const width = Math.max(300, box.clientWidth || 560);
   charts[id] = new window.uPlot({
-    title, width, height: 200, scales: {x: {time: !(options && options.categories)}},
-    axes: [options && options.categories ? {values: (u, ticks) => ticks.map(t => options.categories[t] || '')} : {},
-           {label: options && options.unit}],
-    series: [{}, ...series.map((s, i) => ({label: s.label, stroke: s.color || COLORS[i % COLORS.length],
-      fill: options && options.bars ? (s.color || COLORS[i % COLORS.length]) + '99' : null, width: 2,
-      paths: options && options.bars ? window.uPlot.paths.bars({size: [0.3, 40], align: i ? 1 : -1}) : undefined,
-      points: {show: !!(options && options.bars)}}))],
+    title, width, height: 200, scales, axes,
+    series: [{}, ...series.map((s, i) => {
+      const color = s.color || COLORS[i % COLORS.length];
+      const item = {label: s.label, scale: s.scale || opts.unit || 'y', stroke: color, width: 2,
+                    points: {show: true, size: 4}};
+      if (opts.bars) {
+        Object.assign(item, {fill: color + 'aa', points: {show: false},
+          paths: window.uPlot.paths.bars({size: [0.35, 60], align: i % 2 ? 1 : -1})});
+      }
+      return item;
+    })],
   }, [x, ...series.map(s => s.values)], box);
 }
 
@@ -121,9 +135,9 @@ async function refreshCharts(found) {
   chart('chart-flow', 'Messages and deliveries per hour', x, [
     {label: 'messages received', values: c.messages},
     ...c.destinations.map(d => ({label: 'delivered to ' + d, values: c.delivered[d]}))]);
-  chart('chart-latency', 'Latency per hour', x, [
-    {label: 'ACK mean (ms)', values: c.ack_mean_ms}, {label: 'ACK max (ms)', values: c.ack_max_ms},
-    ...c.destinations.map(d => ({label: 'to ' + d + ', mean (s)', values: c.delivery_mean_s[d]}))], {unit: 'ms / s'});
+  chart('chart-latency', 'Latency per hour: ACK (ms), delivery (s)', x, [
+    {label: 'ACK mean', values: c.ack_mean_ms, scale: 'ms'}, {label: 'ACK max', values: c.ack_max_ms, scale: 'ms'},
+    ...c.destinations.map(d => ({label: 'receipt → ' + d + ', mean', values: c.delivery_mean_s[d], scale: 's'}))]);
   chart('chart-outbox', 'Outbox depth (undelivered)', x,
         c.destinations.map(d => ({label: d, values: c.outbox_depth[d]})), {unit: 'deliveries'});
   const facilities = Object.keys(found.kpis);
