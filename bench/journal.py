@@ -68,7 +68,8 @@ from engine.hl7 import charset as charsets
 from engine.mllp.ingest import Frame, Ingestor
 from engine.stamps import iso
 from engine.store import PruneResult, SearchQuery
-from engine.store.sqlite import SqliteJournal as Journal, prunable_sql, search_sql
+from engine.store.sql import prunable_sql, search_sql
+from engine.store.sqlite import SqliteJournal as Journal
 from engine.store.sqlite_text import TextIndex, text_index_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -554,7 +555,7 @@ def run_prune(path: Path, cutoff: datetime, budget: float) -> PruneOutcome:
     delete_sql = "DELETE FROM messages WHERE id IN (?)"
     clear_sql = "UPDATE messages SET duplicate_of = NULL WHERE duplicate_of IN (?)"
     plans = [
-        ("prune: the candidates of one batch (store.sqlite.prunable_sql)",
+        ("prune: the candidates of one batch (store.sql.prunable_sql)",
          explain(journal.conn, prunable_sql(False), (iso(cutoff), 0, 500))),
         ("prune: deleting messages, foreign-key checks included", explain(journal.conn, delete_sql, (0,))),
         ("prune: clearing duplicate_of", explain(journal.conn, clear_sql, (0,))),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,6 +113,13 @@ class Settings:
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
     reconcile: ReconcileSettings = ReconcileSettings()  # windows, linking rules, the daily report (engine.reconcile)
+    node: str = ""  # this engine's name in the cluster, in its claims ("" : the host name)
+    lease: float = 30.0  # seconds a node's claim on a delivery or a job lasts unless renewed
+
+    @property
+    def node_name(self) -> str:
+        """The node's name in its claims: ``cluster.node``, else the host name."""
+        return self.node or socket.gethostname()
 
     def policy(self, listener: ListenerSettings) -> AcceptPolicy:
         """The ingest policy of one listener."""
@@ -126,7 +134,7 @@ class Settings:
 
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
-    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard",
+    "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster",
                  "reconcile"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
@@ -142,7 +150,9 @@ KEYS = {
     "metrics": {"endpoint", "enabled"},
     "dashboard": {"token", "users"},
     "dashboard_user": {"name", "token", "role"},
+    "cluster": {"node", "lease"},
 }
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def load_settings(config_dir: str | Path | None = None) -> Settings:
@@ -161,9 +171,19 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     def section(name):
         return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
 
-    journal, identity, charset, logging, routing, metrics, dashboard = (
-        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard")
+    journal, identity, charset, logging, routing, metrics, dashboard, cluster = (
+        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster")
     )
+    node = cluster.get("node", str, "")
+    if node and not _NODE_NAME.match(node):
+        raise cluster.error("node", f"{node!r} is not a usable node name", "letters, digits and . _ - (at most 63)")
+    try:
+        lease = seconds(cluster.data.get("lease", "30s"), "lease")
+    except ValueError as exc:
+        raise cluster.error("lease", str(exc)) from None
+    if lease < 3:
+        raise cluster.error("lease", f"must be 3 seconds or more, not {lease:g}",
+                            "a node renews its claims every third of it; 30s is the default")
     dashboard_settings = _dashboard(dashboard, path)
 
     default_charset = charset.get("default", str, "utf-8")
@@ -211,6 +231,8 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
                           if metrics.get("enabled", bool, True) else None),
         source=path,
         config_dir=base,
+        node=node,
+        lease=lease,
     )
 
 
@@ -351,8 +373,9 @@ def _listener(data, path, base: Path, number: int) -> ListenerSettings:
     )
 
 
-def with_overrides(settings: Settings, listen: tuple = (), journal: str | None = None) -> Settings:
-    """Apply command-line options: ``--listen`` replaces the endpoints, ``--journal`` the path."""
+def with_overrides(settings: Settings, listen: tuple = (), journal: str | None = None, node: str | None = None) -> Settings:
+    """Apply command-line options: ``--listen`` replaces the endpoints, ``--journal`` the path,
+    ``--node`` the node's name."""
     if listen:
         template = settings.listeners[0]
         listeners = tuple(
@@ -362,5 +385,9 @@ def with_overrides(settings: Settings, listen: tuple = (), journal: str | None =
         settings = replace(settings, listeners=listeners)
     if journal:
         settings = replace(settings, journal_path=Path(journal))
+    if node:
+        if not _NODE_NAME.match(node):
+            raise ConfigError(f"--node {node!r} is not a usable node name: letters, digits and . _ - (at most 63)")
+        settings = replace(settings, node=node)
     return settings
 

@@ -23,7 +23,9 @@ from .base import (CONTEXT, EXIT_CONNECTION, EXIT_NOT_ACCEPTED, EXIT_USAGE, Fail
 @click.option("--log-level", type=click.Choice(["debug", "info", "warn", "error"]), help="Log level (default info).")
 @click.option("--metrics", "metrics_endpoint", metavar="ENDPOINT",
               help="Where /metrics, /healthz and /readyz listen (default tcp:9102:interface=127.0.0.1), or 'off'.")
-def serve(listen, config_dir, journal_path, log_level, metrics_endpoint):
+@click.option("--node", metavar="NAME",
+              help="This engine's name in a cluster, unique among the nodes (default: cluster.node, else the host name).")
+def serve(listen, config_dir, journal_path, log_level, metrics_endpoint, node):
     """Run the engine: listen for MLLP, journal every message, ACK after the commit.
 
     Everything is read from one directory, --config DIR or the current one: hl7bridge.yaml (the
@@ -41,7 +43,7 @@ def serve(listen, config_dir, journal_path, log_level, metrics_endpoint):
 
     directory = config_dir if config_dir is not None else Path(".")
     try:
-        settings = with_overrides(load_settings(directory), listen, journal_path)
+        settings = with_overrides(load_settings(directory), listen, journal_path, node)
         project = Project.load(settings.config_dir)
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None

@@ -26,7 +26,8 @@ FHIR_MODES = ("transaction", "resources")
 ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
     "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "connect_timeout", "directory",
-                    "retry", "concurrency", "order_by", "payload", "body", "database", "product", "cash_account"},
+                    "retry", "concurrency", "cluster_concurrency", "order_by", "payload", "body", "database", "product",
+                    "cash_account"},
     "auth": {"bearer", "basic", "oauth2"},
     "basic": {"username", "password"},
     "oauth2": {"token_url", "client_id", "client_secret", "scope"},
@@ -67,7 +68,8 @@ class Destination:
     connect_timeout: float = 5.0  # for the connection (TCP, and the TLS handshake): a dead server frees its slots fast
     directory: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    concurrency: int = 4
+    concurrency: int = 4  # in flight at once on each node
+    cluster_concurrency: int | None = None  # in flight at once across every node of a cluster (None: no cap)
     order_by: str = "patient"
     payload: str = "bundle"  # what is sent: the FHIR Bundle, a FHIR message, or the canonical finance events
     body: dict | None = None  # erp-http: the shape of each request body (a template over the event)
@@ -104,6 +106,8 @@ def load_destination(path: Path, base: Path) -> Destination:
     fields = dict(
         name=name, type=kind, path=str(path), description=top.get("description", str, ""), retry=retry,
         timeout=timeout, connect_timeout=connect_timeout, concurrency=top.positive("concurrency", int, 4),
+        cluster_concurrency=(top.positive("cluster_concurrency", int, None)
+                             if top.data.get("cluster_concurrency") is not None else None),
         order_by=top.choice("order_by", ORDER_KEYS, "patient"),
         payload=top.choice("payload", PAYLOADS, "finance-events" if kind.startswith("erp-") else "bundle"),
     )
@@ -141,7 +145,8 @@ def load_destination(path: Path, base: Path) -> Destination:
                 raise top.error("database", "is required for Tryton", "the database name trytond serves")
             fields["product"] = top.get("product", str, "Patient charge")
             fields["cash_account"] = top.get("cash_account", str, "", hint='quote it: cash_account: "1.1.1"')
-            fields["concurrency"] = 1  # Tryton wants one writer per database
+            fields["concurrency"] = 1  # Tryton wants one writer per database: one at a time,
+            fields["cluster_concurrency"] = 1  # however many nodes send to it
             if basic is None:
                 raise auth.error("basic", "Tryton needs auth.basic with its user name and password")
         fields.update(

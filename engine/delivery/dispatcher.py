@@ -3,6 +3,12 @@
 Runs in ``serve`` on the reactor. Every outbox read and write goes through the journal writer
 (``write``), so it shares the single connection with ingest and never races it. Each destination
 has its own concurrency limit; a slow or dead destination never holds back another.
+
+Several nodes share one outbox (a cluster): the dispatcher *claims* due deliveries as ``worker``
+(the node's name) with a lease of ``lease`` seconds (``Journal.claim_deliveries``), renews the
+leases of what it is sending every third of that, and every half lease returns to the queue the
+deliveries whose lease expired, those a dead node held (``recover_in_flight``). A destination's
+``cluster_concurrency`` caps its deliveries in flight across all nodes (Tryton: one writer).
 Logs carry delivery and message IDs, control IDs, destinations and outcomes; never content.
 
 Everything it needs is handed in: the reactor (its clock, and the HTTP senders' connections),
@@ -22,6 +28,8 @@ from .senders import sender_for
 
 log = Logger(namespace="hl7bridge.delivery")
 POLL_INTERVAL = 0.25  # how soon a new or due delivery is noticed, in seconds
+LEASE = 30.0  # seconds a claimed delivery is this node's before another may take it over
+DEFAULT_WORKER = "local"
 
 
 def run_here(fn, *args):
@@ -31,7 +39,7 @@ def run_here(fn, *args):
 
 class Dispatcher:
     def __init__(self, reactor, journal: Journal, destinations: dict, write, clock=utc_now, run_blocking=run_here,
-                 senders=sender_for):
+                 senders=sender_for, worker: str = DEFAULT_WORKER, lease: float = LEASE):
         self.reactor = reactor
         self.journal = journal
         self.write = write  # runs a function in the journal writer's thread; returns a Deferred
@@ -40,23 +48,65 @@ class Dispatcher:
         self.sender_for = lambda destination: senders(destination, reactor, run_blocking)
         self.destinations = destinations
         self.senders = {name: self.sender_for(d) for name, d in destinations.items()}
-        self.in_flight = {name: 0 for name in destinations}
+        self.worker = worker
+        self.lease = lease
+        self.in_flight: dict[str, set[int]] = {name: set() for name in destinations}  # delivery IDs being sent
         self.polling = {name: False for name in destinations}
         self.outcomes: dict[tuple[str, str], int] = {}  # (destination, state after the attempt) -> count
         self._loop = task.LoopingCall(self.poll_all)
         self._loop.clock = reactor
         self._running: set = set()
-        self.resumed: set[int] = set()  # deliveries that were in flight at start-up
+        self._leases = task.LoopingCall(self.renew_leases)
+        self._leases.clock = reactor
+        self._takeover = task.LoopingCall(self.take_over_expired)
+        self._takeover.clock = reactor
+        self.taken_over = 0  # deliveries of dead workers returned to the queue since start (/metrics)
 
     @defer.inlineCallbacks
     def start(self):
         for name, sender in self.senders.items():
             self._start_sender(name, sender)
-        recovered = yield self.write(self.journal.recover_in_flight, self.clock())
-        self.resumed.update(recovered)
+        # Ours from before a restart, and any whose lease expired; never another live node's.
+        recovered = yield self.write(self.journal.recover_in_flight, self.clock(), self.worker)
         if recovered:
-            log.info("resuming {count} deliveries that were in flight when the engine stopped", count=len(recovered))
+            log.info("resuming {count} deliveries that were in flight when a node stopped", count=len(recovered))
         self._loop.start(POLL_INTERVAL, now=True)
+        self._leases.start(self.lease / 3, now=False)
+        self._takeover.start(self.lease / 2, now=False)
+
+    def renew_leases(self):
+        """Extend the leases of every delivery this node is sending (a slow send keeps its claim)."""
+        ids = sorted(set().union(*self.in_flight.values()))
+        if not ids:
+            return defer.succeed([])
+        d = self.write(self.journal.renew_deliveries, self.worker, ids, self.lease, self.clock())
+
+        def check(held):
+            sending = set().union(*self.in_flight.values())  # those finished meanwhile were released, not lost
+            lost = [i for i in ids if i not in held and i in sending]
+            if lost:
+                log.warn("lost the claim on {count} deliveries being sent (their lease expired): "
+                         "another node may send them too", count=len(lost))
+            return held
+
+        d.addCallback(check)
+        d.addErrback(lambda failure: log.failure("renewing delivery leases failed; will try again", failure))
+        return d
+
+    def take_over_expired(self):
+        """Return deliveries whose lease expired (their node died) to the queue, flagged resumed."""
+        d = self.write(self.journal.recover_in_flight, self.clock())
+
+        def taken(ids):
+            if ids:
+                self.taken_over += len(ids)
+                log.warn("{count} deliveries were in flight on a node that stopped renewing its claims; "
+                         "they go out again", count=len(ids))
+            return ids
+
+        d.addCallback(taken)
+        d.addErrback(lambda failure: log.failure("taking over expired deliveries failed; will try again", failure))
+        return d
 
     def _start_sender(self, name, sender):
         """A sender's own start-up work (the file destination repairs torn records), logged."""
@@ -77,7 +127,7 @@ class Dispatcher:
                     old.close()
                 self.senders[name] = self.sender_for(destination)
                 self._start_sender(name, self.senders[name])
-            self.in_flight.setdefault(name, 0)
+            self.in_flight.setdefault(name, set())
             self.polling.setdefault(name, False)
         self.destinations = destinations
 
@@ -89,32 +139,26 @@ class Dispatcher:
         destination = self.destinations.get(name)
         if destination is None or self.polling[name]:
             return
-        room = destination.concurrency - self.in_flight[name]
+        room = destination.concurrency - len(self.in_flight[name])
         if room <= 0:
             return
         self.polling[name] = True
-
-        def take(journal, now):
-            found = journal.due_deliveries(name, now, room)
-            if found:
-                journal.claim(found, now)
-            return found
-
-        d = self.write(take, self.journal, self.clock())
+        d = self.write(self.journal.claim_deliveries, name, self.worker, self.clock(), room, self.lease,
+                       destination.cluster_concurrency)
         d.addCallback(self._send_all, name)
         d.addErrback(lambda failure: log.failure("outbox read failed for {destination}", failure, destination=name))
         d.addBoth(lambda _: self.polling.__setitem__(name, False))
 
     def _send_all(self, deliveries, name):
         for delivery in deliveries:
-            self.in_flight[name] += 1
+            self.in_flight[name].add(delivery.id)
             d = self._send(delivery, name)
             self._running.add(d)
-            d.addBoth(self._sent, d, name)
+            d.addBoth(self._sent, d, name, delivery.id)
 
-    def _sent(self, _, d, name):
+    def _sent(self, _, d, name, delivery_id):
         self._running.discard(d)
-        self.in_flight[name] -= 1
+        self.in_flight[name].discard(delivery_id)
         self.poll(name)  # room again: take the next one now
 
     @defer.inlineCallbacks
@@ -124,8 +168,6 @@ class Dispatcher:
         if not delivery.bundle:
             result = outbox.Result(outbox.PERMANENT, None, "", error="no converted Bundle for this message")
         else:
-            delivery.resumed = delivery.id in self.resumed
-            self.resumed.discard(delivery.id)
             try:
                 result = yield self.senders[name].send(delivery)
             except Exception as exc:  # a bug in a sender must not lose the delivery
@@ -160,8 +202,9 @@ class Dispatcher:
 
     @defer.inlineCallbacks
     def stop(self):
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._leases, self._takeover):
+            if loop.running:
+                loop.stop()
         if self._running:
             yield defer.DeferredList(list(self._running))
         for sender in self.senders.values():

@@ -4,7 +4,7 @@
 and its ACK; for a route that ACKs after mapping, ``map_before_ack`` then runs the pipeline and
 finishes the row and the ACK (the listener runs that in a thread pool, never on the reactor).
 ``Ingestor.record`` journals a batch of prepared frames in one transaction (group commit),
-detecting duplicates, and queues the deliveries of those mapped already. Only after that commit
+detecting duplicates (atomically across the nodes of a cluster: ``Journal.lock_keys``), and queues the deliveries of those mapped already. Only after that commit
 does the caller get the ACKs to send, so an ACK never promises a message the journal does not hold.
 """
 
@@ -195,6 +195,9 @@ class Ingestor:
         # clock: an injected one is for received_at and ACKs, which tests compare byte for byte.)
         acked_at = iso(utc_now())
         with self.journal.transaction():
+            # Another node may be journaling a message with one of these keys right now: hold them
+            # (sorted, so two batches never wait for each other) until this commit.
+            self.journal.lock_keys(sorted({p.dedupe_key for p in batch if p.dedupe_key is not None}))
             for prepared in batch:
                 entry, dedupe_key = prepared.entry, prepared.dedupe_key
                 entry.acked_at = acked_at

@@ -9,6 +9,7 @@ reactor as a parameter, and blocking work runs in threads this package owns and 
       status       EngineStatus: what /metrics, /readyz and the dashboard read (status.py)
       committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in a thread pool
       dispatcher   Dispatcher (engine.delivery), file writes in a thread pool
+      scheduler    Scheduler: jobs that run on one node of a cluster at a time (scheduler.py)
 
 May import every package; nothing imports it but ``engine.cli``.
 """
@@ -47,6 +48,7 @@ from ..ops.webapi import site_root
 from ..store import Journal, open_journal
 from ..transform.project import Project
 from .status import EngineStatus
+from .scheduler import Scheduler
 from .supervisor import Supervisor
 from .writer import JournalWriter
 
@@ -95,9 +97,11 @@ class Engine:
         self.supervisor = Supervisor(reactor)
         self.supervisor.add("text indexer", "engine.store.textindexer", journal_arg,
                             "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
+        self.node = settings.node_name
         if project is not None:
             self.supervisor.add("converter", "engine.transform.converter", journal_arg,
-                                "--config", str(project.directory), "--parent", str(os.getpid()))
+                                "--config", str(project.directory), "--parent", str(os.getpid()),
+                                "--worker", f"{self.node}/converter")
         self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
@@ -113,8 +117,11 @@ class Engine:
         # the writer thread, so the two connections never wait for each other's lock.
         self.dispatcher = Dispatcher(
             reactor, self.writer.bookkeeping, project.destinations if project is not None else {},
-            write=self.writer.write, run_blocking=self._in(self._files),
+            write=self.writer.write, run_blocking=self._in(self._files), worker=self.node, lease=settings.lease,
         )
+        self.scheduler = Scheduler(reactor, self.writer.bookkeeping, self.writer.write, self.node)
+        if settings.retention is not None:
+            self.schedule("retention", settings.retention[2], self._apply_retention)
         self.ports = []
         self.metrics_port = None
         self.stopping = False
@@ -124,11 +131,16 @@ class Engine:
         self._stats = task.LoopingCall(self._log_stats)
         self._stats.clock = reactor
         self._last_frames = 0
-        self._retention_loop = None
         self.reloads = {"ok": 0, "refused": 0}  # since start, for /metrics
         self.last_reload: dict | None = None
         self.factories: list[tuple[ListenerSettings, MLLPServerFactory]] = []
         self.bound: dict[str, str] = {}  # listener name -> host:port it listens on
+
+    def schedule(self, name: str, every: float, job, lease: float | None = None):
+        """Run ``job()`` (a Deferred or a value) every ``every`` seconds on one node of the cluster
+        at a time, once per period across the cluster (``engine.serve.scheduler``). Jobs scheduled
+        before ``start`` begin with it."""
+        return self.scheduler.schedule(name, every, job, **({"lease": lease} if lease else {}))
 
     def _in(self, pool: ThreadPool):
         """A ``run(fn, *args) -> Deferred`` that runs in ``pool``."""
@@ -155,16 +167,13 @@ class Engine:
             address = self.metrics_port.getHost()
             bound.append(("metrics", address.host, address.port))
         self._stats.start(STATS_INTERVAL, now=False)
-        if self.settings.retention is not None:
-            self._retention_loop = task.LoopingCall(self._apply_retention)
-            self._retention_loop.clock = self.reactor
-            self._retention_loop.start(self.settings.retention[2], now=False)
         for pool in (self._mapping, self._files):
             pool.start()
         self.status.start()
         self.writer.start()
         self.supervisor.workers["text indexer"].start()
         yield self.dispatcher.start()
+        self.scheduler.start()
         if self.project is not None:
             self.supervisor.workers["converter"].start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
@@ -262,8 +271,7 @@ class Engine:
         if self._stats.running:
             self._stats.stop()
         self.stopping = True
-        if self._retention_loop is not None and self._retention_loop.running:
-            self._retention_loop.stop()
+        self.scheduler.stop()
         self.writer.stop_checkpoints()
         for port in self.ports:
             yield port.stopListening()

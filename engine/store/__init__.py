@@ -3,9 +3,10 @@
 Owns everything that is kept: received messages (verbatim), their identifiers, conversions,
 outbox deliveries, attempts and replays, the free-text index, and retention. ``base.Journal`` is
 the interface every other package uses (documented method by method); ``sqlite.SqliteJournal``
-(with ``sqlite_text`` for free text) is the embedded default implementation, and the only place
-that holds SQL or imports sqlite3/sqlite_utils. A second backend is an added ``store`` module
-implementing ``Journal``, chosen in ``open_journal``.
+(with ``sqlite_text`` for free text) is the embedded default implementation and
+``postgres.PostgresJournal`` the one a cluster shares; the queries both run are in ``sql``. These
+are the only modules that hold SQL or import sqlite3, sqlite_utils or psycopg; ``open_journal``
+chooses the backend from the location (a file, or a postgresql:// URL).
 
 May import: ``engine.errors``, ``engine.stamps``, ``engine.worker``, ``engine.hl7`` (identifier
 kinds). Nothing above it: the store decides nothing about delivery or mapping, its callers hand it
@@ -19,15 +20,28 @@ from pathlib import Path
 from .base import ConversionRecord, Journal, PruneResult, SearchQuery  # noqa: F401 (the interface; the rest in .base)
 
 
+def is_database_url(location) -> bool:
+    """Whether a journal location is a PostgreSQL URL (postgresql://...) rather than a file."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
 def open_journal(path: str | Path, synchronous: str = "full", create: bool = True,
                  manual_checkpoints: bool = False, readonly: bool = False) -> Journal:
-    """Open the journal at ``path`` (SQLite, the embedded default).
+    """Open the journal at ``path``: a SQLite file (the embedded default), or a PostgreSQL
+    database when ``path`` is a URL (``postgresql://user:password@host:port/db``, a cluster's
+    shared journal: ``engine.store.postgres``).
 
     ``create`` makes the file and migrates its schema when needed; without it the journal must
     exist (FileNotFoundError otherwise). ``synchronous`` is how durable each commit is (full: on
     disk before it returns). ``manual_checkpoints``: the caller runs ``checkpoint()`` itself,
-    between batches. ``readonly``: reads only (the engine's status pages).
+    between batches. ``readonly``: reads only (the engine's status pages). On PostgreSQL a
+    database that cannot be reached raises OSError (``postgres.JournalUnreachable``).
     """
+    if is_database_url(path):
+        from .postgres import PostgresJournal
+
+        return PostgresJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints,
+                               readonly=readonly)
     from .sqlite import SqliteJournal
 
     return SqliteJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints, readonly=readonly)

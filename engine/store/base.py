@@ -17,6 +17,24 @@ policy may delete (``engine.store.retention``).
 
 Threads: a ``Journal`` object is used by one thread at a time (the engine runs all its writes in
 one writer thread, and its reads in a pool of threads with a read-only journal each).
+
+Several workers, several nodes: any number of engines (nodes) and converter workers may share
+one journal (a cluster on PostgreSQL; on SQLite, the engine and its converter process). Work is
+never taken by reading it and then writing it: it is *claimed* with a lease, in one atomic
+statement, by a worker (a name unique in the cluster: ``NODE`` for a node's dispatcher,
+``NODE/converter-1`` for a converter), and the claim is released when the work is recorded.
+A worker that dies leaves its claims to the others once their lease expires; the same worker
+starting again takes its own back at once. The claim API:
+
+- conversion: ``claim_conversions`` -> map -> ``finish_conversions`` + ``record_conversion`` in
+  one transaction (``renew_conversions`` when mapping a batch may outlast the lease);
+- delivery: ``claim_deliveries`` (per-key order and ``cluster_limit`` held across nodes) ->
+  send -> ``finish_attempt`` (``renew_deliveries`` while a send is slow); ``recover_in_flight``
+  returns expired (and the worker's own earlier) claims to the queue;
+- scheduled jobs: ``take_job`` / ``renew_job`` / ``finish_job``, a lease row per job in ``jobs``,
+  so a job runs on one node at a time and once per period across the cluster;
+- duplicate detection: ``lock_keys`` holds (sending facility, control ID) keys until the commit,
+  so two nodes never both take a resent message for the original.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
 
 # Message statuses (set at ingest, by routing and by mapping).
@@ -133,7 +151,21 @@ class Delivery:
     # The message reused an earlier message's control ID with different content: its finance
     # event IDs carry this (its message ID) so the ERP does not take them for the earlier ones.
     discriminator: str = ""
-    resumed: bool = False  # it was in flight when the engine stopped: its send may have happened
+    resumed: bool = False  # it was in flight when its worker stopped: its send may have happened
+    claimed_by: str = ""  # the worker holding it in flight (claim_deliveries)
+
+
+@dataclass
+class Waiting:
+    """A message claimed for conversion (``Journal.claim_conversions``)."""
+
+    id: int
+    raw: bytes
+    charset: str
+    route: str
+
+    def __iter__(self):  # (id, raw, charset, route), like the rows of waiting_for_conversion
+        return iter((self.id, self.raw, self.charset, self.route))
 
 
 @dataclass
@@ -218,6 +250,11 @@ class Journal(ABC):
     """
 
     path: Path  # where the journal is (for SQLite, its file; the engine's PID file goes beside it)
+    location: str  # what ``open_journal`` opens again: the file's path, or the database's URL
+    name: str  # how messages name it (a URL without its password)
+    # Whether free text is indexed apart, by the text indexer process (SQLite), or with each
+    # message in its own transaction (PostgreSQL).
+    indexes_text_apart: bool = False
 
     @abstractmethod
     def close(self):
@@ -241,6 +278,15 @@ class Journal(ABC):
         work from another thread without blocking the writer; None when the backend needs none."""
 
     @abstractmethod
+    def lock_keys(self, keys: list[tuple[str, str]]):
+        """Inside the caller's transaction, before ``accepted_with_key``: hold these (sending
+        facility, control ID) keys until the transaction ends, so another node's transaction with
+        one of them waits, then sees this one's rows. Duplicate detection reads, then inserts;
+        this makes the two atomic across nodes (PostgreSQL: transaction-level advisory locks,
+        taken in sorted order so two batches never deadlock; SQLite: its one write lock already
+        does it)."""
+
+    @abstractmethod
     def accepted_with_key(self, sending_facility: str, control_id: str) -> list[tuple]:
         """Every accepted message with this (sending facility, control ID), oldest first:
         [(id, ack, ack_code, raw)]. Exact resends are left out: they are never the original."""
@@ -255,7 +301,26 @@ class Journal(ABC):
     @abstractmethod
     def waiting_for_conversion(self, limit: int = 100) -> list[tuple[int, bytes, str, str]]:
         """Routed messages ACKed before mapping and not converted yet, oldest first:
-        [(id, raw, charset, route)]."""
+        [(id, raw, charset, route)]. A read: workers take work with ``claim_conversions``."""
+
+    @abstractmethod
+    def claim_conversions(self, worker: str, limit: int, lease: float, now: datetime) -> list[Waiting]:
+        """Claim up to ``limit`` messages waiting for conversion, oldest first, for ``lease``
+        seconds, in one transaction of its own: those nobody holds, those whose claim expired,
+        and those ``worker`` itself held (a restarted worker takes its own back at once). Two
+        workers never get the same message while its claim lasts."""
+
+    @abstractmethod
+    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        """Extend ``worker``'s claims on these messages by ``lease`` seconds from ``now``; returns
+        the IDs it still held (the others were taken over after their lease expired)."""
+
+    @abstractmethod
+    def finish_conversions(self, worker: str, ids: list[int]) -> list[int]:
+        """Inside the caller's transaction (the one that records the conversions): release
+        ``worker``'s claims on these messages; returns the IDs it still held, the ones whose
+        conversions it should record. (Recording one taken over meanwhile would do no harm, as
+        ``create_deliveries`` ignores a destination a message already has, but it is work lost.)"""
 
     @abstractmethod
     def message_source(self, message_id: int) -> tuple[bytes, str, str | None] | None:
@@ -279,24 +344,64 @@ class Journal(ABC):
 
     @abstractmethod
     def create_deliveries(self, message_id: int, deliveries: list[tuple[str, str]], now: datetime):
-        """Queue one pending delivery per (destination, ordering key), inside the caller's transaction."""
+        """Queue one pending delivery per (destination, ordering key), inside the caller's
+        transaction. A destination the message already has a delivery for is left alone (the
+        database holds one delivery per message and destination: ``INSERT ... ON CONFLICT DO
+        NOTHING``), so two workers that both convert a message never queue it twice."""
 
     @abstractmethod
     def due_deliveries(self, destination: str, now: datetime, limit: int) -> list[Delivery]:
         """Pending or retrying deliveries of ``destination`` whose time has come and that no earlier
-        undelivered delivery with the same key holds back, in order, with their Bundles."""
+        undelivered delivery with the same key holds back, in order, with their Bundles. A read:
+        the dispatcher takes work with ``claim_deliveries``."""
 
     @abstractmethod
-    def claim(self, deliveries: list[Delivery], now: datetime):
-        """Mark deliveries in flight (committed before anything is sent)."""
+    def claim_deliveries(self, destination: str, worker: str, now: datetime, limit: int, lease: float,
+                         cluster_limit: int | None = None) -> list[Delivery]:
+        """Claim up to ``limit`` due deliveries of ``destination`` (as ``due_deliveries`` picks
+        them) for ``worker``: in flight, with a lease of ``lease`` seconds, committed before
+        anything is sent. Per-key order holds across workers: an in-flight delivery holds back
+        later ones with its key, wherever it is being sent. With ``cluster_limit``, no more than
+        that many deliveries of this destination are in flight across every worker together
+        (counted and claimed under one lock per destination)."""
 
     @abstractmethod
-    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState):
-        """Record an attempt and move its delivery to ``next_state``, in one transaction."""
+    def renew_deliveries(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        """Extend ``worker``'s leases on these in-flight deliveries; returns those it still holds."""
 
     @abstractmethod
-    def recover_in_flight(self, now: datetime) -> list[int]:
-        """Deliveries left in flight by a crash become retrying, due now; returns their IDs."""
+    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState) -> bool:
+        """Record an attempt and move its delivery to ``next_state``, in one transaction. When the
+        delivery was claimed (``delivery.claimed_by``) and that claim was lost meanwhile (the lease
+        expired and another worker took it), the attempt is recorded but the state is left to the
+        new holder; returns False then, True otherwise."""
+
+    @abstractmethod
+    def recover_in_flight(self, now: datetime, worker: str | None = None) -> list[int]:
+        """In-flight deliveries whose lease expired, and (with ``worker``) those ``worker`` held
+        before it restarted, become retrying, due now, flagged ``resumed`` (their send may have
+        happened); returns their IDs. Another worker's live claims are never touched."""
+
+    # -- scheduled jobs -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def take_job(self, name: str, worker: str, every: float, lease: float, now: datetime) -> bool:
+        """Take job ``name`` for ``worker`` when it is due (its last run started ``every`` seconds
+        ago or more, or it never ran) and nobody holds it (or their lease expired): one atomic
+        upsert of its row in ``jobs``. True when ``worker`` now holds it for ``lease`` seconds."""
+
+    @abstractmethod
+    def renew_job(self, name: str, worker: str, lease: float, now: datetime) -> bool:
+        """Extend ``worker``'s lease on a job it runs; False when it no longer holds it."""
+
+    @abstractmethod
+    def finish_job(self, name: str, worker: str, now: datetime, outcome: str):
+        """Release a job ``worker`` ran, with its outcome (a short text: "ok", or the error)."""
+
+    @abstractmethod
+    def jobs(self) -> list[dict]:
+        """Every scheduled job's row: name, worker, lease_expires_at, last_started_at,
+        last_finished_at, last_outcome."""
 
     @abstractmethod
     def outbox_counts(self, open_only: bool = False) -> list[tuple[str, str, int, str | None]]:

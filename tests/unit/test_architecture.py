@@ -1,4 +1,4 @@
-"""The layout holds: imports point one way, SQL lives only in the SQLite store, the reactor stays in serve.
+"""The layout holds: imports point one way, SQL lives only in the store's SQL modules, the reactor stays in serve.
 
 Every module of engine/ is parsed (ast), its imports (lazy ones inside functions too) resolved to
 engine modules, and checked against LAYERS. docs/architecture.md explains the order.
@@ -125,12 +125,13 @@ SQL = re.compile(r"\b(SELECT\s+.+\s+FROM|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w
                  r"BEGIN\s+IMMEDIATE|COMMIT|ROLLBACK)\b", re.DOTALL)
 
 
-def sqlite_module(module: str) -> bool:
-    return module.startswith("engine.store.sqlite")
+def sql_module(module: str) -> bool:
+    """The store's backends: the shared queries (sql), SQLite (sqlite, sqlite_text), PostgreSQL (postgres)."""
+    return module.startswith(("engine.store.sql", "engine.store.postgres"))
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if not sqlite_module(m)))
-def test_sql_lives_only_in_the_sqlite_store(module):
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not sql_module(m)))
+def test_sql_lives_only_in_the_stores_sql_modules(module):
     tree = ast.parse(MODULES[module].read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -140,11 +141,11 @@ def test_sql_lives_only_in_the_sqlite_store(module):
         else:
             names = []
         for name in names:
-            assert name.split(".")[0] not in ("sqlite3", "sqlite_utils"), \
-                f"{module} imports {name}: only engine/store/sqlite*.py may"
+            assert name.split(".")[0] not in ("sqlite3", "sqlite_utils", "psycopg", "psycopg_pool"), \
+                f"{module} imports {name}: only the store's backends (engine/store/sql*.py, postgres*.py) may"
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             found = SQL.search(node.value)
-            assert found is None, f"{module} has SQL ({found.group(0)[:40]!r}): it belongs in engine/store/sqlite*.py"
+            assert found is None, f"{module} has SQL ({found.group(0)[:40]!r}): it belongs in engine/store/ (sql.py, sqlite*.py, postgres*.py)"
 
 
 REACTOR_EDGE = ("engine.serve", "engine.cli")

@@ -113,7 +113,7 @@ def test_concurrency_per_destination_and_the_next_goes_when_one_finishes(journal
     sender = FakeSender(dest, hold=True)
     h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})
     h.start()
-    assert len(sender.sent) == 2 and h.dispatcher.in_flight["erp-finance"] == 2
+    assert len(sender.sent) == 2 and len(h.dispatcher.in_flight["erp-finance"]) == 2
     assert h.states("erp-finance").count("in_flight") == 2
     sender.release()
     assert len(sender.sent) == 3  # room again: the next one at once, without waiting for the poll
@@ -173,8 +173,7 @@ def test_a_sender_that_raises_does_not_lose_the_delivery(journal, ingest):
 def test_deliveries_in_flight_at_start_are_resumed_and_flagged(journal, ingest):
     ingest("C1")
     only_erp(journal)
-    [claimed] = journal.due_deliveries("erp-finance", T0, 10)
-    journal.claim([claimed], T0)  # the engine stopped while sending it
+    [claimed] = journal.claim_deliveries("erp-finance", "local", T0, 10, 30)  # the engine stopped while sending it
     dest = destination("erp-finance")
     sender = FakeSender(dest)
     h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})

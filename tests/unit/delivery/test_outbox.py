@@ -50,15 +50,14 @@ def test_same_key_goes_out_in_order_and_a_failure_holds_back_only_its_key(journa
     ingest(dft("C3", account=b"OTHER-ACCOUNT"))
     first = journal.due_deliveries("erp-finance", T0, 10)
     assert [d.control_id for d in first] == ["C1", "C3"]  # C2 waits behind C1 (same account)
-    journal.claim(first, T0)
+    first = journal.claim_deliveries("erp-finance", "node-a", T0, 10, 30)
     assert journal.due_deliveries("erp-finance", T0, 10) == []  # in flight holds the key too
     c1, c3 = first
     assert finish(journal, c1, DEST, Result(TRANSIENT, 503, "busy", error="HTTP 503"), T0, T0, rand=lambda: 0.5) == RETRYING
     assert finish(journal, c3, DEST, Result(OK, 200), T0, T0) == DELIVERED
     assert journal.due_deliveries("erp-finance", T0 + timedelta(seconds=1), 10) == []  # C1 retries at +2 s; C2 still waits
-    again = journal.due_deliveries("erp-finance", T0 + timedelta(seconds=2), 10)
+    again = journal.claim_deliveries("erp-finance", "node-a", T0 + timedelta(seconds=2), 10, 30)
     assert [d.control_id for d in again] == ["C1"]
-    journal.claim(again, T0)
     finish(journal, again[0], DEST, Result(OK, 200), T0, T0 + timedelta(seconds=2))
     assert [d.control_id for d in journal.due_deliveries("erp-finance", T0 + timedelta(seconds=2), 10)] == ["C2"]
 
@@ -72,8 +71,7 @@ def test_backoff_grows_and_caps_and_jitters():
 def test_permanent_errors_dead_letter_at_once_and_transient_ones_after_the_limit(journal, ingest):
     ingest(dft("C1"))
     ingest(dft("C2", account=b"B"))
-    d1, d2 = journal.due_deliveries("erp-finance", T0, 10)
-    journal.claim([d1, d2], T0)
+    d1, d2 = journal.claim_deliveries("erp-finance", "node-a", T0, 10, 30)
     assert finish(journal, d1, DEST, Result(PERMANENT, 422, '{"issue": [...]}', error="HTTP 422"), T0, T0) == DEAD
     state = None
     for attempt in range(3):
@@ -97,12 +95,16 @@ def test_retry_after_is_honoured(journal, ingest):
     assert len(journal.due_deliveries("erp-finance", T0 + timedelta(seconds=30), 10)) == 1
 
 
-def test_in_flight_after_a_crash_is_retried(journal, ingest):
+def test_in_flight_after_a_crash_is_retried_by_its_node_at_once_and_by_others_when_the_lease_expires(journal, ingest):
     ingest(dft("C1"))
-    [claimed] = journal.due_deliveries("erp-finance", T0, 10)
-    journal.claim([claimed], T0)
-    assert journal.recover_in_flight(T0) == [claimed.id]
-    assert [d.state for d in journal.due_deliveries("erp-finance", T0, 10)] == [RETRYING]
+    [claimed] = journal.claim_deliveries("erp-finance", "node-a", T0, 10, 30)
+    assert journal.recover_in_flight(T0, "node-b") == []  # node-a's claim is alive: not node-b's to take
+    assert journal.recover_in_flight(T0, "node-a") == [claimed.id]  # node-a restarted: its own, at once
+    [again] = journal.due_deliveries("erp-finance", T0, 10)
+    assert (again.state, again.resumed) == (RETRYING, True)
+    journal.claim_deliveries("erp-finance", "node-a", T0, 10, 30)
+    assert journal.recover_in_flight(T0 + timedelta(seconds=29)) == []
+    assert journal.recover_in_flight(T0 + timedelta(seconds=30)) == [claimed.id]  # node-a died: its lease ran out
 
 
 def test_replay_restarts_dead_deliveries_and_records_who_and_why(journal, ingest):

@@ -1,6 +1,6 @@
 """A month of traffic with planted gaps: ``reconcile`` finds exactly the planted ones, through the
-real ingest path, pipeline, outbox and SQLite journal; the record survives replays, resends and a
-rebuild; acknowledging takes an exception off the queue."""
+real ingest path, pipeline, outbox and journal (each test on SQLite, then PostgreSQL); the record
+survives replays, resends and a rebuild; acknowledging takes an exception off the queue."""
 
 import json
 from datetime import timedelta
@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from click.testing import CliRunner
 
+from backends import backend, journal, journal_location  # noqa: F401 (each test runs on both backends)
 from reconcile_traffic import AS_OF, Month
 from engine.cli import cli
 from engine.reconcile import queue
@@ -93,9 +94,9 @@ def test_replays_and_a_rebuild_change_nothing(journal, month):
     assert after["exceptions"] == before["exceptions"]
 
 
-def test_an_acknowledged_exception_leaves_the_queue_with_its_note(journal, month, tmp_path):
+def test_an_acknowledged_exception_leaves_the_queue_with_its_note(journal, journal_location, month, tmp_path):
     runner = CliRunner()
-    base = ["--journal", str(journal.path), "--config", str(tmp_path / "config"), "--as-of", iso(AS_OF)]
+    base = ["--journal", journal_location, "--config", str(tmp_path / "config"), "--as-of", iso(AS_OF)]
     first = runner.invoke(cli, ["reconcile", "--json", *base])
     assert first.exit_code == 1, first.output
     data = json.loads(first.output)
@@ -103,9 +104,9 @@ def test_an_acknowledged_exception_leaves_the_queue_with_its_note(journal, month
     item = next(e for e in data["exceptions"] if e["kind"] == "missed_charge" and e["appointment_id"] == "N00950")
     assert {"kind", "appointment_id", "transaction_id", "visit_id", "patient_id", "facility", "reason",
             "message_ids"} <= set(item)
-    refused = runner.invoke(cli, ["reconcile-ack", "--journal", str(journal.path), "nonsense", "--note", "x"])
+    refused = runner.invoke(cli, ["reconcile-ack", "--journal", journal_location, "nonsense", "--note", "x"])
     assert refused.exit_code == 2 and "is not an exception ID" in refused.output
-    done = runner.invoke(cli, ["reconcile-ack", "--journal", str(journal.path), item["id"], "--note",
+    done = runner.invoke(cli, ["reconcile-ack", "--journal", journal_location, item["id"], "--note",
                                "charge entered by hand", "--by", "kim"])
     assert done.exit_code == 0 and done.output == f"acknowledged {item['id']}\n"
     after = json.loads(runner.invoke(cli, ["reconcile", "--json", *base]).output)
@@ -123,9 +124,9 @@ def test_an_acknowledged_exception_leaves_the_queue_with_its_note(journal, month
     assert len(as_csv.output.splitlines()) == 4
 
 
-def test_the_report_files(journal, month, tmp_path):
+def test_the_report_files(journal, journal_location, month, tmp_path):
     runner = CliRunner()
-    out = runner.invoke(cli, ["reconcile", "--journal", str(journal.path), "--config", str(tmp_path / "config"),
+    out = runner.invoke(cli, ["reconcile", "--journal", journal_location, "--config", str(tmp_path / "config"),
                               "--as-of", iso(AS_OF), "--report", str(tmp_path / "reports")])
     assert out.exit_code == 0, out.output
     json_file, csv_file = (tmp_path / "reports" / "reconcile-2026-11-03.json"), (tmp_path / "reports" / "reconcile-2026-11-03.csv")

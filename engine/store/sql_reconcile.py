@@ -1,7 +1,7 @@
-"""The scheduling-to-cash record on SQLite: appointments, their events, charge lines, the messages
-behind each line, and acknowledgements. Mixed into ``engine.store.sqlite.SqliteJournal``.
+"""The scheduling-to-cash record in SQL, for both backends: appointments, their events, charge
+lines, the messages behind each line, and acknowledgements. Mixed into ``engine.store.sql.SqlJournal``.
 
-Tables (schema version 6, created by ``create_tables``):
+Tables (schema version 7, created by ``create_tables`` on either backend):
 
     rc_appointment_events  one row per (message, appointment): what that message said
     rc_appointments        the current state of each appointment (facility + SCH-2, else SCH-1)
@@ -11,8 +11,9 @@ Tables (schema version 6, created by ``create_tables``):
                            deliveries say where the line got to
     rc_acks                acknowledged exceptions (who, when, the note)
 
-The statements are plain SQL that PostgreSQL runs too (``INSERT ... ON CONFLICT``), with ``?``
-parameters; the only SQLite-specific parts are the DDL's WITHOUT ROWID and the partial indexes.
+The statements are plain SQL both backends run (``INSERT ... ON CONFLICT``, partial indexes), with
+``?`` parameters, through the backend's ``_all``, ``_rows`` and ``_run``; the one difference is in
+the DDL: the two tables clustered by key are WITHOUT ROWID on SQLite.
 """
 
 from __future__ import annotations
@@ -31,38 +32,40 @@ CHARGE_SELECT = ("c.facility, c.charge_key, c.transaction_id, c.kind, c.type_cod
                  "c.link_rule, c.appointment_start, c.lag_s, c.received_at, c.first_message_id")
 
 
-def create_tables(conn):
-    conn.execute(
+def create_tables(run, sqlite: bool):
+    """Create the tables and indexes with ``run(sql)`` (the backend's statement runner)."""
+    clustered = " WITHOUT ROWID" if sqlite else ""
+    run(
         "CREATE TABLE rc_appointment_events (message_id INTEGER NOT NULL, facility TEXT NOT NULL, "
         "appointment_id TEXT NOT NULL, " + ", ".join(f'"{c}" TEXT' for c in EVENT_COLUMNS) + ", "
-        "PRIMARY KEY (facility, appointment_id, message_id)) WITHOUT ROWID")
-    conn.execute("CREATE INDEX idx_rc_events_message ON rc_appointment_events (message_id)")
-    conn.execute(
+        "PRIMARY KEY (facility, appointment_id, message_id))" + clustered)
+    run("CREATE INDEX idx_rc_events_message ON rc_appointment_events (message_id)")
+    run(
         "CREATE TABLE rc_appointments (facility TEXT NOT NULL, appointment_id TEXT NOT NULL, status TEXT NOT NULL, "
         "filler_status TEXT, start_at TEXT, start_day TEXT, patient_id TEXT, visit_id TEXT, location TEXT, "
         "provider TEXT, placer_id TEXT, filler_id TEXT, cancelled_at TEXT, same_day_cancel INTEGER NOT NULL DEFAULT 0, "
         "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, charged INTEGER NOT NULL DEFAULT 0, "
         "PRIMARY KEY (facility, appointment_id))")
-    conn.execute("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at)")
-    conn.execute("CREATE INDEX idx_rc_appointments_visit ON rc_appointments (facility, visit_id) WHERE visit_id != ''")
-    conn.execute("CREATE INDEX idx_rc_appointments_patient ON rc_appointments (facility, patient_id, start_day)")
-    conn.execute(
+    run("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at)")
+    run("CREATE INDEX idx_rc_appointments_visit ON rc_appointments (facility, visit_id) WHERE visit_id != ''")
+    run("CREATE INDEX idx_rc_appointments_patient ON rc_appointments (facility, patient_id, start_day)")
+    run(
         "CREATE TABLE rc_charges (facility TEXT NOT NULL, charge_key TEXT NOT NULL, transaction_id TEXT, set_id TEXT, "
         "type_code TEXT, kind TEXT NOT NULL, code TEXT, service_at TEXT, service_day TEXT, made_at TEXT NOT NULL, "
         "amount REAL, currency TEXT, patient_id TEXT, visit_id TEXT, appointment_id TEXT, link_rule TEXT, "
         "appointment_start TEXT, lag_s REAL, received_at TEXT NOT NULL, first_message_id INTEGER NOT NULL, "
         "PRIMARY KEY (facility, charge_key))")
-    conn.execute("CREATE INDEX idx_rc_charges_made ON rc_charges (made_at)")
-    conn.execute("CREATE INDEX idx_rc_charges_appointment ON rc_charges (facility, appointment_id) "
+    run("CREATE INDEX idx_rc_charges_made ON rc_charges (made_at)")
+    run("CREATE INDEX idx_rc_charges_appointment ON rc_charges (facility, appointment_id) "
                  "WHERE appointment_id IS NOT NULL")
-    conn.execute("CREATE INDEX idx_rc_charges_unlinked_visit ON rc_charges (facility, visit_id) WHERE appointment_id IS NULL")
-    conn.execute("CREATE INDEX idx_rc_charges_unlinked_patient ON rc_charges (facility, patient_id) "
+    run("CREATE INDEX idx_rc_charges_unlinked_visit ON rc_charges (facility, visit_id) WHERE appointment_id IS NULL")
+    run("CREATE INDEX idx_rc_charges_unlinked_patient ON rc_charges (facility, patient_id) "
                  "WHERE appointment_id IS NULL")
-    conn.execute(
+    run(
         "CREATE TABLE rc_charge_messages (facility TEXT NOT NULL, charge_key TEXT NOT NULL, message_id INTEGER NOT NULL, "
-        "PRIMARY KEY (facility, charge_key, message_id)) WITHOUT ROWID")
-    conn.execute("CREATE INDEX idx_rc_charge_messages_message ON rc_charge_messages (message_id)")
-    conn.execute("CREATE TABLE rc_acks (exception_id TEXT PRIMARY KEY, who TEXT NOT NULL, note TEXT NOT NULL, "
+        "PRIMARY KEY (facility, charge_key, message_id))" + clustered)
+    run("CREATE INDEX idx_rc_charge_messages_message ON rc_charge_messages (message_id)")
+    run("CREATE TABLE rc_acks (exception_id TEXT PRIMARY KEY, who TEXT NOT NULL, note TEXT NOT NULL, "
                  "at TEXT NOT NULL)")
 
 
@@ -70,16 +73,17 @@ def _marks(items) -> str:
     return ", ".join("?" for _ in items)
 
 
-class ReconcileTables:
-    """The reconcile methods of ``engine.store.base.Journal`` (needs ``self.conn`` and ``self._rows``)."""
+class ReconcileQueries:
+    """The reconcile methods of ``engine.store.base.Journal``, over the backend's ``_all``, ``_rows``
+    and ``_run``."""
 
     def record_appointment_event(self, message_id: int, event: dict):
         columns = ("message_id", "facility", "appointment_id") + EVENT_COLUMNS
-        self.conn.execute(
+        self._run(
             f"INSERT INTO rc_appointment_events ({', '.join(repr_col(c) for c in columns)}) VALUES ({_marks(columns)}) "
             f"ON CONFLICT (facility, appointment_id, message_id) DO UPDATE SET "
             + ", ".join(f"{repr_col(c)} = excluded.{repr_col(c)}" for c in EVENT_COLUMNS),
-            (message_id, event["facility"], event["appointment_id"], *(event.get(c) for c in EVENT_COLUMNS)))
+            message_id, event["facility"], event["appointment_id"], *(event.get(c) for c in EVENT_COLUMNS))
 
     def appointment_events(self, facility: str, appointment_id: str) -> list[dict]:
         return self._rows(
@@ -89,21 +93,21 @@ class ReconcileTables:
 
     def put_appointment(self, facility: str, appointment_id: str, state: dict):
         columns = ("facility", "appointment_id") + APPOINTMENT_COLUMNS
-        self.conn.execute(
+        self._run(
             f"INSERT INTO rc_appointments ({', '.join(columns)}) VALUES ({_marks(columns)}) "
             "ON CONFLICT (facility, appointment_id) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in APPOINTMENT_COLUMNS),
-            (facility, appointment_id, *(state.get(c) for c in APPOINTMENT_COLUMNS)))
+            facility, appointment_id, *(state.get(c) for c in APPOINTMENT_COLUMNS))
 
     def record_charge_line(self, message_id: int, received_at: str, line: dict) -> dict:
         columns = ("facility", "charge_key") + CHARGE_COLUMNS + ("received_at", "first_message_id")
-        self.conn.execute(
+        self._run(
             f"INSERT INTO rc_charges ({', '.join(columns)}) VALUES ({_marks(columns)}) "
             "ON CONFLICT (facility, charge_key) DO NOTHING",
-            (line["facility"], line["charge_key"], *(line.get(c) for c in CHARGE_COLUMNS), received_at, message_id))
-        self.conn.execute(
+            line["facility"], line["charge_key"], *(line.get(c) for c in CHARGE_COLUMNS), received_at, message_id)
+        self._run(
             "INSERT INTO rc_charge_messages (facility, charge_key, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            (line["facility"], line["charge_key"], message_id))
+            line["facility"], line["charge_key"], message_id)
         return self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.charge_key = ?",
                           line["facility"], line["charge_key"])[0]
 
@@ -131,18 +135,18 @@ class ReconcileTables:
         return list({row["charge_key"]: row for row in rows}.values())
 
     def set_charge_link(self, facility, charge_key, appointment_id, rule, appointment_start, lag_s):
-        self.conn.execute(
+        self._run(
             "UPDATE rc_charges SET appointment_id = ?, link_rule = ?, appointment_start = ?, lag_s = ? "
-            "WHERE facility = ? AND charge_key = ?", (appointment_id, rule, appointment_start, lag_s, facility, charge_key))
+            "WHERE facility = ? AND charge_key = ?", appointment_id, rule, appointment_start, lag_s, facility, charge_key)
 
     def clear_reconcile(self):
         for table in ("rc_appointment_events", "rc_appointments", "rc_charges", "rc_charge_messages"):
-            self.conn.execute(f"DELETE FROM {table}")
+            self._run(f"DELETE FROM {table}")
 
     def reconcile_sources(self, after_id: int, limit: int) -> list[tuple]:
-        return self.conn.execute(
+        return self._all(
             "SELECT id, raw, charset, route, received_at FROM messages WHERE id > ? "
-            "AND status IN ('mapped', 'mapping_error') ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            "AND status IN ('mapped', 'mapping_error') ORDER BY id LIMIT ?", after_id, limit)
 
     def _message_ids(self, table: str, key: str, keys: list[tuple]) -> dict:
         """{(facility, key): [message IDs]} for the given keys, from ``table``."""
@@ -151,8 +155,8 @@ class ReconcileTables:
             chunk = keys[start:start + 400]
             where = " OR ".join(f"(facility = ? AND {key} = ?)" for _ in chunk)
             params = [value for pair in chunk for value in pair]
-            for facility, value, message_id in self.conn.execute(
-                    f"SELECT facility, {key}, message_id FROM {table} WHERE {where} ORDER BY message_id", params):
+            for facility, value, message_id in self._all(
+                    f"SELECT facility, {key}, message_id FROM {table} WHERE {where} ORDER BY message_id", *params):
                 found.setdefault((facility, value), []).append(message_id)
         return found
 
@@ -204,18 +208,18 @@ class ReconcileTables:
     def reconcile_kpi_rows(self, since, as_of, facility, erp_destinations):
         only = " AND facility = ?" if facility else ""
         extra = [facility] if facility else []
-        appointments = self.conn.execute(
+        appointments = self._all(
             "SELECT facility, status, start_at, same_day_cancel FROM rc_appointments WHERE start_at >= ? AND start_at < ?"
-            + only, (since, as_of, *extra)).fetchall()
+            + only, since, as_of, *extra)
         posted = "NULL"
         if erp_destinations:
             posted = ("(SELECT min(d.delivered_at) FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
                       "WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key "
                       f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)")
-        charges = self.conn.execute(
+        charges = self._all(
             f"SELECT facility, kind, coalesce(appointment_start, service_at), made_at, {posted} FROM rc_charges c "
             "WHERE made_at >= ? AND made_at < ?" + only,
-            (*(list(erp_destinations) + [as_of] if erp_destinations else []), since, as_of, *extra)).fetchall()
+            *(list(erp_destinations) + [as_of] if erp_destinations else []), since, as_of, *extra)
         return appointments, charges
 
     def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
@@ -236,16 +240,16 @@ class ReconcileTables:
         if not rows:
             return None
         record = rows[0]
-        record["message_ids"] = [r[0] for r in self.conn.execute(
+        record["message_ids"] = [r[0] for r in self._all(
             "SELECT message_id FROM rc_charge_messages WHERE facility = ? AND charge_key = ? ORDER BY message_id",
-            (facility, charge_key))]
+            facility, charge_key)]
         record["deliveries"] = self._charge_deliveries(facility, charge_key)
         return record
 
     def acknowledge(self, exception_id: str, who: str, note: str, at: str):
-        self.conn.execute(
+        self._run(
             "INSERT INTO rc_acks (exception_id, who, note, at) VALUES (?, ?, ?, ?) ON CONFLICT (exception_id) "
-            "DO UPDATE SET who = excluded.who, note = excluded.note, at = excluded.at", (exception_id, who, note, at))
+            "DO UPDATE SET who = excluded.who, note = excluded.note, at = excluded.at", exception_id, who, note, at)
 
     def acknowledgements(self) -> dict:
         return {r["exception_id"]: {"who": r["who"], "note": r["note"], "at": r["at"]}
