@@ -59,3 +59,26 @@ def acknowledge(journal: Journal, exception_id: str, who: str, note: str, now: d
         raise ValueError("an acknowledgement needs a note: what was done about it")
     with journal.transaction():
         journal.acknowledge(exception_id, who, note.strip(), iso(now))
+
+
+METRICS_WINDOW = 30 * 86400.0  # what /metrics counts: the exceptions and charge lags of the last 30 days
+
+
+def gauges(journal: Journal, settings: ReconcileSettings, erp: list[str], now: datetime) -> dict:
+    """For /metrics: open (unacknowledged) exceptions per (kind, facility) and each facility's
+    service-to-charge lags in seconds, over the last METRICS_WINDOW."""
+    since = now - timedelta(seconds=METRICS_WINDOW)
+    found = run(journal, settings, erp, since, now)
+    counts: dict[tuple[str, str], int] = {}
+    for facility in found["kpis"]:
+        for kind in rules.KINDS:
+            counts[(kind, facility)] = 0
+    for item in found["exceptions"]:
+        counts[(item["kind"], item["facility"])] = counts.get((item["kind"], item["facility"]), 0) + 1
+    _, charges = journal.reconcile_kpi_rows(iso(since), iso(now), None, [])
+    lags: dict[str, list] = {}
+    for facility, kind, service_at, made_at, _ in charges:
+        lag = rules.lag_seconds(service_at, made_at) if kind in rules.VISIT_LINES else None
+        if lag is not None:
+            lags.setdefault(facility, []).append(max(0.0, lag))
+    return {"exceptions": counts, "lag": lags}

@@ -134,3 +134,23 @@ def test_the_report_files(journal, journal_location, month, tmp_path):
     data = json.loads(json_file.read_text())
     assert len(data["exceptions"]) == len(month.planted)
     assert len(csv_file.read_text().splitlines()) == len(month.planted) + 1
+
+
+def test_prometheus_gauges_and_the_charge_lag_histogram(journal, month):
+    import re
+
+    from engine.mllp.listener import Counters
+    from engine.ops.metrics import Histogram, render
+
+    found = queue.gauges(journal, month.project.reconcile, month.project.erp_destinations(), AS_OF)
+    text = render(Counters(), {}, Histogram(), {}, [], AS_OF, reconcile=found)
+    for kind, facility, count in (("missed_charge", "NORTHCLINIC", 2), ("missed_charge", "EASTCLINIC", 2),
+                                  ("late_charge", "NORTHCLINIC", 2), ("erp_not_posted", "NORTHCLINIC", 5),
+                                  ("charge_without_appointment", "EASTCLINIC", 2), ("erp_not_posted", "EASTCLINIC", 1)):
+        assert f'hl7bridge_reconcile_exceptions{{kind="{kind}",facility="{facility}"}} {count}\n' in text
+    value = lambda name: int(re.search(re.escape(name) + r" (\d+)", text).group(1))  # noqa: E731
+    lag = "hl7bridge_reconcile_charge_lag_seconds"
+    total = value(f'{lag}_count{{facility="NORTHCLINIC"}}')
+    # Two NORTHCLINIC charges came more than a day after their appointment (5 and 3.5 days).
+    assert value(f'{lag}_bucket{{facility="NORTHCLINIC",le="86400.0"}}') == total - 2 > 100
+    assert value(f'{lag}_bucket{{facility="NORTHCLINIC",le="+Inf"}}') == total
