@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone as dt_timezone
 from zoneinfo import ZoneInfo
 
@@ -53,6 +54,7 @@ class Moment:
     day: str
 
 
+@lru_cache(maxsize=4096)
 def read_time(value: str, zone) -> Moment | None:
     """An HL7 DTM (``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]``) read in ``zone`` when it carries no
     offset; None when it is empty or not a time."""
@@ -122,7 +124,9 @@ class Facts:
 NO_FACTS = Facts(None, ())
 
 
+@lru_cache(maxsize=64)
 def zone_of(name: str | None):
+    """The time zone HL7 times without an offset are read in (a route's ``timezone``; else UTC)."""
     return ZoneInfo(name) if name else dt_timezone.utc
 
 

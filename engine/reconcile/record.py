@@ -12,8 +12,6 @@ appointment, when it is booked or changed, to the charges that were waiting for 
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from ..errors import ParseError
 from ..store.base import Journal
 from . import rules
@@ -25,31 +23,41 @@ def apply(journal: Journal, message_id: int, received_at: str, facts: Facts, set
     """Store one message's facts and relink what they touch, inside the caller's transaction."""
     if facts.appointment is not None:
         _appointment(journal, message_id, facts.appointment, settings)
+    if not facts.charges:
+        return
+    # The lines of one message share its patient and visit: one look for their appointments.
+    first = facts.charges[0]
+    candidates = journal.link_candidates(first.facility, first.visit_id, first.patient_id)
     for charge in facts.charges:
-        line = asdict(charge)
-        line["charge_key"] = key_for(charge, message_id)
-        row = journal.record_charge_line(message_id, received_at, line)
-        if row["appointment_id"] is None:
-            link(journal, row, settings)
+        line = dict(vars(charge), charge_key=key_for(charge, message_id))
+        line.update(_link_fields(line, candidates, settings))
+        journal.record_charge_line(message_id, received_at, line)
+
+
+def _link_fields(charge: dict, candidates: list[dict], settings: ReconcileSettings) -> dict:
+    """The link columns of a charge line: its appointment, the rule, the appointment's start and
+    the lag from it to the charge (all None when it links to none)."""
+    choice = rules.choose_link(charge, candidates, settings.rules(charge["facility"])) if candidates else None
+    if choice is None:
+        return {"appointment_id": None, "link_rule": None, "appointment_start": None, "lag_s": None}
+    appointment_id, rule = choice
+    start = next(c["start_at"] for c in candidates if c["appointment_id"] == appointment_id)
+    return {"appointment_id": appointment_id, "link_rule": rule, "appointment_start": start,
+            "lag_s": rules.lag_seconds(start, charge["made_at"])}
 
 
 def link(journal: Journal, charge: dict, settings: ReconcileSettings):
-    """Link one charge line to its appointment (or to none) by the facility's rules."""
+    """Link one stored charge line again (its appointment was booked or changed): to the
+    appointment the facility's rules choose now, or to none."""
     candidates = journal.link_candidates(charge["facility"], charge["visit_id"] or "", charge["patient_id"] or "")
-    choice = rules.choose_link(charge, candidates, settings.rules(charge["facility"]))
-    if choice is None:
-        if charge["appointment_id"] is not None:
-            journal.set_charge_link(charge["facility"], charge["charge_key"], None, None, None, None)
-        return
-    appointment_id, rule = choice
-    start = next(c["start_at"] for c in candidates if c["appointment_id"] == appointment_id)
-    if (appointment_id, rule, start) != (charge["appointment_id"], charge["link_rule"], charge["appointment_start"]):
-        journal.set_charge_link(charge["facility"], charge["charge_key"], appointment_id, rule, start,
-                                rules.lag_seconds(start, charge["made_at"]))
+    fields = _link_fields(charge, candidates, settings)
+    if any(fields[key] != charge[key] for key in ("appointment_id", "link_rule", "appointment_start")):
+        journal.set_charge_link(charge["facility"], charge["charge_key"], fields["appointment_id"], fields["link_rule"],
+                                fields["appointment_start"], fields["lag_s"])
 
 
 def _appointment(journal: Journal, message_id: int, fact, settings: ReconcileSettings):
-    journal.record_appointment_event(message_id, asdict(fact))
+    journal.record_appointment_event(message_id, vars(fact))
     state = rules.current_state(journal.appointment_events(fact.facility, fact.appointment_id))
     journal.put_appointment(fact.facility, fact.appointment_id, state)
     for charge in journal.charges_to_relink(fact.facility, fact.appointment_id, state["visit_id"], state["patient_id"]):

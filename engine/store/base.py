@@ -528,10 +528,11 @@ class Journal(ABC):
         the caller's transaction."""
 
     @abstractmethod
-    def record_charge_line(self, message_id: int, received_at: str, line: dict) -> dict:
-        """Keep one charge line (the ChargeFact fields as a dict, ``charge_key`` filled in) and
-        that this message carried it; the first message to carry a key gives its values (a resend
-        only adds its message). Inside the caller's transaction; returns the stored row."""
+    def record_charge_line(self, message_id: int, received_at: str, line: dict):
+        """Keep one charge line (the ChargeFact fields as a dict, with ``charge_key`` and its link:
+        ``appointment_id``, ``link_rule``, ``appointment_start``, ``lag_s``) and that this message
+        carried it; the first message to carry a key gives its values, link included (a resend only
+        adds its message). Inside the caller's transaction."""
 
     @abstractmethod
     def link_candidates(self, facility: str, visit_id: str, patient_id: str) -> list[dict]:

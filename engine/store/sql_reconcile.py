@@ -27,6 +27,7 @@ EVENT_COLUMNS = ("trigger", "event", "status", "filler_status", "start_at", "sta
                  "location", "provider", "placer_id", "filler_id", "occurred_at")
 CHARGE_COLUMNS = ("transaction_id", "set_id", "type_code", "kind", "code", "service_at", "service_day", "made_at",
                   "amount", "currency", "patient_id", "visit_id")
+LINK_COLUMNS = ("appointment_id", "link_rule", "appointment_start", "lag_s")
 CHARGE_SELECT = ("c.facility, c.charge_key, c.transaction_id, c.kind, c.type_code, c.code, c.service_at, "
                  "c.service_day, c.made_at, c.amount, c.currency, c.patient_id, c.visit_id, c.appointment_id, "
                  "c.link_rule, c.appointment_start, c.lag_s, c.received_at, c.first_message_id")
@@ -73,6 +74,11 @@ def _marks(items) -> str:
     return ", ".join("?" for _ in items)
 
 
+_CHARGE_INSERTED = ("facility", "charge_key") + CHARGE_COLUMNS + LINK_COLUMNS + ("received_at", "first_message_id")
+INSERT_CHARGE_SQL = (f"INSERT INTO rc_charges ({', '.join(_CHARGE_INSERTED)}) VALUES ({_marks(_CHARGE_INSERTED)}) "
+                     "ON CONFLICT (facility, charge_key) DO NOTHING")
+
+
 class ReconcileQueries:
     """The reconcile methods of ``engine.store.base.Journal``, over the backend's ``_all``, ``_rows``
     and ``_run``."""
@@ -99,17 +105,12 @@ class ReconcileQueries:
             + ", ".join(f"{c} = excluded.{c}" for c in APPOINTMENT_COLUMNS),
             facility, appointment_id, *(state.get(c) for c in APPOINTMENT_COLUMNS))
 
-    def record_charge_line(self, message_id: int, received_at: str, line: dict) -> dict:
-        columns = ("facility", "charge_key") + CHARGE_COLUMNS + ("received_at", "first_message_id")
-        self._run(
-            f"INSERT INTO rc_charges ({', '.join(columns)}) VALUES ({_marks(columns)}) "
-            "ON CONFLICT (facility, charge_key) DO NOTHING",
-            line["facility"], line["charge_key"], *(line.get(c) for c in CHARGE_COLUMNS), received_at, message_id)
+    def record_charge_line(self, message_id: int, received_at: str, line: dict):
+        self._run(INSERT_CHARGE_SQL, line["facility"], line["charge_key"],
+                  *(line.get(c) for c in CHARGE_COLUMNS + LINK_COLUMNS), received_at, message_id)
         self._run(
             "INSERT INTO rc_charge_messages (facility, charge_key, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             line["facility"], line["charge_key"], message_id)
-        return self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.charge_key = ?",
-                          line["facility"], line["charge_key"])[0]
 
     def link_candidates(self, facility: str, visit_id: str, patient_id: str) -> list[dict]:
         columns = "appointment_id, status, start_at, start_day, patient_id, visit_id"
