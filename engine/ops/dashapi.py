@@ -286,17 +286,18 @@ def _reconcile_kinds(body: dict) -> list[str] | None:
 @call("reconcile")
 def reconcile(status: Status, body: dict, user: User):
     """The scheduling-to-cash work queues and KPIs (``engine.reconcile.queue.run``) over ``since``
-    (default 30d), for one ``facility`` and one ``kind`` when given; ``acknowledged``: the
-    acknowledged exceptions too."""
+    (default 30d) up to ``as_of`` (default now), for one ``facility`` and one ``kind`` when given;
+    ``acknowledged``: the acknowledged exceptions too."""
     from ..reconcile import queue
 
-    now = datetime.now(timezone.utc)
+    as_of = _moment(body, "as_of")
+    now = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else datetime.now(timezone.utc)
     start = _moment(body, "since") or parse_moment("30d", now)
     kinds, facility = _reconcile_kinds(body), _text(body, "facility", 100)
     settings, erp = status.reconcile_settings()
     since = datetime.fromisoformat(start.replace("Z", "+00:00"))
     if since >= now:
-        raise CallError("since must be in the past")
+        raise CallError("since must be before as_of (now)")
 
     def read(journal):
         result = queue.run(journal, settings, erp, since, now, facility, kinds, bool(body.get("acknowledged")))

@@ -102,7 +102,7 @@ class Engine:
         self.node = settings.node_name
         if project is not None:
             self.supervisor.add("converter", "engine.transform.converter", journal_arg,
-                                "--config", str(project.directory), "--parent", str(os.getpid()),
+                                "--config", str(project.given or project.directory), "--parent", str(os.getpid()),
                                 "--worker", f"{self.node}/converter")
         self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
@@ -189,7 +189,7 @@ class Engine:
 
         The verdict goes to the log, to /metrics and to the reload file beside the journal, where
         ``hl7bridge reload`` waits for it."""
-        directory = self.project.directory if self.project is not None else self.settings.config_dir
+        directory = (self.project.given or self.project.directory) if self.project is not None else self.settings.config_dir
         try:
             project = Project.load(directory)
         except ConfigError as exc:
@@ -201,7 +201,7 @@ class Engine:
         self.dispatcher.update(project.destinations)
         self.supervisor.signal("converter", "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
-                f"{len(project.destinations)} destinations from {Path(directory).resolve()}")
+                f"{len(project.destinations)} destinations from {project.directory.resolve()}")
         log.info("reloaded {what}", what=text)
         self._reloaded(True, text)
         return True

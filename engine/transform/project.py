@@ -48,6 +48,9 @@ class Project:
     routes: RouteTable
     destinations: dict = field(default_factory=dict)
     reconcile: reconcile_settings.ReconcileSettings = field(default_factory=reconcile_settings.ReconcileSettings)
+    # The directory it was loaded from as given (its hl7bridge.yaml holds the reconcile: settings),
+    # which may hold no routes of its own; a helper process loads it again from here.
+    given: Path | None = None
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> "Project":
@@ -73,7 +76,7 @@ class Project:
                 raise ConfigError(f"reconcile.erp_destinations names {name!r}, which no file in destinations/ defines",
                                   Path(given or directory) / reconcile_settings.CONFIG_FILE, None,
                                   f"known destinations: {', '.join(sorted(destinations)) or 'none'}")
-        return cls(directory, mappings, routes, destinations, reconcile)
+        return cls(directory, mappings, routes, destinations, reconcile, Path(given) if given is not None else None)
 
     def erp_destinations(self) -> list[str]:
         """The destinations postings go to (``reconcile.erp_destinations``, else every destination
