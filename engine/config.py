@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .hl7.assess import AcceptPolicy
 from .hl7.versions import SUPPORTED_VERSIONS
 from .reconcile.settings import ReconcileSettings, parse as parse_reconcile
+from .store import is_database_url
 from .store.base import SYNCHRONOUS_MODES
 from .yamlconf import Section, age, expand_env, load_yaml, seconds
 
@@ -102,6 +103,7 @@ class Settings:
     base: Path = Path(".")
     listeners: tuple = (ListenerSettings(),)
     journal_path: Path = Path("var/journal.db")
+    journal_url: str | None = None  # a PostgreSQL journal (postgresql://...) instead of the file
     journal_synchronous: str = "full"
     identity: Identity = Identity()
     default_charset: str = "utf-8"
@@ -115,6 +117,11 @@ class Settings:
     reconcile: ReconcileSettings = ReconcileSettings()  # windows, linking rules, the daily report (engine.reconcile)
     node: str = ""  # this engine's name in the cluster, in its claims ("" : the host name)
     lease: float = 30.0  # seconds a node's claim on a delivery or a job lasts unless renewed
+
+    @property
+    def journal_location(self) -> str:
+        """What the engine opens: the PostgreSQL URL when there is one, else the file."""
+        return self.journal_url or str(self.journal_path)
 
     @property
     def node_name(self) -> str:
@@ -141,7 +148,7 @@ KEYS = {
         "processing_ids", "message_types",
     },
     "tls": {"certificate", "private_key", "client_ca"},
-    "journal": {"path", "synchronous", "retention"},
+    "journal": {"path", "url", "synchronous", "retention"},
     "retention": {"older_than", "keep_errors", "every"},
     "identity": {"application", "facility"},
     "charset": {"default"},
@@ -213,9 +220,15 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         except ValueError as exc:
             raise policy.error("every", str(exc)) from None
     reconcile = parse_reconcile(top.data.get("reconcile"), path, top.line("reconcile"), base)
+    journal_url = expand_env(journal.get("url", str, None), journal, "url")
+    if journal_url is not None and not is_database_url(journal_url):
+        raise journal.error("url", "is not a PostgreSQL URL", "postgresql://USER:${PASSWORD}@HOST:5432/DATABASE")
+    if journal_url is not None and journal.data.get("path") is not None:
+        raise journal.error("url", "goes without journal.path", "the journal is either a file or a database")
     return Settings(
         reconcile=reconcile,
         retention=retention,
+        journal_url=journal_url,
         dashboard=dashboard_settings,
         base=base,
         listeners=listeners,
@@ -383,8 +396,10 @@ def with_overrides(settings: Settings, listen: tuple = (), journal: str | None =
             for i, endpoint in enumerate(listen, 1)
         )
         settings = replace(settings, listeners=listeners)
-    if journal:
-        settings = replace(settings, journal_path=Path(journal))
+    if journal and is_database_url(journal):
+        settings = replace(settings, journal_url=journal)
+    elif journal:
+        settings = replace(settings, journal_path=Path(journal), journal_url=None)
     if node:
         if not _NODE_NAME.match(node):
             raise ConfigError(f"--node {node!r} is not a usable node name: letters, digits and . _ - (at most 63)")

@@ -17,20 +17,22 @@ def backend(request):
 
 @pytest.fixture
 def journal_location(backend, tmp_path, request):
-    """Where a fresh journal of the test's backend goes: a file path, or a new database's URL."""
+    """Where a fresh journal of the test's backend goes: a file path, or a new database's URL
+    (the connection pools this process opened to it are closed after the test)."""
     if backend == "sqlite":
-        return str(tmp_path / "journal.db")
-    return request.getfixturevalue("postgres_url")
+        yield str(tmp_path / "journal.db")
+        return
+    from engine.store import postgres
+
+    yield request.getfixturevalue("postgres_url")
+    postgres.close_pools()
 
 
 @pytest.fixture
 def journal(journal_location):
-    from engine.store import postgres
-
     j = open_journal(journal_location)
     yield j
     j.close()
-    postgres.close_pools()
 
 
 @pytest.fixture

@@ -63,16 +63,21 @@ def serve(listen, config_dir, journal_path, log_level, metrics_endpoint, node):
 
 
 @cli.command(context_settings=CONTEXT)
-@journal_option(help="The journal of the engine to reload.")
+@journal_option(help="The journal of the engine to reload (a file, or a cluster's postgresql:// URL).")
+@config_option(help="With a PostgreSQL journal: the node's config directory (default: this one); its var/ "
+                    "holds the node's PID file.")
+@click.option("--node", metavar="NAME", help="With a PostgreSQL journal: the node on this host (default: the host name).")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the engine's verdict.")
 @json_option
-def reload(journal_path, timeout, as_json):
+def reload(journal_path, config_dir, node, timeout, as_json):
     """Ask the running engine to load its routes, mappings and destinations again, and wait for its verdict.
 
     The engine loads every file first and switches only when all of them load: a broken file is
     refused with its name, line and a hint, and the running configuration stays. Exit codes: 0
     reloaded; 1 refused (the reason is printed); 3 no engine runs for this journal, or it gave no
     verdict within --timeout. Run 'hl7bridge check' first to see problems before they reach it.
+    In a cluster (a PostgreSQL journal) it reloads the node on this host: run it on each node's
+    host, with the same files deployed to each (docs/cluster.md).
 
     Example: hl7bridge reload --journal var/journal.db
     """
@@ -81,10 +86,18 @@ def reload(journal_path, timeout, as_json):
     import signal
     import time
 
-    from ..serve import pid_file, reload_file
+    import socket
 
-    path = pid_file(journal_path)
-    verdict_path = reload_file(journal_path)
+    from ..serve import pid_file, reload_file
+    from ..store import is_database_url
+
+    where = journal_path
+    if is_database_url(journal_path):
+        node = node or socket.gethostname()
+        where = (config_dir if config_dir is not None else Path(".")) / "var" / f"{node}.journal"
+        journal_path = f"node {node}"
+    path = pid_file(where)
+    verdict_path = reload_file(where)
 
     def verdict():
         try:

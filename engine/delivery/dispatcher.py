@@ -60,7 +60,6 @@ class Dispatcher:
         self._leases.clock = reactor
         self._takeover = task.LoopingCall(self.take_over_expired)
         self._takeover.clock = reactor
-        self.taken_over = 0  # deliveries of dead workers returned to the queue since start (/metrics)
 
     @defer.inlineCallbacks
     def start(self):
@@ -99,7 +98,6 @@ class Dispatcher:
 
         def taken(ids):
             if ids:
-                self.taken_over += len(ids)
                 log.warn("{count} deliveries were in flight on a node that stopped renewing its claims; "
                          "they go out again", count=len(ids))
             return ids

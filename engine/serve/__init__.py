@@ -47,6 +47,7 @@ from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
 from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
+from ..transform.converter import JOURNAL_VARIABLE
 from ..transform.project import Project
 from .status import EngineStatus
 from .scheduler import Scheduler
@@ -93,17 +94,24 @@ class Engine:
         self.settings = settings
         self.reactor = reactor
         self.writer = JournalWriter(reactor, journal or open_journal(
-            settings.journal_path, settings.journal_synchronous, manual_checkpoints=True))
+            settings.journal_location, settings.journal_synchronous, manual_checkpoints=True))
         self.project = project
-        journal_arg = str(self.writer.journal.path)
-        self.supervisor = Supervisor(reactor)
-        self.supervisor.add("text indexer", "engine.store.textindexer", journal_arg,
-                            "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
         self.node = settings.node_name
+        location = self.writer.journal.location
+        # The helpers get the journal's location in their environment: a URL's password stays
+        # out of the process list.
+        worker_env = {**os.environ, JOURNAL_VARIABLE: location}
+        self.supervisor = Supervisor(reactor)
+        if self.writer.journal.indexes_text_apart:
+            self.supervisor.add("text indexer", "engine.store.textindexer", location,
+                                "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
         if project is not None:
-            self.supervisor.add("converter", "engine.transform.converter", journal_arg,
+            self.supervisor.add("converter", "engine.transform.converter", "-",
                                 "--config", str(project.given or project.directory), "--parent", str(os.getpid()),
-                                "--worker", f"{self.node}/converter")
+                                "--worker", f"{self.node}/converter", env=worker_env)
+        # Where the PID and reload-verdict files go: beside a journal file; for a database, in
+        # var/ of the config directory, named after the node.
+        self.state_path = state_path(settings, self.writer.journal)
         self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
         self.counters = Counters()
         # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
@@ -175,7 +183,8 @@ class Engine:
             pool.start()
         self.status.start()
         self.writer.start()
-        self.supervisor.workers["text indexer"].start()
+        if "text indexer" in self.supervisor.workers:
+            self.supervisor.workers["text indexer"].start()
         yield self.dispatcher.start()
         self.scheduler.start()
         if self.project is not None:
@@ -210,7 +219,7 @@ class Engine:
         self.reloads["ok" if ok else "refused"] += 1
         self.last_reload = {"pid": os.getpid(), "sequence": sum(self.reloads.values()),
                             "at": datetime.now(timezone.utc).isoformat(), "ok": ok, "message": text}
-        path = reload_file(self.writer.journal.path)
+        path = reload_file(self.state_path)
         try:
             temporary = path.with_name(path.name + ".tmp")
             temporary.write_text(json.dumps(self.last_reload) + "\n")
@@ -343,6 +352,14 @@ def dashboard_line(settings: Settings, bound) -> str:
             "(examples/hl7bridge.yaml has every option; docs/operations.md, 'The dashboard')")
 
 
+def state_path(settings: Settings, journal: Journal) -> Path:
+    """The path the PID and reload files are named from: the journal file; for a PostgreSQL
+    journal, ``var/NODE`` in the config directory (each node of a cluster has its own)."""
+    if journal.path is not None:
+        return Path(journal.path)
+    return (settings.config_dir or settings.base) / "var" / f"{settings.node_name}.journal"
+
+
 def pid_file(journal_path) -> Path:
     """Where a running engine writes its process ID (beside its journal), for ``hl7bridge reload``."""
     path = Path(journal_path)
@@ -366,7 +383,8 @@ def run(settings: Settings, project: Project | None = None) -> int:
     start_logging(settings.log_level)
     engine = Engine(settings, reactor, project=project)
     exit_code = [0]
-    pid_path = pid_file(engine.writer.journal.path)
+    pid_path = pid_file(engine.state_path)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
     stopping = []
 
     def shut_down(reason: str | None = None):
@@ -403,7 +421,7 @@ def run(settings: Settings, project: Project | None = None) -> int:
         reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
         reactor.addSystemEventTrigger("after", "shutdown", lambda: pid_path.unlink(missing_ok=True))
         reactor.addSystemEventTrigger("after", "shutdown",
-                                      lambda: reload_file(engine.writer.journal.path).unlink(missing_ok=True))
+                                      lambda: reload_file(engine.state_path).unlink(missing_ok=True))
 
     def failed(failure):
         print(f"hl7bridge: {failure.getErrorMessage()}", file=sys.stderr, flush=True)

@@ -63,7 +63,7 @@ class EngineStatus(Status):
     def _journal(self):
         journal = getattr(self._local, "journal", None)
         if journal is None:
-            journal = open_journal(self._engine.writer.journal.path, create=False, readonly=True)
+            journal = open_journal(self._engine.writer.journal.location, create=False, readonly=True)
             self._local.journal = journal
             with self._lock:
                 self._journals.append(journal)

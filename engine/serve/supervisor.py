@@ -18,10 +18,11 @@ WORKER_RESTART_DELAY = 5.0
 class WorkerProcess(protocol.ProcessProtocol):
     """One helper process (``python -m MODULE ARGS``), restarted if it dies."""
 
-    def __init__(self, reactor, name: str, args: list[str]):
+    def __init__(self, reactor, name: str, args: list[str], env: dict | None = None):
         self.reactor = reactor
         self.name = name
         self.args = args
+        self.env = env  # None: the engine's own environment
         self.stopping = False
         self.ended = None
         self.transport = None
@@ -29,7 +30,7 @@ class WorkerProcess(protocol.ProcessProtocol):
     def start(self):
         self.ended = defer.Deferred()
         argv = [sys.executable, "-m", *self.args]
-        self.reactor.spawnProcess(self, sys.executable, argv, env=None, childFDs={0: "w", 1: 1, 2: 2})
+        self.reactor.spawnProcess(self, sys.executable, argv, env=self.env, childFDs={0: "w", 1: 1, 2: 2})
 
     def processEnded(self, reason):
         ended, self.ended = self.ended, None
@@ -68,8 +69,8 @@ class Supervisor:
         self.reactor = reactor
         self.workers: dict[str, WorkerProcess] = {}
 
-    def add(self, name: str, module: str, *args: str) -> WorkerProcess:
-        self.workers[name] = WorkerProcess(self.reactor, name, [module, *args])
+    def add(self, name: str, module: str, *args: str, env: dict | None = None) -> WorkerProcess:
+        self.workers[name] = WorkerProcess(self.reactor, name, [module, *args], env)
         return self.workers[name]
 
     def start(self):

@@ -27,7 +27,7 @@ class JournalWriter:
     def __init__(self, reactor, journal: Journal):
         self.reactor = reactor
         self.journal = journal
-        self.bookkeeping = open_journal(journal.path, "normal", create=False, manual_checkpoints=True)
+        self.bookkeeping = open_journal(journal.location, "normal", create=False, manual_checkpoints=True)
         self._thread = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-journal-writer")
         self.checkpointer = journal.background_checkpointer()
         self._checkpoint_thread = ThreadPool(minthreads=1, maxthreads=1, name="hl7bridge-checkpointer")

@@ -45,3 +45,26 @@ def open_journal(path: str | Path, synchronous: str = "full", create: bool = Tru
     from .sqlite import SqliteJournal
 
     return SqliteJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints, readonly=readonly)
+
+
+def migrate_journal(source: str | Path, target: str, progress=None) -> dict:
+    """Copy the SQLite journal at ``source`` into the PostgreSQL journal at ``target`` (created
+    when empty), IDs kept; safe to run again (``engine.store.postgres_import``). Returns
+    {table: rows copied, "verified": {table: (rows in the source, found in the target)}}."""
+    if not is_database_url(target):
+        raise ValueError(f"--to must be a postgresql:// URL, not {target!r}")
+    if is_database_url(source):
+        raise ValueError("--from is a SQLite journal file (a single node's var/journal.db)")
+    from .postgres import PostgresJournal
+    from .postgres_import import migrate
+    from .sqlite import SqliteJournal
+
+    reader = SqliteJournal(source, create=False, readonly=True)
+    try:
+        writer = PostgresJournal(target)
+        try:
+            return migrate(reader, writer, progress)
+        finally:
+            writer.close()
+    finally:
+        reader.close()

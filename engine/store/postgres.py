@@ -35,9 +35,12 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .base import SCHEMA_VERSION, SYNCHRONOUS_MODES, Entry
+from datetime import datetime, timedelta
+
+from ..stamps import iso
+from .base import RESPONSE_KEPT, SCHEMA_VERSION, SYNCHRONOUS_MODES, Attempt, ConversionRecord, Delivery, Entry, NextState
+from .sql import DUE_SQL, INSERT_COLUMNS, SqlJournal
 from .sql_reconcile import create_tables as create_reconcile_tables
-from .sql import INSERT_COLUMNS, SqlJournal
 from .sqlite_text import searchable_text
 
 CONNECT_TIMEOUT = 10  # seconds to reach the server before an operation fails (and /readyz says so)
@@ -244,9 +247,41 @@ class PostgresJournal(SqlJournal):
             hashed = sorted({_key32(f"{facility}\x1f{control_id}") for facility, control_id in keys})
             self._all("SELECT pg_advisory_xact_lock(?, k) FROM unnest(?::int[]) AS k", LOCK_DUPLICATE_KEY, hashed)
 
-    def _insert_message(self, entry: Entry) -> int:
+    def insert(self, entry: Entry) -> int:
+        """The message, its free-text document and its identifiers in one statement: one round
+        trip, where SQLite takes one per identifier."""
         text = searchable_text(entry.raw, entry.charset).replace("\x00", " ")
-        return self._all(INSERT_WITH_TEXT_SQL, *self._entry_row(entry), text)[0][0]
+        kinds, values, authorities = (list(column) for column in zip(*entry.ids)) if entry.ids else ([], [], [])
+        message_id = self._all(INSERT_MESSAGE_SQL, *self._entry_row(entry), text, kinds, values, authorities)[0][0]
+        if entry.conversion is not None:
+            self.record_conversion(message_id, entry.conversion)
+        return message_id
+
+    def record_conversion(self, message_id: int, record: ConversionRecord, update_status: bool = False,
+                          route: str | None = None):
+        """The conversion and the message's new status and route in one statement."""
+        self._all(RECORD_CONVERSION_SQL, message_id, record.route, record.status, record.converted_at, record.bundle,
+                  record.problems, route, record.status if update_status else None, message_id)
+
+    def claim_deliveries(self, destination: str, worker: str, now: datetime, limit: int, lease: float,
+                         cluster_limit: int | None = None) -> list[Delivery]:
+        """Without a cluster limit, one statement (its own transaction): pick the due ones
+        (skipping rows another node is claiming) and mark them in flight."""
+        if cluster_limit is not None:
+            return super().claim_deliveries(destination, worker, now, limit, lease, cluster_limit)
+        rows = self._all(CLAIM_DELIVERIES_SQL, destination, iso(now), limit, worker,
+                         iso(now + timedelta(seconds=lease)), iso(now))
+        return [Delivery(*row, claimed_by=worker) for row in rows]
+
+    def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState) -> bool:
+        """The attempt and the delivery's next state in one statement (its own transaction)."""
+        finished = iso(attempt.finished)
+        return self._one(
+            FINISH_ATTEMPT_SQL, delivery.id, iso(attempt.started),
+            round((attempt.finished - attempt.started).total_seconds() * 1000, 3), attempt.outcome, attempt.status,
+            (attempt.response or "")[:RESPONSE_KEPT], next_state.state, next_state.attempts,
+            iso(next_state.next_attempt_at), finished, next_state.last_error, next_state.state, finished,
+            delivery.id, delivery.claimed_by, delivery.claimed_by)[0] > 0
 
     def _lock_destination(self, destination: str):
         self._all("SELECT pg_advisory_xact_lock(?, ?)", LOCK_DESTINATION, _key32(destination))
@@ -280,12 +315,49 @@ def _reason(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-# The message and its free-text document in one statement (one round trip).
-INSERT_WITH_TEXT_SQL = (
+# The message, its free-text document and its identifiers (three arrays: kinds, values,
+# authorities) in one statement.
+INSERT_MESSAGE_SQL = (
     f"WITH m AS (INSERT INTO messages ({', '.join(INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)}) RETURNING id) "
-    f"INSERT INTO messages_text (message_id, document) SELECT id, to_tsvector('{TEXT_CONFIG}', ?) FROM m "
-    "RETURNING message_id"
+    f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)}) RETURNING id), "
+    f"t AS (INSERT INTO messages_text (message_id, document) SELECT id, to_tsvector('{TEXT_CONFIG}', ?) FROM m), "
+    "i AS (INSERT INTO message_ids (message_id, kind, value, authority) "
+    "SELECT DISTINCT m.id, x.kind, x.value, x.authority FROM m, unnest(?::text[], ?::text[], ?::text[]) "
+    "AS x(kind, value, authority) ON CONFLICT DO NOTHING) "
+    "SELECT id FROM m"
+)
+
+# A conversion, and (when given) the message's new route and status: (message ID, route, status,
+# converted_at, bundle, problems, the message's route or None, its status or None, message ID).
+RECORD_CONVERSION_SQL = (
+    "WITH c AS (INSERT INTO conversions (message_id, route, status, converted_at, bundle, problems) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET route = excluded.route, "
+    "status = excluded.status, converted_at = excluded.converted_at, bundle = excluded.bundle, "
+    "problems = excluded.problems RETURNING message_id), "
+    "u AS (UPDATE messages m SET route = coalesce(r.route, m.route), status = coalesce(r.status, m.status) "
+    "FROM (SELECT ?::text AS route, ?::text AS status) r WHERE m.id = ? "
+    "AND (r.route IS NOT NULL OR r.status IS NOT NULL)) "
+    "SELECT message_id FROM c"
+)
+
+# Claim due deliveries in one statement: (destination, now, limit, worker, lease end, now).
+CLAIM_DELIVERIES_SQL = (
+    f"WITH due AS ({DUE_SQL.format(lock=' FOR UPDATE OF d SKIP LOCKED')}), "
+    "claimed AS (UPDATE deliveries SET state = 'in_flight', claimed_by = ?, lease_expires_at = ?, updated_at = ? "
+    "FROM due WHERE deliveries.id = due.id RETURNING deliveries.id) "
+    "SELECT due.* FROM due JOIN claimed ON claimed.id = due.id ORDER BY due.id"
+)
+
+# Record an attempt and move its delivery on, unless another worker holds it now: (delivery ID,
+# started, duration, outcome, status, response, state, attempts, next attempt, now, last error,
+# state, now, delivery ID, claimed by, claimed by). Returns how many deliveries moved (0 or 1).
+FINISH_ATTEMPT_SQL = (
+    "WITH a AS (INSERT INTO attempts (delivery_id, started_at, duration_ms, outcome, status, response) "
+    "VALUES (?, ?, ?, ?, ?, ?)), "
+    "moved AS (UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, updated_at = ?, last_error = ?, "
+    "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+    "claimed_by = NULL, lease_expires_at = NULL, resumed = 0 WHERE id = ? AND (? = '' OR claimed_by = ?) RETURNING id) "
+    "SELECT count(*) FROM moved"
 )
 
 SCHEMA_V6 = (

@@ -148,11 +148,8 @@ class SqlJournal(ReconcileQueries, Journal):
             int(entry.ack_sent), entry.raw, entry.route, entry.acked_at,
         )
 
-    def _insert_message(self, entry: Entry) -> int:
-        return self._all(INSERT_SQL, *self._entry_row(entry))[0][0]
-
     def insert(self, entry: Entry) -> int:
-        message_id = self._insert_message(entry)
+        message_id = self._all(INSERT_SQL, *self._entry_row(entry))[0][0]
         if entry.conversion is not None:
             self.record_conversion(message_id, entry.conversion)
         if entry.ids:

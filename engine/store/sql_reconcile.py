@@ -45,7 +45,7 @@ def create_tables(run, sqlite: bool):
         "CREATE TABLE rc_appointments (facility TEXT NOT NULL, appointment_id TEXT NOT NULL, status TEXT NOT NULL, "
         "filler_status TEXT, start_at TEXT, start_day TEXT, patient_id TEXT, visit_id TEXT, location TEXT, "
         "provider TEXT, placer_id TEXT, filler_id TEXT, cancelled_at TEXT, same_day_cancel INTEGER NOT NULL DEFAULT 0, "
-        "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, charged INTEGER NOT NULL DEFAULT 0, "
+        "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, "
         "PRIMARY KEY (facility, appointment_id))")
     run("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at)")
     run("CREATE INDEX idx_rc_appointments_visit ON rc_appointments (facility, visit_id) WHERE visit_id != ''")

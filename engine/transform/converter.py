@@ -11,7 +11,8 @@ mappings (``hl7bridge reload`` sends it to the engine, which passes it on).
 
     python -m engine.transform.converter JOURNAL [--config DIR] [--worker NAME] [--interval SECONDS]
 
-``--worker`` names it in its claims (unique in a cluster: ``NODE/converter``); a converter
+JOURNAL ``-`` reads the journal's location from ``$HL7BRIDGE_JOURNAL`` (how ``serve`` passes a
+PostgreSQL URL, so its password never shows in the process list). ``--worker`` names it in its claims (unique in a cluster: ``NODE/converter``); a converter
 started again under the same name takes its own claims back at once.
 """
 
@@ -33,6 +34,7 @@ from .project import Project
 BATCH = 10  # a short write transaction, so the engine's own commits never wait long
 LEASE = 60.0  # seconds a claimed batch is this converter's; mapping 10 messages takes well under one
 DEFAULT_WORKER = "converter"
+JOURNAL_VARIABLE = "HL7BRIDGE_JOURNAL"
 
 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH, worker: str = DEFAULT_WORKER,
@@ -94,7 +96,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=DEFAULT_WORKER, help="its name in its claims, unique in a cluster")
     parser.add_argument("--interval", type=float, default=0.2)
     args = parser.parse_args(argv)
-    return run(args.journal, args.config, args.interval, args.parent or os.getppid(), args.worker)
+    journal = os.environ.get(JOURNAL_VARIABLE, "") if args.journal == "-" else args.journal
+    if not journal:
+        parser.error(f"JOURNAL is - but ${JOURNAL_VARIABLE} is not set")
+    return run(journal, args.config, args.interval, args.parent or os.getppid(), args.worker)
 
 
 if __name__ == "__main__":

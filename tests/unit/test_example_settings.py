@@ -24,7 +24,7 @@ def test_without_the_token_it_says_what_to_export(monkeypatch):
     monkeypatch.delenv("HL7BRIDGE_DASHBOARD_TOKEN", raising=False)
     with pytest.raises(ConfigError) as info:
         load_settings(EXAMPLES)
-    assert str(info.value) == (f"{EXAMPLES / 'hl7bridge.yaml'}:59: dashboard.token: environment variable "
+    assert str(info.value) == (f"{EXAMPLES / 'hl7bridge.yaml'}:60: dashboard.token: environment variable "
                                "HL7BRIDGE_DASHBOARD_TOKEN is not set (export HL7BRIDGE_DASHBOARD_TOKEN=... before starting)")
 
 
@@ -47,7 +47,12 @@ def test_the_commented_options_load_too(tmp_path, monkeypatch):
     # users replace the shared token; the TLS listener's certificates are not here.
     text = text.replace("  token: ${HL7BRIDGE_DASHBOARD_TOKEN}", "  # token")
     text = re.sub(r"  - name: eastclinic-tls\n(    .*\n)*", "", text)
-    (tmp_path / "hl7bridge.yaml").write_text(text)
+    # The journal is a file or a database: first the file, then the database (with its password).
+    url_line = re.search(r"\n  url: .*", text).group(0)
+    (tmp_path / "hl7bridge.yaml").write_text(text.replace(url_line, ""))
     settings = load_settings(tmp_path)
+    monkeypatch.setenv("HL7BRIDGE_DB_PASSWORD", "pw")
+    (tmp_path / "hl7bridge.yaml").write_text(text.replace("\n  path: var/journal.db", ""))
+    assert load_settings(tmp_path).journal_location == "postgresql://hl7bridge:pw@db.example.org/hl7bridge"
     assert settings.retention == (90 * 86400.0, True, 3600.0)
     assert [(user.name, user.role) for user in settings.dashboard.users] == [("alice", "operator"), ("prometheus", "viewer")]

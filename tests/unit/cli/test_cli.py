@@ -1,4 +1,5 @@
-"""The CLI in-process with click's CliRunner: exact output and exit codes."""
+"""The CLI in-process with click's CliRunner: exact output and exit codes, the same on a SQLite
+journal and a PostgreSQL one (each test that takes a journal runs on both)."""
 
 import itertools
 import json
@@ -7,10 +8,11 @@ from datetime import datetime, timezone
 import pytest
 from click.testing import CliRunner
 
+from backends import backend, journal_location  # noqa: F401 (the tests run on both backends)
 from conftest import EXAMPLES
 from engine.cli import cli, parse_since
 from engine.mllp.ingest import Frame, Ingestor
-from engine.store.sqlite import SqliteJournal as Journal
+from engine.store import open_journal
 
 SHORT = (
     b"MSH|^~\\&|SCHED|NORTHCLINIC|HL7BRIDGE|FINANCE|20261201093000||SIU^S12^SIU_S12|NC1|P|2.5.1\r"
@@ -20,9 +22,9 @@ SHORT = (
 
 
 @pytest.fixture
-def journal_path(tmp_path):
-    path = tmp_path / "journal.db"
-    journal = Journal(path)
+def journal_path(journal_location):
+    path = journal_location
+    journal = open_journal(path)
     clock = iter([datetime(2026, 11, 24, 6, 0, s, tzinfo=timezone.utc) for s in range(10)])
     counter = itertools.count(1)
     ingestor = Ingestor(journal, clock=lambda: next(clock), next_control_id=lambda: f"A{next(counter)}")
@@ -183,12 +185,12 @@ def test_every_command_has_help_with_an_example():
         assert "Example: hl7bridge " in result.output, path
 
 
-def test_show_includes_the_conversion(tmp_path):
+def test_show_includes_the_conversion(journal_location):
     from conftest import ROOT
     from engine.transform.project import Project
 
-    path = tmp_path / "journal.db"
-    journal = Journal(path)
+    path = journal_location
+    journal = open_journal(path)
     ingestor = Ingestor(journal, clock=lambda: datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc),
                         next_control_id=lambda: "A1", project=Project.load(ROOT))
     [outcome] = ingestor.ingest([Frame((EXAMPLES / "dft_p03.hl7").read_bytes())])
@@ -205,15 +207,15 @@ def test_show_includes_the_conversion(tmp_path):
     assert invoke("journal", "search", "--journal", path, "--status", "mapping_error").exit_code == 1
 
 
-def dft_with_one_attempt(tmp_path, result, replay=False):
+def dft_with_one_attempt(location, result, replay=False):
     """A journal with the DFT example mapped and its erp-finance delivery tried once (with
     ``result``), then replayed by alice if asked; returns (journal path, the message's outcome)."""
     from conftest import ROOT
     from engine.delivery.outbox import finish
     from engine.transform.project import Project
 
-    path = tmp_path / "journal.db"
-    journal = Journal(path)
+    path = location
+    journal = open_journal(path)
     now = datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc)
     project = Project.load(ROOT)
     ingestor = Ingestor(journal, clock=lambda: now, next_control_id=lambda: "A1", project=project)
@@ -226,10 +228,10 @@ def dft_with_one_attempt(tmp_path, result, replay=False):
     return path, outcome
 
 
-def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_path):
+def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(journal_location):
     from engine.delivery.outbox import OK, Result
 
-    path, outcome = dft_with_one_attempt(tmp_path, Result(OK, 201), replay=True)
+    path, outcome = dft_with_one_attempt(journal_location, Result(OK, 201), replay=True)
     text = invoke("journal", "show", "--journal", path, str(outcome.message_id)).output
     assert ("delivery to erp-finance: pending after 1 attempt(s), 0 since it was replayed\n"
             "  2026-11-24T06:00:00.000000Z  ok HTTP 201  0 ms\n"
@@ -244,10 +246,10 @@ def test_show_lists_deliveries_attempts_and_replays_and_search_by_delivery(tmp_p
     assert stats["seconds_to_conversion"]["p50"] == 0.0
 
 
-def test_outbox_replay_and_stats_exact_output(tmp_path):
+def test_outbox_replay_and_stats_exact_output(journal_location):
     from engine.delivery.outbox import PERMANENT, Result
 
-    path, _ = dft_with_one_attempt(tmp_path, Result(PERMANENT, 400, error="HTTP 400"))
+    path, _ = dft_with_one_attempt(journal_location, Result(PERMANENT, 400, error="HTTP 400"))
     assert invoke("outbox", "--journal", path).output == (
         "destination  pending  in_flight  retrying  dead  delivered  oldest_open\n"
         "-----------  -------  ---------  --------  ----  ---------  ---------------------------\n"
