@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.convert import variants  # noqa: E402 (fresh identifiers, as bench/convert.py makes them)
 from engine.delivery.outbox import OK, Result, finish  # noqa: E402
 from engine.reconcile import queue, record  # noqa: E402
 from engine.reconcile.facts import AppointmentFact, ChargeFact, Facts  # noqa: E402
@@ -160,21 +161,6 @@ def fill(journal, project, args) -> float:
     print(f"filled {filler.messages:,} messages in {elapsed:.0f} s ({filler.messages / elapsed:,.0f} msg/s, "
           "facts applied and deliveries settled)")
     return filler.messages
-
-
-def variants(raw: bytes, tag: str):
-    from engine.hl7.charset import decode
-    from engine.hl7.er7 import parse
-    from engine.hl7.identifiers import identifiers
-
-    values = sorted({value for _, value, _ in identifiers(parse(decode(raw).text))}, key=len, reverse=True)
-    number = 0
-    while True:
-        number += 1
-        text = raw
-        for value in values:
-            text = text.replace(value.encode(), f"{value}-{tag}{number}".encode())
-        yield text
 
 
 def mapping_cost(journal, project, seconds: float) -> dict:

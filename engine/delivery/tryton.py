@@ -58,6 +58,15 @@ def tryton_date(day: date) -> dict:
     return {"__class__": "date", "year": day.year, "month": day.month, "day": day.day}
 
 
+def party_of(event: dict) -> tuple[str, str | None]:
+    """The party's code (the account number, else the patient ID) and name."""
+    account = event["account"]
+    code = account.get("number") or account.get("patient_id")
+    if not code:
+        raise TrytonError("UserError", "the event has no account number or patient ID for the party")
+    return code, account.get("patient_name")
+
+
 class TrytonSender:
     """Posts finance events to Tryton as invoices, over its JSON-RPC API with a session of its own
     (the destination's basic credentials log in; they are not sent with every request)."""
@@ -168,20 +177,10 @@ class TrytonSender:
         """One money event as one posted invoice; returns what was done, for the attempt record."""
         lookups = yield self.setup()
         reference = event["event_id"]
-        existing = yield self.call("account.invoice", "search_read",
-                                   [["reference", "=", reference], ["type", "=", "out"]], 0, 1, None, ["state"])
-        if existing:
-            if existing[0]["state"] == "draft":
-                yield self.call("account.invoice", "post", [existing[0]["id"]])
-                number = yield self.read_back("account.invoice", existing[0]["id"])
-                return f"{reference}: posted the draft left by an earlier attempt as invoice {number}"
-            number = yield self.read_back("account.invoice", existing[0]["id"])
-            return f"{reference}: already in Tryton as invoice {number}"
-        account = event["account"]
-        code = account.get("number") or account.get("patient_id")
-        if not code:
-            raise TrytonError("UserError", "the event has no account number or patient ID for the party")
-        party_id, address = yield self.party(code, account.get("patient_name"))
+        done = yield self.earlier("account.invoice", [["reference", "=", reference], ["type", "=", "out"]], reference)
+        if done:
+            return done
+        party_id, address = yield self.party(*party_of(event))
         transaction = event["transaction"]
         quantity = transaction.get("quantity") or 1
         amount = transaction.get("amount")
@@ -202,6 +201,22 @@ class TrytonSender:
         yield self.call("account.invoice", "post", [invoice])
         number = yield self.read_back("account.invoice", invoice)
         return f"{reference}: invoice {number} posted"
+
+    @defer.inlineCallbacks
+    def earlier(self, model: str, domain: list, reference: str):
+        """What an earlier attempt left of this event (its idempotency key in ``domain``): a draft
+        is posted; either way the document is read back. None when there is nothing."""
+        existing = yield self.call(model, "search_read", domain, 0, 1, None, ["state"])
+        if not existing:
+            return None
+        drafted = existing[0]["state"] == "draft"
+        if drafted:
+            yield self.call(model, "post", [existing[0]["id"]])
+        number = yield self.read_back(model, existing[0]["id"])
+        kind = model.split(".")[-1]
+        if drafted:
+            return f"{reference}: posted the draft left by an earlier attempt as {kind} {number}"
+        return f"{reference}: already in Tryton as {kind} {number}"
 
     @defer.inlineCallbacks
     def read_back(self, model: str, record: int):
@@ -238,24 +253,16 @@ class TrytonSender:
         lookups = yield self.setup()
         journal, cash_account = yield self.cash_lookups()
         reference = event["event_id"]
-        existing = yield self.call("account.move", "search_read",
-                                   [["description", "=", reference], ["journal", "=", journal]], 0, 1, None, ["state"])
-        if existing:
-            if existing[0]["state"] == "draft":
-                yield self.call("account.move", "post", [existing[0]["id"]])
-            number = yield self.read_back("account.move", existing[0]["id"])
-            return f"{reference}: already in Tryton as move {number}"
-        account = event["account"]
-        code = account.get("number") or account.get("patient_id")
-        if not code:
-            raise TrytonError("UserError", "the event has no account number or patient ID for the party")
+        done = yield self.earlier("account.move", [["description", "=", reference], ["journal", "=", journal]], reference)
+        if done:
+            return done
         amount = event["transaction"].get("amount")
         if amount is None:
             raise TrytonError("UserError", "the payment has no amount (FT1-11)")
         received = -Decimal(str(amount))  # payments come negative: what the patient's account is credited
         if received == 0:
             return f"{reference}: a payment of 0.00, nothing to post"
-        party_id, _ = yield self.party(code, account.get("patient_name"))
+        party_id, _ = yield self.party(*party_of(event))
         today = self.today()
         periods = yield self.call("account.period", "search", [
             ["start_date", "<=", tryton_date(today)], ["end_date", ">=", tryton_date(today)],
