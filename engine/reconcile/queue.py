@@ -28,8 +28,10 @@ def run(journal: Journal, settings: ReconcileSettings, erp: list[str], since: da
                                          facility, list(erp))
     acks = journal.acknowledgements()
     every = rules.exceptions(found, settings, as_of, set(erp), acks)
-    appointments, charges = journal.reconcile_kpi_rows(iso(since), iso(as_of), facility, list(erp))
-    kpis = rules.kpis(appointments, charges, every, settings, as_of)
+    cutoffs = {name: iso(as_of - timedelta(seconds=r.charge_window)) for name, r in settings.facilities.items()}
+    rows = journal.reconcile_kpi_rows(iso(since), iso(as_of), facility, list(erp), cutoffs,
+                                      iso(as_of - timedelta(seconds=settings.default.charge_window)))
+    kpis = rules.kpis(*rows, every)
     shown = [e for e in every if (acknowledged or "acknowledged" not in e) and (not kinds or e["kind"] in kinds)]
     order = {kind: n for n, kind in enumerate(rules.KINDS)}
     shown.sort(key=lambda e: (order[e["kind"]], e["facility"], e.get("at") or "", e["id"]))
@@ -75,10 +77,9 @@ def gauges(journal: Journal, settings: ReconcileSettings, erp: list[str], now: d
             counts[(kind, facility)] = 0
     for item in found["exceptions"]:
         counts[(item["kind"], item["facility"])] = counts.get((item["kind"], item["facility"]), 0) + 1
-    _, charges = journal.reconcile_kpi_rows(iso(since), iso(now), None, [])
+    _, _, rows = journal.reconcile_kpi_rows(iso(since), iso(now), None, [], {}, iso(now))
     lags: dict[str, list] = {}
-    for facility, kind, service_at, made_at, _ in charges:
-        lag = rules.lag_seconds(service_at, made_at) if kind in rules.VISIT_LINES else None
+    for facility, lag, _ in rows:
         if lag is not None:
             lags.setdefault(facility, []).append(max(0.0, lag))
     return {"exceptions": counts, "lag": lags}

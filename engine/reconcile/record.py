@@ -28,18 +28,25 @@ def apply(journal: Journal, message_id: int, received_at: str, facts: Facts, set
     # The lines of one message share its patient and visit: one look for their appointments.
     first = facts.charges[0]
     candidates = journal.link_candidates(first.facility, first.visit_id, first.patient_id)
+    charged = set()
     for charge in facts.charges:
         line = dict(vars(charge), charge_key=key_for(charge, message_id))
         line.update(_link_fields(line, candidates, settings))
         journal.record_charge_line(message_id, received_at, line)
+        if line["appointment_id"] is not None and charge.kind in rules.VISIT_LINES:
+            charged.add(line["appointment_id"])
+    for appointment_id in sorted(charged):
+        journal.refresh_charged(first.facility, appointment_id)
 
 
 def _link_fields(charge: dict, candidates: list[dict], settings: ReconcileSettings) -> dict:
-    """The link columns of a charge line: its appointment, the rule, the appointment's start and
-    the lag from it to the charge (all None when it links to none)."""
+    """The link columns of a charge line: its appointment, the rule, the appointment's start, and
+    the lag from the service (the appointment's start; without one, the service date) to the
+    charge being made."""
     choice = rules.choose_link(charge, candidates, settings.rules(charge["facility"])) if candidates else None
     if choice is None:
-        return {"appointment_id": None, "link_rule": None, "appointment_start": None, "lag_s": None}
+        return {"appointment_id": None, "link_rule": None, "appointment_start": None,
+                "lag_s": rules.lag_seconds(charge["service_at"], charge["made_at"])}
     appointment_id, rule = choice
     start = next(c["start_at"] for c in candidates if c["appointment_id"] == appointment_id)
     return {"appointment_id": appointment_id, "link_rule": rule, "appointment_start": start,
@@ -54,6 +61,9 @@ def link(journal: Journal, charge: dict, settings: ReconcileSettings):
     if any(fields[key] != charge[key] for key in ("appointment_id", "link_rule", "appointment_start")):
         journal.set_charge_link(charge["facility"], charge["charge_key"], fields["appointment_id"], fields["link_rule"],
                                 fields["appointment_start"], fields["lag_s"])
+        if charge["kind"] in rules.VISIT_LINES:
+            for appointment_id in {charge["appointment_id"], fields["appointment_id"]} - {None}:
+                journal.refresh_charged(charge["facility"], appointment_id)
 
 
 def _appointment(journal: Journal, message_id: int, fact, settings: ReconcileSettings):

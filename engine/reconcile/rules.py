@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta
 
-from ..stamps import iso, parse_iso
+from ..stamps import parse_iso
 from ..store.base import Candidates
 from .facts import ACTIVE_STATUSES
 from .settings import ReconcileSettings, Rules
@@ -182,41 +182,35 @@ def percentiles(values: list) -> dict | None:
     return {"count": len(values), "p50_hours": pick(0.5), "p90_hours": pick(0.9)}
 
 
-def kpis(appointments: list[tuple], charges: list[tuple], found: list[dict], settings: ReconcileSettings,
-         as_of: datetime) -> dict:
+def kpis(appointments: list[tuple], counts: list[tuple], lags: list[tuple], found: list[dict]) -> dict:
     """Per facility over the window: charge lag (service -> made -> ERP posted, p50/p90 in hours),
-    missed charges (count and rate of the appointments past their charge window), no-show rate,
-    same-day cancellations and charges not posted.
-
-    ``appointments``: (facility, status, start_at, same_day_cancel); ``charges``: (facility, kind,
-    service_at, made_at, posted_at); ``found``: the exceptions."""
+    missed charges (count, and rate among the appointments past their charge window), no-show
+    rate, same-day cancellations and charges not posted, from ``Journal.reconcile_kpi_rows``
+    and the exceptions ``found``."""
     out: dict[str, dict] = {}
 
     def facility(name):
-        return out.setdefault(name, {"appointments": 0, "due": 0, "missed_charges": 0, "missed_charge_rate": None,
-                                     "no_shows": 0, "no_show_rate": None, "same_day_cancellations": 0,
-                                     "charges": 0, "charges_not_posted": 0, "late_charges": 0,
-                                     "charges_without_appointment": 0, "lag": {}})
+        item = out.get(name)
+        if item is None:
+            item = out[name] = {"appointments": 0, "due": 0, "missed_charges": 0, "missed_charge_rate": None,
+                                "no_shows": 0, "no_show_rate": None, "same_day_cancellations": 0, "charges": 0,
+                                "charges_not_posted": 0, "late_charges": 0, "charges_without_appointment": 0, "lag": {}}
+        return item
 
-    now = iso(as_of)
-    for name, status, start_at, same_day in appointments:
+    for name, status, count, same_day, started in appointments:
         item = facility(name)
-        if start_at and start_at <= now:
-            item["appointments"] += 1
-            item["no_shows"] += status == "noshow"
-            cutoff = iso(as_of - timedelta(seconds=settings.rules(name).charge_window))
-            item["due"] += status in ACTIVE_STATUSES and start_at < cutoff
-        item["same_day_cancellations"] += same_day
-    lags: dict[str, tuple[list, list, list]] = {}
-    for name, kind, service_at, made_at, posted_at in charges:
-        item = facility(name)
-        item["charges"] += 1
-        if kind not in VISIT_LINES:
-            continue
-        series = lags.setdefault(name, ([], [], []))
-        series[0].append(lag_seconds(service_at, made_at))
-        series[1].append(lag_seconds(made_at, posted_at))
-        series[2].append(lag_seconds(service_at, posted_at))
+        item["appointments"] += count
+        item["no_shows"] += count if status == "noshow" else 0
+        item["due"] += started if status in ACTIVE_STATUSES else 0
+        item["same_day_cancellations"] += same_day or 0
+    for name, count in counts:
+        facility(name)["charges"] += count
+    series: dict[str, tuple[list, list, list]] = {}
+    for name, lag, posted in lags:
+        made, to_post, whole = series.get(name) or series.setdefault(name, ([], [], []))
+        made.append(lag)
+        to_post.append(posted)
+        whole.append(lag + posted if lag is not None and posted is not None else None)
     counters = {"missed_charge": "missed_charges", "erp_not_posted": "charges_not_posted",
                 "late_charge": "late_charges", "charge_without_appointment": "charges_without_appointment"}
     for item in found:  # acknowledged or not: a KPI counts what happened
@@ -226,7 +220,7 @@ def kpis(appointments: list[tuple], charges: list[tuple], found: list[dict], set
             item["missed_charge_rate"] = round(item["missed_charges"] / item["due"], 4)
         if item["appointments"]:
             item["no_show_rate"] = round(item["no_shows"] / item["appointments"], 4)
-        series = lags.get(name, ([], [], []))
-        item["lag"] = {"service_to_charge": percentiles(series[0]), "charge_to_posted": percentiles(series[1]),
-                       "service_to_posted": percentiles(series[2])}
+        made, to_post, whole = series.get(name, ([], [], []))
+        item["lag"] = {"service_to_charge": percentiles(made), "charge_to_posted": percentiles(to_post),
+                       "service_to_posted": percentiles(whole)}
     return dict(sorted(out.items()))

@@ -547,7 +547,12 @@ class Journal(ABC):
     def set_charge_link(self, facility: str, charge_key: str, appointment_id: str | None, rule: str | None,
                         appointment_start: str | None, lag_s: float | None):
         """Link a charge line to an appointment (or to none), with the rule that did it and the
-        lag from the appointment to the charge, inside the caller's transaction."""
+        lag from the service to the charge, inside the caller's transaction."""
+
+    @abstractmethod
+    def refresh_charged(self, facility: str, appointment_id: str):
+        """Note on the appointment whether a charge or credit line is linked to it now (what the
+        missed-charge query reads), inside the caller's transaction."""
 
     @abstractmethod
     def clear_reconcile(self):
@@ -570,11 +575,14 @@ class Journal(ABC):
         Each row has its journal message IDs (``message_ids``)."""
 
     @abstractmethod
-    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None,
-                           erp_destinations: list[str]) -> tuple[list, list]:
-        """For the KPIs: appointments starting in [since, as_of) as (facility, status, start_at,
-        same_day_cancel), and charge lines made then as (facility, kind, service_at, made_at, first
-        ERP delivery time or None)."""
+    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None, erp_destinations: list[str],
+                           cutoffs: dict, default_cutoff: str) -> tuple[list, list, list]:
+        """For the KPIs of [since, as_of): appointments starting then per (facility, status) as
+        (facility, status, count, same-day cancellations, how many started before the facility's
+        cutoff: ``cutoffs[facility]``, else ``default_cutoff``); charge lines made then per facility
+        as (facility, count); and each charge or credit made then as (facility, lag_s, seconds from
+        being made to its first message's first delivery to ``erp_destinations`` by ``as_of``, or
+        None)."""
 
     @abstractmethod
     def appointment_record(self, facility: str, appointment_id: str) -> dict | None:

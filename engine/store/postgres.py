@@ -103,6 +103,7 @@ class PostgresJournal(SqlJournal):
     SKIP_LOCKED = " FOR UPDATE OF {table} SKIP LOCKED"
     SECONDS_BETWEEN = ("EXTRACT(EPOCH FROM (CAST({b} AS timestamptz) - CAST(m.received_at AS timestamptz)))"
                        "::double precision")
+    SECONDS_SPAN = "EXTRACT(EPOCH FROM (CAST({b} AS timestamptz) - CAST({a} AS timestamptz)))::double precision"
     indexes_text_apart = False
 
     def __init__(self, url: str, synchronous: str = "full", create: bool = True, manual_checkpoints: bool = False,

@@ -34,7 +34,7 @@ TABLES = (
     # all of it again but the acknowledgements, and copying is faster than rebuilding.
     ("rc_appointment_events", "facility, appointment_id, message_id",
      ("message_id", "facility", "appointment_id") + tuple(f'"{c}"' for c in EVENT_COLUMNS)),
-    ("rc_appointments", "facility, appointment_id", ("facility", "appointment_id") + APPOINTMENT_COLUMNS),
+    ("rc_appointments", "facility, appointment_id", ("facility", "appointment_id") + APPOINTMENT_COLUMNS + ("charged",)),
     ("rc_charges", "facility, charge_key",
      ("facility", "charge_key") + CHARGE_COLUMNS + LINK_COLUMNS + ("received_at", "first_message_id")),
     ("rc_charge_messages", "facility, charge_key, message_id", ("facility", "charge_key", "message_id")),

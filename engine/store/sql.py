@@ -99,6 +99,7 @@ class SqlJournal(ReconcileQueries, Journal):
 
     SKIP_LOCKED = ""
     SECONDS_BETWEEN = "({b} - m.received_at)"
+    SECONDS_SPAN = "({b} - {a})"  # seconds from {a} to {b}, both ISO text
 
     # -- the helpers a backend provides ---------------------------------------------------------------
 

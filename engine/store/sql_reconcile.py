@@ -45,9 +45,12 @@ def create_tables(run, sqlite: bool):
         "CREATE TABLE rc_appointments (facility TEXT NOT NULL, appointment_id TEXT NOT NULL, status TEXT NOT NULL, "
         "filler_status TEXT, start_at TEXT, start_day TEXT, patient_id TEXT, visit_id TEXT, location TEXT, "
         "provider TEXT, placer_id TEXT, filler_id TEXT, cancelled_at TEXT, same_day_cancel INTEGER NOT NULL DEFAULT 0, "
-        "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, "
+        "first_message_id INTEGER, last_message_id INTEGER, updated_at TEXT, charged INTEGER NOT NULL DEFAULT 0, "
         "PRIMARY KEY (facility, appointment_id))")
-    run("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at)")
+    run("CREATE INDEX idx_rc_appointments_start ON rc_appointments (start_at, facility, status, same_day_cancel)")
+    # The missed-charge candidates: few at any time, so this index stays small.
+    run("CREATE INDEX idx_rc_appointments_uncharged ON rc_appointments (start_at) "
+        "WHERE charged = 0 AND status IN ('booked', 'arrived', 'fulfilled')")
     run("CREATE INDEX idx_rc_appointments_visit ON rc_appointments (facility, visit_id) WHERE visit_id != ''")
     run("CREATE INDEX idx_rc_appointments_patient ON rc_appointments (facility, patient_id, start_day)")
     run(
@@ -56,7 +59,9 @@ def create_tables(run, sqlite: bool):
         "amount REAL, currency TEXT, patient_id TEXT, visit_id TEXT, appointment_id TEXT, link_rule TEXT, "
         "appointment_start TEXT, lag_s REAL, received_at TEXT NOT NULL, first_message_id INTEGER NOT NULL, "
         "PRIMARY KEY (facility, charge_key))")
-    run("CREATE INDEX idx_rc_charges_made ON rc_charges (made_at)")
+    # A window's lines answered from the index alone (the KPIs, the late and unlinked scans).
+    run("CREATE INDEX idx_rc_charges_made ON rc_charges (made_at, facility, kind, appointment_id, lag_s, "
+        "first_message_id)")
     run("CREATE INDEX idx_rc_charges_appointment ON rc_charges (facility, appointment_id) "
                  "WHERE appointment_id IS NOT NULL")
     run("CREATE INDEX idx_rc_charges_unlinked_visit ON rc_charges (facility, visit_id) WHERE appointment_id IS NULL")
@@ -140,6 +145,12 @@ class ReconcileQueries:
             "UPDATE rc_charges SET appointment_id = ?, link_rule = ?, appointment_start = ?, lag_s = ? "
             "WHERE facility = ? AND charge_key = ?", appointment_id, rule, appointment_start, lag_s, facility, charge_key)
 
+    def refresh_charged(self, facility: str, appointment_id: str):
+        self._run(
+            "UPDATE rc_appointments SET charged = CASE WHEN EXISTS (SELECT 1 FROM rc_charges c WHERE c.facility = ? "
+            "AND c.appointment_id = ? AND c.kind IN ('charge', 'credit')) THEN 1 ELSE 0 END "
+            "WHERE facility = ? AND appointment_id = ?", facility, appointment_id, facility, appointment_id)
+
     def clear_reconcile(self):
         for table in ("rc_appointment_events", "rc_appointments", "rc_charges", "rc_charge_messages"):
             self._run(f"DELETE FROM {table}")
@@ -167,10 +178,8 @@ class ReconcileQueries:
         missed = self._rows(
             "SELECT a.facility, a.appointment_id, a.status, a.start_at, a.start_day, a.patient_id, a.visit_id, "
             "a.location, a.provider FROM rc_appointments a WHERE a.start_at >= ? AND a.start_at < ? "
-            "AND a.status IN ('booked', 'arrived', 'fulfilled')" + only.format(t="a") +
-            " AND NOT EXISTS (SELECT 1 FROM rc_charges c WHERE c.facility = a.facility "
-            "AND c.appointment_id = a.appointment_id AND c.kind IN ('charge', 'credit')) ORDER BY a.start_at",
-            since, cutoff, *extra)
+            "AND a.charged = 0 AND a.status IN ('booked', 'arrived', 'fulfilled')" + only.format(t="a") +
+            " ORDER BY a.start_at", since, cutoff, *extra)
         window = "c.made_at >= ? AND c.made_at < ?" + only.format(t="c")
         late = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE {window} AND c.appointment_id IS NOT NULL "
                           "AND c.lag_s > ? ORDER BY c.made_at", since, as_of, *extra, late_after)
@@ -178,13 +187,17 @@ class ReconcileQueries:
                               "ORDER BY c.made_at", since, as_of, *extra)
         unposted = []
         if erp_destinations:
+            # The first message's delivery settles nearly every line with one index lookup; the
+            # lines it does not (resent, or never delivered) are checked against all their messages.
+            erp = _marks(erp_destinations)
             unposted = self._rows(
                 f"SELECT {CHARGE_SELECT}, (SELECT m.status FROM messages m WHERE m.id = c.first_message_id) "
-                f"AS message_status FROM rc_charges c WHERE {window} AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm "
-                "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = c.facility "
-                f"AND cm.charge_key = c.charge_key AND d.destination IN ({_marks(erp_destinations)}) "
+                f"AS message_status FROM rc_charges c WHERE {window} AND NOT EXISTS (SELECT 1 FROM deliveries d "
+                f"WHERE d.message_id = c.first_message_id AND d.destination IN ({erp}) AND d.delivered_at <= ?) "
+                "AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
+                f"WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key AND d.destination IN ({erp}) "
                 "AND d.delivered_at <= ?) ORDER BY c.made_at",
-                since, as_of, *extra, *erp_destinations, as_of)
+                since, as_of, *extra, *erp_destinations, as_of, *erp_destinations, as_of)
         appointment_ids = self._message_ids(
             "rc_appointment_events", "appointment_id",
             sorted({(r["facility"], r["appointment_id"]) for r in missed + late}))
@@ -206,22 +219,27 @@ class ReconcileQueries:
             "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = ? AND cm.charge_key = ? "
             "ORDER BY d.message_id, d.id", facility, charge_key)
 
-    def reconcile_kpi_rows(self, since, as_of, facility, erp_destinations):
+    def reconcile_kpi_rows(self, since, as_of, facility, erp_destinations, cutoffs, default_cutoff):
         only = " AND facility = ?" if facility else ""
         extra = [facility] if facility else []
+        due = "CASE facility " + " ".join("WHEN ? THEN ?" for _ in cutoffs) + " ELSE ? END" if cutoffs else "?"
+        due_params = [value for pair in sorted(cutoffs.items()) for value in pair] + [default_cutoff]
         appointments = self._all(
-            "SELECT facility, status, start_at, same_day_cancel FROM rc_appointments WHERE start_at >= ? AND start_at < ?"
-            + only, since, as_of, *extra)
+            f"SELECT facility, status, count(*), sum(same_day_cancel), sum(CASE WHEN start_at < {due} THEN 1 ELSE 0 END) "
+            f"FROM rc_appointments WHERE start_at >= ? AND start_at < ?{only} GROUP BY facility, status",
+            *due_params, since, as_of, *extra)
+        counts = self._all(f"SELECT facility, count(*) FROM rc_charges WHERE made_at >= ? AND made_at < ?{only} "
+                           "GROUP BY facility", since, as_of, *extra)
         posted = "NULL"
         if erp_destinations:
-            posted = ("(SELECT min(d.delivered_at) FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
-                      "WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key "
-                      f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)")
-        charges = self._all(
-            f"SELECT facility, kind, coalesce(appointment_start, service_at), made_at, {posted} FROM rc_charges c "
-            "WHERE made_at >= ? AND made_at < ?" + only,
+            posted = self.SECONDS_SPAN.format(a="c.made_at", b=(
+                "(SELECT min(d.delivered_at) FROM deliveries d WHERE d.message_id = c.first_message_id "
+                f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)"))
+        lags = self._all(
+            f"SELECT facility, lag_s, {posted} FROM rc_charges c WHERE made_at >= ? AND made_at < ?{only} "
+            "AND kind IN ('charge', 'credit')",
             *(list(erp_destinations) + [as_of] if erp_destinations else []), since, as_of, *extra)
-        return appointments, charges
+        return appointments, counts, lags
 
     def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM rc_appointments WHERE facility = ? AND appointment_id = ?", facility, appointment_id)

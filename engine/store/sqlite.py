@@ -40,6 +40,7 @@ class SqliteJournal(SqlJournal):
     # Seconds from m.received_at to {b}: both are ISO text with microseconds and a Z.
     indexes_text_apart = True
     SECONDS_BETWEEN = "(julianday(substr({b}, 1, 26)) - julianday(substr(m.received_at, 1, 26))) * 86400.0"
+    SECONDS_SPAN = "(julianday(substr({b}, 1, 26)) - julianday(substr({a}, 1, 26))) * 86400.0"
 
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
                  manual_checkpoints: bool = False, readonly: bool = False):
