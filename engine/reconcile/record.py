@@ -68,9 +68,13 @@ def link(journal: Journal, charge: dict, settings: ReconcileSettings):
 
 def _appointment(journal: Journal, message_id: int, fact, settings: ReconcileSettings):
     journal.record_appointment_event(message_id, vars(fact))
-    state = rules.current_state(journal.appointment_events(fact.facility, fact.appointment_id))
+    events = journal.appointment_events(fact.facility, fact.appointment_id)
+    state = rules.current_state(events)
     journal.put_appointment(fact.facility, fact.appointment_id, state)
-    for charge in journal.charges_to_relink(fact.facility, fact.appointment_id, state["visit_id"], state["patient_id"]):
+    # A charge waiting for this appointment links now; one linked to it by an earlier event may
+    # move (a reschedule changes the day). Nothing is linked to an appointment's first event yet.
+    for charge in journal.charges_to_relink(fact.facility, fact.appointment_id, state["visit_id"], state["patient_id"],
+                                            linked=len(events) > 1):
         link(journal, charge, settings)
 
 

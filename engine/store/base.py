@@ -539,9 +539,10 @@ class Journal(ABC):
         """The facility's appointments with this visit number or this patient (current state)."""
 
     @abstractmethod
-    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str) -> list[dict]:
-        """The facility's charge lines linked to this appointment, or linked to none and sharing
-        its visit number or patient."""
+    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str,
+                          linked: bool = True) -> list[dict]:
+        """The facility's charge lines linked to none and sharing the appointment's visit number or
+        patient, and (with ``linked``) those linked to it."""
 
     @abstractmethod
     def set_charge_link(self, facility: str, charge_key: str, appointment_id: str | None, rule: str | None,

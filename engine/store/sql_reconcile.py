@@ -129,15 +129,18 @@ class ReconcileQueries:
         unique = {row["appointment_id"]: row for row in rows}
         return list(unique.values())
 
-    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str) -> list[dict]:
-        rows = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.appointment_id = ?",
-                          facility, appointment_id)
-        if visit_id:
-            rows += self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.visit_id = ? "
-                               "AND c.appointment_id IS NULL", facility, visit_id)
-        if patient_id:
-            rows += self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.patient_id = ? "
-                               "AND c.appointment_id IS NULL", facility, patient_id)
+    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str,
+                          linked: bool = True) -> list[dict]:
+        rows = []
+        if linked:
+            rows += self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.facility = ? AND c.appointment_id = ?",
+                               facility, appointment_id)
+        if visit_id or patient_id:
+            # One statement, two partial indexes (SQLite's multi-index OR; PostgreSQL's bitmap OR).
+            rows += self._rows(
+                f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE c.appointment_id IS NULL "
+                "AND ((c.facility = ? AND c.visit_id = ?) OR (c.facility = ? AND c.patient_id = ?))",
+                facility, visit_id or None, facility, patient_id or None)
         return list({row["charge_key"]: row for row in rows}.values())
 
     def set_charge_link(self, facility, charge_key, appointment_id, rule, appointment_start, lag_s):
