@@ -23,20 +23,25 @@ def run(journal: Journal, settings: ReconcileSettings, erp: list[str], since: da
 
     Exceptions acknowledged are left out unless ``acknowledged`` (then they carry who, when and
     the note); the KPIs count them all. ``erp``: the ERP destinations."""
+    return _window(journal, settings, erp, since, as_of, facility, kinds, acknowledged)[0]
+
+
+def _window(journal, settings, erp, since, as_of, facility, kinds, acknowledged):
+    """``run``'s answer, and the store's candidates it came from."""
     cutoff = as_of - timedelta(seconds=settings.shortest_charge_window)
     found = journal.reconcile_candidates(iso(since), iso(as_of), iso(max(cutoff, since)), settings.shortest_charge_window,
                                          facility, list(erp))
     acks = journal.acknowledgements()
     every = rules.exceptions(found, settings, as_of, set(erp), acks)
     cutoffs = {name: iso(as_of - timedelta(seconds=r.charge_window)) for name, r in settings.facilities.items()}
-    rows = journal.reconcile_kpi_rows(iso(since), iso(as_of), facility, list(erp), cutoffs,
-                                      iso(as_of - timedelta(seconds=settings.default.charge_window)))
-    kpis = rules.kpis(*rows, every)
+    appointments = journal.reconcile_kpi_rows(iso(since), iso(as_of), facility, cutoffs,
+                                              iso(as_of - timedelta(seconds=settings.default.charge_window)))
+    kpis = rules.kpis(appointments, found.lines, every)
     shown = [e for e in every if (acknowledged or "acknowledged" not in e) and (not kinds or e["kind"] in kinds)]
     order = {kind: n for n, kind in enumerate(rules.KINDS)}
     shown.sort(key=lambda e: (order[e["kind"]], e["facility"], e.get("at") or "", e["id"]))
     return {"window": {"since": iso(since), "as_of": iso(as_of), "facility": facility, "erp_destinations": list(erp)},
-            "exceptions": shown, "kpis": kpis}
+            "exceptions": shown, "kpis": kpis}, found
 
 
 def csv_text(exceptions: list[dict]) -> str:
@@ -70,16 +75,15 @@ def gauges(journal: Journal, settings: ReconcileSettings, erp: list[str], now: d
     """For /metrics: open (unacknowledged) exceptions per (kind, facility) and each facility's
     service-to-charge lags in seconds, over the last METRICS_WINDOW."""
     since = now - timedelta(seconds=METRICS_WINDOW)
-    found = run(journal, settings, erp, since, now)
+    found, candidates = _window(journal, settings, erp, since, now, None, None, False)
     counts: dict[tuple[str, str], int] = {}
     for facility in found["kpis"]:
         for kind in rules.KINDS:
             counts[(kind, facility)] = 0
     for item in found["exceptions"]:
         counts[(item["kind"], item["facility"])] = counts.get((item["kind"], item["facility"]), 0) + 1
-    _, _, rows = journal.reconcile_kpi_rows(iso(since), iso(now), None, [], {}, iso(now))
     lags: dict[str, list] = {}
-    for facility, lag, _ in rows:
-        if lag is not None:
+    for facility, kind, lag, _, _ in candidates.lines:
+        if lag is not None and kind in rules.VISIT_LINES:
             lags.setdefault(facility, []).append(max(0.0, lag))
     return {"exceptions": counts, "lag": lags}

@@ -182,11 +182,11 @@ def percentiles(values: list) -> dict | None:
     return {"count": len(values), "p50_hours": pick(0.5), "p90_hours": pick(0.9)}
 
 
-def kpis(appointments: list[tuple], counts: list[tuple], lags: list[tuple], found: list[dict]) -> dict:
+def kpis(appointments: list[tuple], lines: list[tuple], found: list[dict]) -> dict:
     """Per facility over the window: charge lag (service -> made -> ERP posted, p50/p90 in hours),
     missed charges (count, and rate among the appointments past their charge window), no-show
-    rate, same-day cancellations and charges not posted, from ``Journal.reconcile_kpi_rows``
-    and the exceptions ``found``."""
+    rate, same-day cancellations and charges not posted, from ``Journal.reconcile_kpi_rows``,
+    ``Candidates.lines`` and the exceptions ``found``."""
     out: dict[str, dict] = {}
 
     def facility(name):
@@ -203,14 +203,21 @@ def kpis(appointments: list[tuple], counts: list[tuple], lags: list[tuple], foun
         item["no_shows"] += count if status == "noshow" else 0
         item["due"] += started if status in ACTIVE_STATUSES else 0
         item["same_day_cancellations"] += same_day or 0
-    for name, count in counts:
-        facility(name)["charges"] += count
     series: dict[str, tuple[list, list, list]] = {}
-    for name, lag, posted in lags:
+    counts: dict[str, int] = {}
+    read = datetime.fromisoformat
+    for name, kind, lag, made_at, posted_at in lines:
+        counts[name] = counts.get(name, 0) + 1
+        if kind not in VISIT_LINES:
+            continue
         made, to_post, whole = series.get(name) or series.setdefault(name, ([], [], []))
+        # Journal times are ISO 8601 in UTC with a Z: read without it, the difference is the same.
+        posted = (read(posted_at[:-1]) - read(made_at[:-1])).total_seconds() if posted_at else None
         made.append(lag)
         to_post.append(posted)
         whole.append(lag + posted if lag is not None and posted is not None else None)
+    for name, count in counts.items():
+        facility(name)["charges"] += count
     counters = {"missed_charge": "missed_charges", "erp_not_posted": "charges_not_posted",
                 "late_charge": "late_charges", "charge_without_appointment": "charges_without_appointment"}
     for item in found:  # acknowledged or not: a KPI counts what happened

@@ -228,6 +228,9 @@ class Candidates:
     late: list  # linked charge lines made long after their appointment (``lag_s``)
     unlinked: list  # charge lines that link to no appointment
     unposted: list  # charge lines with no ERP delivery delivered by the time asked (with ``deliveries``)
+    # Every line made in the window, for the KPIs: (facility, kind, lag_s, made_at, when its first
+    # message was first delivered to an ERP destination, or None).
+    lines: list = field(default_factory=list)
 
 
 @dataclass
@@ -573,17 +576,16 @@ class Journal(ABC):
         in the window with a lag over ``late_after`` seconds; lines linked to no appointment; lines
         with no delivery to ``erp_destinations`` delivered by ``as_of`` (none when that is empty; a
         delivery delivered once and replayed since still counts as delivered).
-        Each row has its journal message IDs (``message_ids``)."""
+        Each row has its journal message IDs (``message_ids``). ``lines``: every line made in the
+        window, for the KPIs."""
 
     @abstractmethod
-    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None, erp_destinations: list[str],
-                           cutoffs: dict, default_cutoff: str) -> tuple[list, list, list]:
+    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None, cutoffs: dict,
+                           default_cutoff: str) -> list[tuple]:
         """For the KPIs of [since, as_of): appointments starting then per (facility, status) as
         (facility, status, count, same-day cancellations, how many started before the facility's
-        cutoff: ``cutoffs[facility]``, else ``default_cutoff``); charge lines made then per facility
-        as (facility, count); and each charge or credit made then as (facility, lag_s, seconds from
-        being made to its first message's first delivery to ``erp_destinations`` by ``as_of``, or
-        None)."""
+        cutoff: ``cutoffs[facility]``, else ``default_cutoff``). (The charge lines' figures come
+        with ``reconcile_candidates``: ``Candidates.lines``.)"""
 
     @abstractmethod
     def appointment_record(self, facility: str, appointment_id: str) -> dict | None:

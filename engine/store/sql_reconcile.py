@@ -188,19 +188,30 @@ class ReconcileQueries:
                           "AND c.lag_s > ? ORDER BY c.made_at", since, as_of, *extra, late_after)
         unlinked = self._rows(f"SELECT {CHARGE_SELECT} FROM rc_charges c WHERE {window} AND c.appointment_id IS NULL "
                               "ORDER BY c.made_at", since, as_of, *extra)
-        unposted = []
+        # One pass over the window's lines (the covering index, one lookup of the first message's
+        # ERP delivery each) gives the KPIs their lags and finds the lines not posted; those are
+        # then checked against all their messages (a resend may have been posted) and read whole.
+        lines, unposted = [], []
         if erp_destinations:
-            # The first message's delivery settles nearly every line with one index lookup; the
-            # lines it does not (resent, or never delivered) are checked against all their messages.
             erp = _marks(erp_destinations)
-            unposted = self._rows(
+            posted = (f"(SELECT min(d.delivered_at) FROM deliveries d WHERE d.message_id = c.first_message_id "
+                      f"AND d.destination IN ({erp}) AND d.delivered_at <= ?)")
+            params = [*erp_destinations, as_of]
+        else:
+            posted, params = "NULL", []
+        lines = self._all(f"SELECT c.facility, c.kind, c.lag_s, c.made_at, {posted}, c.charge_key FROM rc_charges c "
+                          f"WHERE {window}", *params, since, as_of, *extra)
+        waiting = [(line[0], line[5]) for line in lines if line[4] is None] if erp_destinations else []
+        for start in range(0, len(waiting), 400):
+            chunk = waiting[start:start + 400]
+            keys = " OR ".join("(c.facility = ? AND c.charge_key = ?)" for _ in chunk)
+            unposted += self._rows(
                 f"SELECT {CHARGE_SELECT}, (SELECT m.status FROM messages m WHERE m.id = c.first_message_id) "
-                f"AS message_status FROM rc_charges c WHERE {window} AND NOT EXISTS (SELECT 1 FROM deliveries d "
-                f"WHERE d.message_id = c.first_message_id AND d.destination IN ({erp}) AND d.delivered_at <= ?) "
-                "AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm JOIN deliveries d ON d.message_id = cm.message_id "
-                f"WHERE cm.facility = c.facility AND cm.charge_key = c.charge_key AND d.destination IN ({erp}) "
-                "AND d.delivered_at <= ?) ORDER BY c.made_at",
-                since, as_of, *extra, *erp_destinations, as_of, *erp_destinations, as_of)
+                f"AS message_status FROM rc_charges c WHERE ({keys}) AND NOT EXISTS (SELECT 1 FROM rc_charge_messages cm "
+                "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = c.facility "
+                f"AND cm.charge_key = c.charge_key AND d.destination IN ({erp}) AND d.delivered_at <= ?)",
+                *(value for pair in chunk for value in pair), *erp_destinations, as_of)
+        unposted.sort(key=lambda row: (row["made_at"], row["facility"], row["charge_key"]))
         appointment_ids = self._message_ids(
             "rc_appointment_events", "appointment_id",
             sorted({(r["facility"], r["appointment_id"]) for r in missed + late}))
@@ -214,7 +225,7 @@ class ReconcileQueries:
             row["message_ids"] = charge_ids.get((row["facility"], row["charge_key"]), [])
         for row in unposted:
             row["deliveries"] = self._charge_deliveries(row["facility"], row["charge_key"])
-        return Candidates(missed, late, unlinked, unposted)
+        return Candidates(missed, late, unlinked, unposted, [line[:5] for line in lines])
 
     def _charge_deliveries(self, facility: str, charge_key: str) -> list[dict]:
         return self._rows(
@@ -222,27 +233,14 @@ class ReconcileQueries:
             "JOIN deliveries d ON d.message_id = cm.message_id WHERE cm.facility = ? AND cm.charge_key = ? "
             "ORDER BY d.message_id, d.id", facility, charge_key)
 
-    def reconcile_kpi_rows(self, since, as_of, facility, erp_destinations, cutoffs, default_cutoff):
+    def reconcile_kpi_rows(self, since, as_of, facility, cutoffs, default_cutoff):
         only = " AND facility = ?" if facility else ""
-        extra = [facility] if facility else []
         due = "CASE facility " + " ".join("WHEN ? THEN ?" for _ in cutoffs) + " ELSE ? END" if cutoffs else "?"
         due_params = [value for pair in sorted(cutoffs.items()) for value in pair] + [default_cutoff]
-        appointments = self._all(
+        return self._all(
             f"SELECT facility, status, count(*), sum(same_day_cancel), sum(CASE WHEN start_at < {due} THEN 1 ELSE 0 END) "
             f"FROM rc_appointments WHERE start_at >= ? AND start_at < ?{only} GROUP BY facility, status",
-            *due_params, since, as_of, *extra)
-        counts = self._all(f"SELECT facility, count(*) FROM rc_charges WHERE made_at >= ? AND made_at < ?{only} "
-                           "GROUP BY facility", since, as_of, *extra)
-        posted = "NULL"
-        if erp_destinations:
-            posted = self.SECONDS_SPAN.format(a="c.made_at", b=(
-                "(SELECT min(d.delivered_at) FROM deliveries d WHERE d.message_id = c.first_message_id "
-                f"AND d.destination IN ({_marks(erp_destinations)}) AND d.delivered_at <= ?)"))
-        lags = self._all(
-            f"SELECT facility, lag_s, {posted} FROM rc_charges c WHERE made_at >= ? AND made_at < ?{only} "
-            "AND kind IN ('charge', 'credit')",
-            *(list(erp_destinations) + [as_of] if erp_destinations else []), since, as_of, *extra)
-        return appointments, counts, lags
+            *due_params, since, as_of, *([facility] if facility else []))
 
     def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM rc_appointments WHERE facility = ? AND appointment_id = ?", facility, appointment_id)
