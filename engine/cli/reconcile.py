@@ -8,6 +8,7 @@ from datetime import datetime
 
 import click
 
+from ..errors import ConfigError
 from ..stamps import parse_iso, parse_moment, utc_now
 from .base import (CONTEXT, EXIT_NOT_ACCEPTED, Failure, cli, config_option, journal_option, json_option, load_project,
                    login_name, open_journal)
@@ -74,8 +75,16 @@ def reconcile(journal_path, config_dir, since, as_of, facility, kinds, show_all,
     start = _moment(since, moment, "--since")
     if start >= moment:
         raise Failure(f"--since {since} is not before --as-of {as_of or 'now'}")
-    project = load_project(config_dir)
-    settings, erp = project.reconcile, project.erp_destinations()
+    if rebuild:  # the routes say each message's time zone
+        project = load_project(config_dir)
+        settings, erp = project.reconcile, project.erp_destinations()
+    else:
+        from ..transform.project import reconcile_context
+
+        try:
+            settings, erp = reconcile_context(config_dir)
+        except ConfigError as exc:
+            raise Failure(str(exc), EXIT_NOT_ACCEPTED) from None
     journal = open_journal(journal_path)
     try:
         if rebuild:

@@ -36,7 +36,7 @@ def apply(journal: Journal, message_id: int, received_at: str, facts: Facts, set
         if line["appointment_id"] is not None and charge.kind in rules.VISIT_LINES:
             charged.add(line["appointment_id"])
     for appointment_id in sorted(charged):
-        journal.refresh_charged(first.facility, appointment_id)
+        journal.refresh_charged(first.facility, appointment_id, linked=True)
 
 
 def _link_fields(charge: dict, candidates: list[dict], settings: ReconcileSettings) -> dict:

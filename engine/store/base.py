@@ -554,9 +554,10 @@ class Journal(ABC):
         lag from the service to the charge, inside the caller's transaction."""
 
     @abstractmethod
-    def refresh_charged(self, facility: str, appointment_id: str):
+    def refresh_charged(self, facility: str, appointment_id: str, linked: bool = False):
         """Note on the appointment whether a charge or credit line is linked to it now (what the
-        missed-charge query reads), inside the caller's transaction."""
+        missed-charge query reads), inside the caller's transaction; ``linked``: the caller just
+        linked one (no need to look)."""
 
     @abstractmethod
     def clear_reconcile(self):

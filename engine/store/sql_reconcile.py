@@ -70,7 +70,6 @@ def create_tables(run, sqlite: bool):
     run(
         "CREATE TABLE rc_charge_messages (facility TEXT NOT NULL, charge_key TEXT NOT NULL, message_id INTEGER NOT NULL, "
         "PRIMARY KEY (facility, charge_key, message_id))" + clustered)
-    run("CREATE INDEX idx_rc_charge_messages_message ON rc_charge_messages (message_id)")
     run("CREATE TABLE rc_acks (exception_id TEXT PRIMARY KEY, who TEXT NOT NULL, note TEXT NOT NULL, "
                  "at TEXT NOT NULL)")
 
@@ -148,7 +147,11 @@ class ReconcileQueries:
             "UPDATE rc_charges SET appointment_id = ?, link_rule = ?, appointment_start = ?, lag_s = ? "
             "WHERE facility = ? AND charge_key = ?", appointment_id, rule, appointment_start, lag_s, facility, charge_key)
 
-    def refresh_charged(self, facility: str, appointment_id: str):
+    def refresh_charged(self, facility: str, appointment_id: str, linked: bool = False):
+        if linked:  # a charge or credit was just linked to it: no need to look
+            self._run("UPDATE rc_appointments SET charged = 1 WHERE facility = ? AND appointment_id = ? AND charged = 0",
+                      facility, appointment_id)
+            return
         self._run(
             "UPDATE rc_appointments SET charged = CASE WHEN EXISTS (SELECT 1 FROM rc_charges c WHERE c.facility = ? "
             "AND c.appointment_id = ? AND c.kind IN ('charge', 'credit')) THEN 1 ELSE 0 END "
