@@ -23,8 +23,9 @@ so everything a message causes is counted): statements the engine sent (``pg_sta
 calls of top-level statements, BEGIN and COMMIT included; a pipelined ``executemany`` counts each
 row but is one round trip),
 transactions (``pg_stat_database`` commits), WAL bytes (``pg_current_wal_lsn``), and CPU
-milliseconds per message of the engine processes (nodes and converters) and of PostgreSQL's (from
-/proc), which says what bounds the figure on this machine.
+milliseconds per message (from /proc) of the nodes' main processes (ingest, journal writer,
+dispatcher), of their converters, and of PostgreSQL, which says what bounds the figure on this
+machine and what more cores would give.
 
 The machine is shared with other work while this runs: figures are noisy, compare rows of one run.
 """
@@ -52,15 +53,18 @@ import ingest  # noqa: E402 (bench/ingest.py: the load generator)
 from pgserver import PostgresServer, free_port  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "siu_s12.hl7"
-PATIENT = b"|100234^"
+PATIENT_IDS = (b"|100234^", b"~E55501234^")  # PID-3: both identifiers, the ordering key is the first by value
 
 
 class PerPatientTemplate(ingest.Template):
-    """The example with a unique control ID, and a patient ID made from it (one patient each)."""
+    """The example with a unique control ID, and patient IDs made from it (one patient each)."""
 
     def frame(self, control_id: bytes) -> bytes:
         digits = str(abs(hash(control_id)) % 10**9).encode()
-        return (self.head + control_id + self.tail).replace(PATIENT, b"|P" + digits + b"^", 1)
+        frame = self.head + control_id + self.tail
+        for old in PATIENT_IDS:
+            frame = frame.replace(old, old[:1] + b"P" + digits + b"^", 1)
+        return frame
 
 
 def template() -> PerPatientTemplate:
@@ -97,6 +101,14 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_of_tree(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for root in pids for p in descendants(root))
+
+
+def cpu_split(nodes, pg_pid: int) -> dict:
+    """CPU seconds so far: the engines' main processes (reactor, journal writer, dispatcher: one
+    GIL each), their helper processes (the converters), and PostgreSQL's processes."""
+    main = sum(cpu_seconds(n.process.pid) for n in nodes)
+    return {"engine": main, "converter": cpu_of_tree([n.process.pid for n in nodes]) - main,
+            "postgresql": cpu_of_tree([pg_pid])}
 
 
 class Node:
@@ -161,7 +173,7 @@ def run(pg: PostgresServer, nodes: int, args, work: Path, tpl) -> dict:
     time.sleep(0.6)  # the statistics collector flushes every 500 ms
     before = counters(pg, database)
     pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-    cpu_before = {"engine": cpu_of_tree([n.process.pid for n in running]), "postgresql": cpu_of_tree([pg_pid])}
+    cpu_before = cpu_split(running, pg_pid)
     plan = ingest.Plan(f"{nodes} nodes", f"N{nodes}", args.connections * nodes, args.seconds, args.warmup)
     pipes, workers = [], []
     for index, node in enumerate(running):
@@ -188,13 +200,14 @@ def run(pg: PostgresServer, nodes: int, args, work: Path, tpl) -> dict:
     drained = time.time()
     time.sleep(0.6)
     after = counters(pg, database)
-    cpu_after = {"engine": cpu_of_tree([n.process.pid for n in running]), "postgresql": cpu_of_tree([pg_pid])}
+    cpu_after = cpu_split(running, pg_pid)
     received = int(query(pg, database, "SELECT count(*) FROM messages"))
     delivered_in = int(query(pg, database, "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND "
                                            f"delivered_at >= '{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(window_start))}'"))
-    top = query(pg, database, "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_statements s "
+    top = query(pg, database, "SELECT calls, round(total_exec_time::numeric, 0), shared_blks_hit / calls, "
+                              "left(regexp_replace(query, '\\s+', ' ', 'g'), 80) FROM pg_stat_statements s "
                               "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() "
-                              "ORDER BY calls DESC LIMIT 12")
+                              "ORDER BY total_exec_time DESC LIMIT 12")
     for node in running:
         node.stop()
     latency = array("q")
@@ -212,21 +225,21 @@ def run(pg: PostgresServer, nodes: int, args, work: Path, tpl) -> dict:
         "statements_per_msg": (after["statements"] - before["statements"]) / received,
         "transactions_per_msg": (after["transactions"] - before["transactions"]) / received,
         "wal_bytes_per_msg": (after["wal"] - before["wal"]) / received,
-        "engine_cpu_ms_per_msg": (cpu_after["engine"] - cpu_before["engine"]) * 1000 / received,
-        "postgresql_cpu_ms_per_msg": (cpu_after["postgresql"] - cpu_before["postgresql"]) * 1000 / received,
+        **{f"{part}_cpu_ms_per_msg": (cpu_after[part] - cpu_before[part]) * 1000 / received for part in cpu_after},
         "top_statements": top.splitlines(),
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| nodes | connections | ACKed msg/s | ACK p50 / p99 ms | delivered msg/s | statements / msg | "
-             "transactions / msg | WAL bytes / msg | CPU ms / msg: engine | CPU ms / msg: PostgreSQL |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "transactions / msg | WAL bytes / msg | CPU ms / msg: engine, converter, PostgreSQL |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['nodes']} | {r['connections']} | {r['acked_per_s']:,.0f} | {r['p50_ms']:.1f} / "
                      f"{r['p99_ms']:.1f} | {r['delivered_per_s']:,.0f} | {r['statements_per_msg']:.1f} | "
                      f"{r['transactions_per_msg']:.2f} | {r['wal_bytes_per_msg']:,.0f} | "
-                     f"{r['engine_cpu_ms_per_msg']:.2f} | {r['postgresql_cpu_ms_per_msg']:.2f} |")
+                     f"{r['engine_cpu_ms_per_msg']:.2f}, {r['converter_cpu_ms_per_msg']:.2f}, "
+                     f"{r['postgresql_cpu_ms_per_msg']:.2f} |")
     return "\n".join(lines)
 
 
@@ -255,7 +268,7 @@ def main(argv=None) -> int:
     print(f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['date']}, "
           f"engine at {info['revision']}; PostgreSQL {pg.bindir.parent.name} with fsync on; shared with other work.\n")
     print(table(rows))
-    print("\nMost frequent statements (calls over the last run, warm-up and drain included):\n")
+    print("\nThe statements PostgreSQL spent most time on in the last run (calls | total ms | buffers per call | statement):\n")
     for line in rows[-1]["top_statements"]:
         print(f"    {line}")
     if args.json:

@@ -156,7 +156,8 @@ def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
     """Delete old messages and give the space back to the file system.
 
     Messages with a delivery still owed (pending, retrying, dead) are never pruned. Works in
-    small batches, so it can run beside the engine. Shows progress on a terminal.
+    small batches, so it can run beside the engine. Shows progress on a terminal. On PostgreSQL
+    the space is VACUUMed for new rows, not given back (VACUUM FULL does that, locking the tables).
 
     Example: hl7bridge journal prune --older-than 90d --keep-errors --dry-run
     """
@@ -183,7 +184,7 @@ def journal_prune(journal_path, older_than, keep_errors, dry_run, as_json):
     elif dry_run:
         click.echo(f"would prune {result.messages} messages {before}")
     else:
-        click.echo(f"pruned {result.messages} messages {before}; journal and text index "
+        click.echo(f"pruned {result.messages} messages {before}; {what_size(journal_path)} "
                    f"{result.bytes_before / 1e6:.1f} MB -> {result.bytes_after / 1e6:.1f} MB")
 
 
@@ -236,6 +237,13 @@ def journal_migrate(source, target, as_json):
             click.echo(f"  {table:12} {source_rows:>9} in the source, {found:>9} in the target")
     if missing:
         raise Failure(f"rows missing in the target: {missing}; run it again", EXIT_NOT_ACCEPTED)
+
+
+def what_size(location) -> str:
+    """What prune's sizes are of: the files, or the database."""
+    from ..store import is_database_url
+
+    return "database" if is_database_url(location) else "journal and text index"
 
 
 @journal.command("show", context_settings=CONTEXT)

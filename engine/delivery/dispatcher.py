@@ -78,7 +78,6 @@ class Dispatcher:
         ids = sorted(set().union(*self.in_flight.values()))
         if not ids:
             return defer.succeed([])
-        d = self.write(self.journal.renew_deliveries, self.worker, ids, self.lease, self.clock())
 
         def check(held):
             sending = set().union(*self.in_flight.values())  # those finished meanwhile were released, not lost
@@ -86,24 +85,30 @@ class Dispatcher:
             if lost:
                 log.warn("lost the claim on {count} deliveries being sent (their lease expired): "
                          "another node may send them too", count=len(lost))
-            return held
 
-        d.addCallback(check)
-        d.addErrback(lambda failure: log.failure("renewing delivery leases failed; will try again", failure))
-        return d
+        return self._housekeeping("renewing delivery leases", check, self.journal.renew_deliveries, self.worker, ids,
+                                  self.lease, self.clock())
 
     def take_over_expired(self):
         """Return deliveries whose lease expired (their node died) to the queue, flagged resumed."""
-        d = self.write(self.journal.recover_in_flight, self.clock())
-
         def taken(ids):
             if ids:
                 log.warn("{count} deliveries were in flight on a node that stopped renewing its claims; "
                          "they go out again", count=len(ids))
-            return ids
 
-        d.addCallback(taken)
-        d.addErrback(lambda failure: log.failure("taking over expired deliveries failed; will try again", failure))
+        return self._housekeeping("taking over expired deliveries", taken, self.journal.recover_in_flight, self.clock())
+
+    def _housekeeping(self, what: str, report, fn, *args):
+        """Run ``fn(*args)`` through the writer, hand its result to ``report``, log a failure
+        (the next round tries again); a Deferred of the result."""
+        d = self.write(fn, *args)
+
+        def reported(result):
+            report(result)
+            return result
+
+        d.addCallback(reported)
+        d.addErrback(lambda failure: log.failure(what + " failed; will try again", failure))
         return d
 
     def _start_sender(self, name, sender):

@@ -197,14 +197,16 @@ class Ingestor:
         with self.journal.transaction():
             # Another node may be journaling a message with one of these keys right now: hold them
             # (sorted, so two batches never wait for each other) until this commit.
-            self.journal.lock_keys(sorted({p.dedupe_key for p in batch if p.dedupe_key is not None}))
+            keys = sorted({p.dedupe_key for p in batch if p.dedupe_key is not None})
+            self.journal.lock_keys(keys)
+            journaled = self.journal.accepted_with_keys(keys) if keys else {}  # one query for the batch
             for prepared in batch:
                 entry, dedupe_key = prepared.entry, prepared.dedupe_key
                 entry.acked_at = acked_at
                 policy = None
                 if dedupe_key is not None:
                     earlier = [(o.message_id, o.entry.ack, o.ack_code, o.entry.raw) for o in seen_in_batch.get(dedupe_key, [])]
-                    earlier = self.journal.accepted_with_key(*dedupe_key) + earlier
+                    earlier = journaled.get(dedupe_key, []) + earlier
                     policy = self._resend(prepared, earlier) if earlier else None
                 message_id = self.journal.insert(entry)
                 if prepared.converted is not None:

@@ -179,6 +179,7 @@ class Engine:
             address = self.metrics_port.getHost()
             bound.append(("metrics", address.host, address.port))
         self._stats.start(STATS_INTERVAL, now=False)
+        log.info("journal {journal}, node {node}", journal=self.writer.journal.name, node=self.node)
         for pool in (self._mapping, self._files):
             pool.start()
         self.status.start()

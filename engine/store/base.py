@@ -295,6 +295,11 @@ class Journal(ABC):
         [(id, ack, ack_code, raw)]. Exact resends are left out: they are never the original."""
 
     @abstractmethod
+    def accepted_with_keys(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple]]:
+        """``accepted_with_key`` for many keys in one query: {(facility, control ID): rows}, only
+        the keys that have some (a batch's duplicate check in one round trip)."""
+
+    @abstractmethod
     def insert(self, entry: Entry) -> int:
         """Store one entry, its identifiers and its conversion (if it has one), inside the
         caller's transaction; returns its message ID."""

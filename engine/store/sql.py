@@ -137,6 +137,21 @@ class SqlJournal(ReconcileQueries, Journal):
             "SELECT id, ack, ack_code, raw FROM messages WHERE sending_facility = ? AND control_id = ? "
             "AND ack_code IN ('AA', 'CA') AND status != 'duplicate' ORDER BY id", sending_facility, control_id)
 
+    def accepted_with_keys(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[tuple]]:
+        wanted = set(keys)
+        control_ids = sorted({control_id for _, control_id in wanted})
+        found: dict[tuple[str, str], list[tuple]] = {}
+        for start in range(0, len(control_ids), 500):
+            chunk = control_ids[start : start + 500]
+            # By control ID alone: the leading column of the (control_id, sending_facility) index.
+            for facility, control_id, *row in self._all(
+                    "SELECT sending_facility, control_id, id, ack, ack_code, raw FROM messages "
+                    f"WHERE control_id IN ({marks(chunk)}) AND ack_code IN ('AA', 'CA') AND status != 'duplicate' "
+                    "ORDER BY id", *chunk):
+                if (facility, control_id) in wanted:
+                    found.setdefault((facility, control_id), []).append(tuple(row))
+        return found
+
     def _entry_row(self, entry: Entry) -> tuple:
         return (
             entry.received_at, entry.listener, entry.peer, entry.control_id, entry.message_type,
@@ -176,13 +191,17 @@ class SqlJournal(ReconcileQueries, Journal):
                              *claimed)
         return [Waiting(*row) for row in rows]
 
-    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+    def _renew(self, sql: str, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        """Extend a worker's leases: ``sql`` takes (lease end, worker, *ids) with {ids} for their marks."""
         if not ids:
             return []
         with self.transaction():
-            return sorted(r[0] for r in self._all(
-                f"UPDATE conversion_claims SET lease_expires_at = ? WHERE worker = ? AND message_id IN ({marks(ids)}) "
-                "RETURNING message_id", iso(now + timedelta(seconds=lease)), worker, *ids))
+            return sorted(r[0] for r in self._all(sql.format(ids=marks(ids)), iso(now + timedelta(seconds=lease)),
+                                                  worker, *ids))
+
+    def renew_conversions(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
+        return self._renew("UPDATE conversion_claims SET lease_expires_at = ? WHERE worker = ? "
+                           "AND message_id IN ({ids}) RETURNING message_id", worker, ids, lease, now)
 
     def finish_conversions(self, worker: str, ids: list[int]) -> list[int]:
         if not ids:
@@ -251,12 +270,8 @@ class SqlJournal(ReconcileQueries, Journal):
         return [d for d in found if d.id in taken]
 
     def renew_deliveries(self, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
-        if not ids:
-            return []
-        with self.transaction():
-            return sorted(r[0] for r in self._all(
-                f"UPDATE deliveries SET lease_expires_at = ? WHERE claimed_by = ? AND state = 'in_flight' "
-                f"AND id IN ({marks(ids)}) RETURNING id", iso(now + timedelta(seconds=lease)), worker, *ids))
+        return self._renew("UPDATE deliveries SET lease_expires_at = ? WHERE claimed_by = ? AND state = 'in_flight' "
+                           "AND id IN ({ids}) RETURNING id", worker, ids, lease, now)
 
     def finish_attempt(self, delivery: Delivery, attempt: Attempt, next_state: NextState) -> bool:
         finished = iso(attempt.finished)

@@ -218,3 +218,119 @@ def test_a_cluster_behind_haproxy_loses_nothing_when_nodes_are_killed(tmp_path, 
         from engine.store import postgres
 
         postgres.close_pools()
+
+
+def test_the_shipped_haproxy_example_is_a_valid_configuration(haproxy_factory):
+    from haproxy import find_haproxy
+
+    example = ROOT / "examples" / "haproxy.cfg"
+    done = subprocess.run([find_haproxy(), "-c", "-f", str(example)], capture_output=True, text=True,
+                          env={**os.environ, "HL7BRIDGE_CHECK_TOKEN": "a-viewer-token"}, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = example.read_text()
+    assert "option httpchk" in text and "uri /readyz" in text and "on-marked-down shutdown-sessions" in text
+
+
+def test_reload_reaches_the_node_of_a_cluster_on_this_host(tmp_path, postgres_url):
+    config = shipped_config(tmp_path / "node")
+    node = Node("reloadme", config, postgres_url).start()
+    try:
+        done = subprocess.run([*HL7BRIDGE, "reload", "--journal", postgres_url, "--config", str(config),
+                               "--node", "reloadme", "--json"], cwd=ROOT, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["ok"] is True
+        done = subprocess.run([*HL7BRIDGE, "reload", "--journal", postgres_url, "--config", str(config),
+                               "--node", "another"], cwd=ROOT, capture_output=True, timeout=60)
+        assert done.returncode == 3 and b"no running engine for node another" in done.stderr
+    finally:
+        node.stop()
+
+
+def test_a_node_that_dies_mid_delivery_leaves_its_deliveries_to_the_others(tmp_path, postgres_url,
+                                                                           fhir_server_factory):
+    """The FHIR server stops answering (SIGSTOP), so sends hang in flight; the node holding them is
+    killed and not started again; once its lease (3 s) runs out the other node sends them."""
+    fhir = fhir_server_factory()
+    nodes = [Node(f"node{i}", node_config(tmp_path / f"node{i}", fhir.base_url), postgres_url) for i in (1, 2)]
+    journal = None
+    stopped = False
+    try:
+        for node in nodes:
+            node.start()
+        journal = open_journal(postgres_url, create=False)
+        os.kill(fhir.process.pid, signal.SIGSTOP)
+        stopped = True
+        numbers = range(20_000, 20_008)
+        with MLLPClient("127.0.0.1", nodes[0].port) as client:
+            for n in numbers:
+                assert b"MSA|AA|" in client.send(message(n))
+
+        def holders():
+            return dict(journal._all("SELECT claimed_by, count(*) FROM deliveries WHERE state = 'in_flight' "
+                                     "GROUP BY claimed_by"))
+
+        deadline = time.monotonic() + 30
+        while not holders() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = holders()
+        assert held, "no delivery went in flight"
+        victim = next(node for node in nodes if node.name == max(held, key=held.get))
+        survivor = next(node for node in nodes if node is not victim)
+        taken = [row[0] for row in journal._all(
+            "SELECT id FROM deliveries WHERE state = 'in_flight' AND claimed_by = ?", victim.name)]
+        victim.kill()
+        os.kill(fhir.process.pid, signal.SIGCONT)
+        stopped = False
+        deadline = time.monotonic() + 90
+        while any(owed(journal).values()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert owed(journal) == {"open deliveries": 0, "waiting for the converter": 0, "conversion claims": 0}
+        states = journal._all(f"SELECT state FROM deliveries WHERE id IN ({', '.join('?' for _ in taken)})", *taken)
+        assert [s for (s,) in states] == ["delivered"] * len(taken)
+        assert "in flight on a node that stopped renewing its claims" in survivor.stderr_path.read_text()
+        fillers = [i["value"] for a in fhir.resources("Appointment") for i in a.get("identifier", [])
+                   if i["value"].startswith("9")]
+        assert sorted(fillers) == sorted(f"9{n:05d}" for n in numbers)  # each once, whoever sent it
+    finally:
+        if stopped:
+            os.kill(fhir.process.pid, signal.SIGCONT)
+        for node in nodes:
+            if node.process.poll() is None:
+                node.stop()
+        if journal is not None:
+            journal.close()
+        from engine.store import postgres
+
+        postgres.close_pools()
+
+
+def readyz(node: Node) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/readyz", timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_readyz_says_when_a_node_cannot_reach_its_database(tmp_path):
+    """What HAProxy checks: a node whose PostgreSQL is gone answers 503 (and is taken out of the
+    balancing); when the database is back the same node answers 200 again, without a restart."""
+    from pgserver import PostgresServer
+
+    with PostgresServer() as pg:
+        node = Node("lonely", shipped_config(tmp_path / "node"), pg.create_database()).start()
+        try:
+            assert readyz(node) == (200, "ready\n")
+            pg.stop()
+            status, text = readyz(node)
+            assert status == 503 and text.startswith("not ready: journal unreadable: ")
+            pg.start()
+            deadline = time.monotonic() + 60
+            while readyz(node)[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert readyz(node) == (200, "ready\n")
+        finally:
+            node.stop()

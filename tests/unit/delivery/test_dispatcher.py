@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twisted.internet import defer, task
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.delivery.destinations import Destination, RetryPolicy
 from engine.delivery.dispatcher import POLL_INTERVAL, Dispatcher
@@ -89,7 +90,7 @@ def ingest(journal):
 
 def only_erp(journal):
     """Keep the tests to one destination: the fhir-main deliveries are delivered already."""
-    journal.conn.execute("UPDATE deliveries SET state = 'delivered' WHERE destination = 'fhir-main'")
+    journal._run("UPDATE deliveries SET state = 'delivered' WHERE destination = 'fhir-main'")
 
 
 def test_due_deliveries_are_sent_and_recorded(journal, ingest):
@@ -186,7 +187,7 @@ def test_deliveries_in_flight_at_start_are_resumed_and_flagged(journal, ingest):
 def test_a_delivery_without_a_bundle_is_dead_at_once(journal, ingest):
     outcome = ingest("C1")
     only_erp(journal)
-    journal.conn.execute("DELETE FROM conversions WHERE message_id = ?", (outcome.message_id,))
+    journal._run("DELETE FROM conversions WHERE message_id = ?", outcome.message_id)
     dest = destination("erp-finance")
     sender = FakeSender(dest)
     h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})
@@ -209,3 +210,26 @@ def test_a_reload_rebuilds_only_the_senders_of_changed_destinations_and_stop_clo
     assert h.dispatcher.senders["b"] is first_b and not first_b.closed
     h.dispatcher.stop()
     assert senders["a"].closed and first_b.closed
+
+
+def test_a_slow_send_keeps_its_lease_and_a_dead_nodes_delivery_is_taken_over(journal, ingest):
+    ingest("C1")
+    ingest("C2", account=b"OTHER")
+    only_erp(journal)
+    # Another node claimed C1 and died: its lease (30 s) runs out while this node works.
+    [theirs] = journal.claim_deliveries("erp-finance", "node-b", T0, 1, 30)
+    dest = destination("erp-finance")
+    sender = FakeSender(dest, hold=True)
+    h = Harness(journal, {"erp-finance": dest}, {"erp-finance": sender})
+    h.start()
+    [mine] = sender.sent
+    assert (theirs.control_id, mine.control_id, mine.claimed_by) == ("C1", "C2", "local")
+    for _ in range(6):  # a minute: renewed every 10 s, so never taken from this node
+        h.advance(10)
+    [row] = journal._all("SELECT lease_expires_at FROM deliveries WHERE id = ?", mine.id)
+    assert row[0] == "2026-11-24T06:01:30.000000Z"  # renewed at +60 s for another 30 s
+    assert [d.id for d in sender.sent] == [mine.id, theirs.id]  # node-b's, taken over at +30 s
+    assert sender.sent[1].resumed
+    sender.release()
+    sender.release()
+    assert h.states("erp-finance") == [DELIVERED, DELIVERED]

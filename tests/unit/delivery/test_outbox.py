@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.delivery.destinations import Destination, RetryPolicy
 from engine.delivery.outbox import DEAD, DELIVERED, PERMANENT, RETRYING, TRANSIENT, OK, Result, finish, summary
@@ -37,7 +38,7 @@ DEST = Destination("erp-finance", "file", "x", retry=RetryPolicy(max_attempts=3,
 def test_a_mapped_message_is_queued_for_each_destination_of_its_route(journal, ingest):
     outcome = ingest(dft("C1"))
     assert outcome.status == "mapped"
-    rows = journal.conn.execute("SELECT destination, key, state FROM deliveries ORDER BY destination").fetchall()
+    rows = journal._all("SELECT destination, key, state FROM deliveries ORDER BY destination")
     assert rows == [
         ("erp-finance", "account:A2026120877", "pending"),
         ("fhir-main", "patient:EASTCLINIC|300612", "pending"),
@@ -82,7 +83,7 @@ def test_permanent_errors_dead_letter_at_once_and_transient_ones_after_the_limit
     rows = {r["control_id"]: r for r in journal.list_deliveries("erp-finance")}
     assert rows["C1"]["last_error"] == "HTTP 422"
     assert rows["C2"]["last_error"] == "gave up after 3 attempts: connection refused"
-    attempts = journal.conn.execute("SELECT count(*), max(response) FROM attempts").fetchone()
+    attempts = journal._one("SELECT count(*), max(response) FROM attempts")
     assert attempts == (4, '{"issue": [...]}')
     assert summary(journal)[0]["dead"] == 2
 
@@ -113,7 +114,7 @@ def test_replay_restarts_dead_deliveries_and_records_who_and_why(journal, ingest
     finish(journal, d, DEST, Result(PERMANENT, 400, error="HTTP 400"), T0, T0)
     assert journal.replay([outcome.message_id], ["erp-finance"], "alice", "fixed the product code", T0, only_dead=True) == 1
     assert [x.state for x in journal.due_deliveries("erp-finance", T0, 10)] == ["pending"]
-    assert journal.conn.execute("SELECT who, why, destination FROM replays").fetchall() == [
+    assert journal._all("SELECT who, why, destination FROM replays") == [
         ("alice", "fixed the product code", '["erp-finance"]')
     ]
 

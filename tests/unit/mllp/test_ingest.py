@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, NOW
 from engine.hl7 import charset
 from engine.hl7.assess import AcceptPolicy, assess
@@ -108,7 +109,7 @@ def test_reused_control_id_rejected_when_the_route_says_so(tmp_path, journal):
     row = journal.get(second.message_id)
     assert (row["duplicate_of"], row["error_code"], row["route"]) == (first.message_id, 205, "clinic-scheduling")
     assert journal.conversion(second.message_id) is None
-    assert journal.conn.execute("SELECT count(*) FROM deliveries WHERE message_id = ?", (second.message_id,)).fetchone() == (0,)
+    assert journal._one("SELECT count(*) FROM deliveries WHERE message_id = ?", second.message_id) == (0,)
 
 
 def test_reused_control_id_held_for_an_operator(tmp_path, journal):

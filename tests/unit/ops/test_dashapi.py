@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.config import DashboardSettings, DashboardUser
 from engine.delivery.outbox import PERMANENT, Result, finish

@@ -7,6 +7,7 @@ import json
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.config import DashboardSettings
 from engine.mllp.ingest import Frame, Ingestor

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 from click.testing import CliRunner
 
+from backends import backend, journal, journal_location  # noqa: F401 (tests asking for journal run on both)
 from conftest import EXAMPLES, ROOT
 from engine.cli import cli
 from engine.mllp.ingest import Frame, Ingestor
@@ -43,36 +44,35 @@ def test_prune_half_gives_the_space_back(tmp_path):
     journal.close()
 
 
-def test_keep_errors_and_owed_deliveries_stay(tmp_path):
-    journal = Journal(tmp_path / "journal.db")
+def test_keep_errors_and_owed_deliveries_stay(journal):
     project = Project.load(ROOT)
     fill(journal, 3, OLD, project)  # routed, waiting for the converter
     assert journal.prune(NEW).messages == 0
-    journal.conn.execute("UPDATE messages SET status = 'mapped' WHERE route IS NOT NULL")
+    journal._run("UPDATE messages SET status = 'mapped' WHERE route IS NOT NULL")
     from engine.delivery.outbox import queue
 
-    for (message_id,) in journal.conn.execute("SELECT id FROM messages").fetchall():
+    for (message_id,) in journal._all("SELECT id FROM messages"):
         queue(journal, message_id, list(project.destinations.values()), OLD)
     Ingestor(journal, clock=lambda: OLD).ingest([Frame((EXAMPLES / "bad_msh.hl7").read_bytes())])
     assert journal.prune(NEW, keep_errors=True).messages == 0  # deliveries still owed, and an error
-    journal.conn.execute("UPDATE deliveries SET state = 'delivered'")
+    journal._run("UPDATE deliveries SET state = 'delivered'")
     assert journal.prune(NEW, keep_errors=True).messages == 3
     assert journal.count() == 1 and journal.count("rejected") == 1
-    assert journal.conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+    assert journal._one("SELECT count(*) FROM deliveries") == (0,)
     assert journal.prune(NEW).messages == 1
-    journal.close()
 
 
-def test_cli_dry_run_and_prune(tmp_path):
-    journal = Journal(tmp_path / "journal.db")
+def test_cli_dry_run_and_prune(journal, journal_location, backend):
     fill(journal, 20, OLD)
     fill(journal, 5, datetime.now(timezone.utc) - timedelta(hours=1))
     journal.close()
-    path = str(tmp_path / "journal.db")
+    path = journal_location
     result = CliRunner().invoke(cli, ["journal", "prune", "--journal", path, "--older-than", "30d", "--dry-run"])
     assert result.exit_code == 0 and result.output.startswith("would prune 20 messages received before ")
     result = CliRunner().invoke(cli, ["journal", "prune", "--journal", path, "--older-than", "30d", "--json"])
     data = json.loads(result.output)
-    assert data["messages"] == 20 and data["bytes_after"] < data["bytes_before"]
+    assert data["messages"] == 20 and data["bytes_after"] > 0
+    # SQLite gives the space back to the file system; PostgreSQL's VACUUM keeps it for new rows.
+    assert data["bytes_after"] < data["bytes_before"] or backend == "postgresql"
     result = CliRunner().invoke(cli, ["journal", "prune", "--journal", path, "--older-than", "soon"])
     assert result.exit_code == 2 and "is not an age" in result.output

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.mllp.ingest import Frame, Ingestor
 from engine.store.base import ACCEPTED, MAPPED, MAPPING_ERROR
@@ -87,7 +88,7 @@ def test_the_conversion_keeps_its_warnings_and_journal_show_lists_them(journal, 
         "end computed from the start (SCH-11.4) and the duration (SCH-9: 30 min)",
     ])
     journal.close()
-    shown = CliRunner().invoke(cli, ["journal", "show", "--journal", str(tmp_path / "journal.db"),
+    shown = CliRunner().invoke(cli, ["journal", "show", "--journal", journal.location,
                                      str(outcome.message_id)]).output
     assert "warning:                segments end with CRLF, not CR" in shown
     assert "  warning: SCH-10 unit 'm' read as minutes\n" in shown

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT
 from engine.cli import cli
 from engine.mllp.ingest import Frame, Ingestor

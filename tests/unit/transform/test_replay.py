@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
 from conftest import EXAMPLES, ROOT, shipped_config
 from engine.delivery.outbox import PERMANENT, Result, finish
 from engine.mllp.ingest import Frame, Ingestor
