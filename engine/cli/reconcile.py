@@ -51,7 +51,8 @@ def kpi_rows(kpis: dict) -> list[dict]:
 @click.option("--facility", help="One sending facility (MSH-4).")
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(KIND_CHOICES), help="Only this kind (repeatable).")
 @click.option("--all", "show_all", is_flag=True, help="Show acknowledged exceptions too.")
-@click.option("--rebuild", is_flag=True, help="Build the record again from every journaled message first.")
+@click.option("--rebuild", is_flag=True, help="Build the record again from every journaled message first (in batches: "
+              "a running engine goes on, and the queues show what was read so far until it ends).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write the report (reconcile-DATE.json and .csv) into DIR instead of printing.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the exceptions as CSV.")
