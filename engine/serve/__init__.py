@@ -45,6 +45,7 @@ from ..mllp.ingest import Ingestor
 from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
 from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
+from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
 from ..transform.project import Project
@@ -60,6 +61,7 @@ GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
 FILE_THREADS = 2  # file destinations' appends and fsyncs
+REPORT_CHECK = 900.0  # how often the daily reconcile report job looks whether a report is due
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -105,7 +107,7 @@ class Engine:
                                 "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
         if project is not None:
             self.supervisor.add("converter", "engine.transform.converter", "-",
-                                "--config", str(project.directory), "--parent", str(os.getpid()),
+                                "--config", str(project.given or project.directory), "--parent", str(os.getpid()),
                                 "--worker", f"{self.node}/converter", env=worker_env)
         # Where the PID and reload-verdict files go: beside a journal file; for a database, in
         # var/ of the config directory, named after the node.
@@ -130,6 +132,8 @@ class Engine:
         self.scheduler = Scheduler(reactor, self.writer.bookkeeping, self.writer.write, self.node)
         if settings.retention is not None:
             self.schedule("retention", settings.retention[2], self._apply_retention)
+        if settings.reconcile.report is not None:
+            self.schedule("reconcile-report", REPORT_CHECK, self._reconcile_report)
         self.ports = []
         self.metrics_port = None
         self.stopping = False
@@ -195,7 +199,7 @@ class Engine:
 
         The verdict goes to the log, to /metrics and to the reload file beside the journal, where
         ``hl7bridge reload`` waits for it."""
-        directory = self.project.directory if self.project is not None else self.settings.config_dir
+        directory = (self.project.given or self.project.directory) if self.project is not None else self.settings.config_dir
         try:
             project = Project.load(directory)
         except ConfigError as exc:
@@ -207,7 +211,7 @@ class Engine:
         self.dispatcher.update(project.destinations)
         self.supervisor.signal("converter", "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
-                f"{len(project.destinations)} destinations from {Path(directory).resolve()}")
+                f"{len(project.destinations)} destinations from {project.directory.resolve()}")
         log.info("reloaded {what}", what=text)
         self._reloaded(True, text)
         return True
@@ -239,6 +243,17 @@ class Engine:
         if total:
             yield self.writer.write(journal.reclaim)
             log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
+
+    def _reconcile_report(self):
+        """The daily reconcile report (``engine.reconcile.report.write_due``), read in a reader thread."""
+        settings = self.settings.reconcile
+        erp = self.project.erp_destinations() if self.project is not None else []
+
+        def written(files):
+            if files:
+                log.info("reconcile: daily report written to {files}", files=", ".join(str(f) for f in files))
+
+        return self.status.read(reconcile_report.write_due, settings, erp, datetime.now(timezone.utc)).addCallback(written)
 
     def _listen_metrics(self):
         endpoint_text = self.settings.metrics_endpoint
