@@ -303,7 +303,8 @@ def test_dashboard_in_chromium(engine, browser):
                                          "AND state = 'delivered'").fetchone()[0] == 3, 30)
     conn.close()
     browser.get(base + "/dashboard#message/1")
-    browser.find_element(By.ID, "tab-deliveries").click()
+    # A change of hash only: the page draws the message after this returns, so wait for its tabs.
+    wait_for(lambda: browser.find_element(By.ID, "tab-deliveries")).click()
     story = text_of(browser, "detail-body", "delivered after 2 attempt(s), 1 since it was replayed")
     assert "replayed by dashboard:alice: server fixed" in story
 
