@@ -46,15 +46,16 @@ from engine.transform import pipeline  # noqa: E402
 from engine.transform.project import Project  # noqa: E402
 
 
-def variants(raw: bytes):
-    """The message again and again with fresh identifiers (patient, visit, account, appointment, FT1)."""
+def variants(raw: bytes, tag: str = ""):
+    """The message again and again with fresh identifiers (patient, visit, account, appointment,
+    FT1), each suffixed ``-TAGn``."""
     values = sorted({value for _, value, _ in identifiers(parse(decode(raw).text))}, key=len, reverse=True)
     number = 0
     while True:
         number += 1
         text = raw
         for value in values:
-            text = text.replace(value.encode(), f"{value}-{number}".encode())
+            text = text.replace(value.encode(), f"{value}-{tag}{number}".encode())
         yield text
 
 SAMPLES = [

@@ -20,6 +20,7 @@ from .hl7.charset import codec_for
 from .errors import ConfigError
 from .hl7.assess import AcceptPolicy
 from .hl7.versions import SUPPORTED_VERSIONS
+from .reconcile.settings import ReconcileSettings, parse as parse_reconcile
 from .store import is_database_url
 from .store.base import SYNCHRONOUS_MODES
 from .yamlconf import Section, age, expand_env, load_yaml, seconds
@@ -114,6 +115,7 @@ class Settings:
     dashboard: DashboardSettings | None = None  # serves the dashboard and guards everything but /healthz
     source: Path | None = None  # the file the settings came from, if any
     config_dir: Path | None = None  # where routes/ and mappings/ are read (None: engine.transform.project decides)
+    reconcile: ReconcileSettings = ReconcileSettings()  # windows, linking rules, the daily report (engine.reconcile)
     node: str = ""  # this engine's name in the cluster, in its claims ("" : the host name)
     lease: float = 30.0  # seconds a node's claim on a delivery or a job lasts unless renewed
     converter_workers: int = 0  # converter processes (conversion.workers); 0: one per core
@@ -148,7 +150,7 @@ class Settings:
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
     "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster",
-                 "conversion"},
+                 "conversion", "reconcile"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -246,12 +248,14 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
             retention = (older_than, policy.get("keep_errors", bool, True), seconds(policy.data.get("every", "1h"), "every"))
         except ValueError as exc:
             raise policy.error("every", str(exc)) from None
+    reconcile = parse_reconcile(top.data.get("reconcile"), path, top.line("reconcile"), base)
     journal_url = expand_env(journal.get("url", str, None), journal, "url")
     if journal_url is not None and not is_database_url(journal_url):
         raise journal.error("url", "is not a PostgreSQL URL", "postgresql://USER:${PASSWORD}@HOST:5432/DATABASE")
     if journal_url is not None and journal.data.get("path") is not None:
         raise journal.error("url", "goes without journal.path", "the journal is either a file or a database")
     return Settings(
+        reconcile=reconcile,
         retention=retention,
         journal_url=journal_url,
         dashboard=dashboard_settings,

@@ -11,7 +11,7 @@ May import every package (it is the top); nothing imports it.
 
 from __future__ import annotations
 
-from . import analyst, delivery, journal, send, serving  # noqa: F401 (each registers its commands)
+from . import analyst, delivery, journal, reconcile, send, serving  # noqa: F401 (each registers its commands)
 from .base import EXIT_CONNECTION, EXIT_NOT_ACCEPTED, EXIT_OK, EXIT_USAGE, Failure, cli  # noqa: F401
 from .journal import parse_since  # noqa: F401
 

@@ -26,7 +26,8 @@ FHIR_MODES = ("transaction", "resources")
 ORDER_KEYS = ("patient", "appointment", "account", "message", "none")
 KEYS = {
     "destination": {"name", "description", "type", "url", "mode", "auth", "tls", "timeout", "connect_timeout", "directory",
-                    "retry", "concurrency", "cluster_concurrency", "order_by", "payload", "body", "database", "product"},
+                    "retry", "concurrency", "cluster_concurrency", "order_by", "payload", "body", "database", "product",
+                    "cash_account"},
     "auth": {"bearer", "basic", "oauth2"},
     "basic": {"username", "password"},
     "oauth2": {"token_url", "client_id", "client_secret", "scope"},
@@ -74,6 +75,7 @@ class Destination:
     body: dict | None = None  # erp-http: the shape of each request body (a template over the event)
     database: str = ""  # erp-tryton: the Tryton database
     product: str = "Patient charge"  # erp-tryton: the product invoice lines use
+    cash_account: str = ""  # erp-tryton: the code of the account payments are received into
 
 
 def load_destination(path: Path, base: Path) -> Destination:
@@ -142,6 +144,7 @@ def load_destination(path: Path, base: Path) -> Destination:
             if not fields["database"]:
                 raise top.error("database", "is required for Tryton", "the database name trytond serves")
             fields["product"] = top.get("product", str, "Patient charge")
+            fields["cash_account"] = top.get("cash_account", str, "", hint='quote it: cash_account: "1.1.1"')
             fields["concurrency"] = 1  # Tryton wants one writer per database: one at a time,
             fields["cluster_concurrency"] = 1  # however many nodes send to it
             if basic is None:

@@ -272,3 +272,132 @@ def replay(status: Status, body: dict, user: User):
 
     return run().addErrback(lambda failure: failure.trap(ReplayError) and {"error": failure.getErrorMessage()})
 
+
+
+def _reconcile_kinds(body: dict) -> list[str] | None:
+    from ..reconcile.rules import KINDS
+
+    kind = _text(body, "kind", 40)
+    if kind is not None and kind not in KINDS:
+        raise CallError(f"kind must be one of {', '.join(KINDS)}")
+    return [kind] if kind else None
+
+
+@call("reconcile")
+def reconcile(status: Status, body: dict, user: User):
+    """The scheduling-to-cash work queues and KPIs (``engine.reconcile.queue.run``) over ``since``
+    (default 30d) up to ``as_of`` (default now), for one ``facility`` and one ``kind`` when given;
+    ``acknowledged``: the acknowledged exceptions too."""
+    from ..reconcile import queue
+
+    as_of = _moment(body, "as_of")
+    now = datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else datetime.now(timezone.utc)
+    start = _moment(body, "since") or parse_moment("30d", now)
+    kinds, facility = _reconcile_kinds(body), _text(body, "facility", 100)
+    settings, erp = status.reconcile_settings()
+    since = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    if since >= now:
+        raise CallError("since must be before as_of (now)")
+
+    def read(journal):
+        result = queue.run(journal, settings, erp, since, now, facility, kinds, bool(body.get("acknowledged")))
+        return {**result, "role": user.role}
+
+    return status.read(read)
+
+
+@call("reconcile_detail")
+def reconcile_detail(status: Status, body: dict, user: User):
+    """What is behind one exception (``id``, as the queue gives it): the appointment with its
+    history and linked charge lines, or the charge line with its messages and deliveries."""
+    from ..reconcile.rules import KINDS
+
+    ident = _text(body, "id", 300) or ""
+    parts = ident.split(":", 2)
+    if len(parts) != 3 or parts[0] not in KINDS:
+        raise CallError("id must be an exception ID (KIND:FACILITY:SUBJECT)")
+    kind, facility, subject = parts
+
+    def read(journal):
+        if kind == "missed_charge":
+            found = journal.appointment_record(facility, subject)
+            return {"kind": kind, "appointment": found}
+        charge = journal.charge_record(facility, subject)
+        appointment = journal.appointment_record(facility, charge["appointment_id"]) if charge and charge["appointment_id"] else None
+        if charge is None:
+            raise CallError(f"no charge line {subject} from {facility}", 404)
+        return {"kind": kind, "charge": charge, "appointment": appointment}
+
+    return status.read(read)
+
+
+@call("reconcile_ack", operator=True)
+def reconcile_ack(status: Status, body: dict, user: User):
+    """Acknowledge an exception (``id``) with a ``note``, recorded under the signed-in operator."""
+    ident, note = _text(body, "id", 300), _text(body, "note", 1000)
+    if not ident or not note:
+        raise CallError("acknowledging needs the exception and a note saying what was done")
+    return status.acknowledge(ident, user.name, note).addCallbacks(
+        lambda _: {"acknowledged": ident}, lambda failure: failure.trap(ValueError) and {"error": failure.getErrorMessage()})
+
+
+def outbox_depth(hours: list[str], queued: list[dict], delivered: list[dict], open_now: list[dict]) -> dict:
+    """Undelivered deliveries per destination at the end of each hour, worked back from the number
+    open now: one hour earlier there were as many, less what was queued in the hour, plus what was
+    delivered in it."""
+    depth = {}
+    for row in open_now:
+        depth[row["destination"]] = row["open"]
+    destinations = sorted({r["destination"] for r in queued + delivered} | set(depth))
+    added = {(r["hour"], r["destination"]): r["queued"] for r in queued}
+    done = {(r["hour"], r["destination"]): r["delivered"] for r in delivered}
+    series = {}
+    for destination in destinations:
+        level, values = depth.get(destination, 0), []
+        for hour in reversed(hours):
+            values.append(max(0, level))
+            level = level - added.get((hour, destination), 0) + done.get((hour, destination), 0)
+        series[destination] = list(reversed(values))
+    return series
+
+
+@call("charts")
+def charts(status: Status, body: dict, user: User):
+    """Per hour over the last ``hours`` (24 by default, at most 168): messages received and
+    deliveries made, ACK latency and receipt-to-delivery latency (mean and max), and the outbox
+    depth per destination."""
+    try:
+        hours = int(body.get("hours") or 24)
+    except (TypeError, ValueError):
+        raise CallError("hours must be a number") from None
+    if not 1 <= hours <= 168:
+        raise CallError("hours must be between 1 and 168")
+    now = datetime.now(timezone.utc)
+    first = (now - timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
+    labels = [(first + timedelta(hours=n)).strftime("%Y-%m-%dT%H") for n in range(hours)]
+
+    def read(journal):
+        found = journal.timeline(first.strftime("%Y-%m-%dT%H"))
+        messages = {r["hour"]: r for r in found["messages"]}
+        destinations = sorted({r["destination"] for r in found["deliveries"] + found["queued"] + found["open"]})
+        delivered = {(r["hour"], r["destination"]): r for r in found["deliveries"]}
+        return {
+            "hours": labels, "destinations": destinations,
+            "messages": [messages.get(h, {}).get("messages", 0) for h in labels],
+            "ack_mean_ms": [_ms(messages.get(h, {}).get("ack_mean_s")) for h in labels],
+            "ack_max_ms": [_ms(messages.get(h, {}).get("ack_max_s")) for h in labels],
+            "delivered": {d: [delivered.get((h, d), {}).get("delivered", 0) for h in labels] for d in destinations},
+            "delivery_mean_s": {d: [_round(delivered.get((h, d), {}).get("mean_s")) for h in labels]
+                                for d in destinations},
+            "outbox_depth": outbox_depth(labels, found["queued"], found["deliveries"], found["open"]),
+        }
+
+    return status.read(read)
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _round(value):
+    return None if value is None else round(value, 3)

@@ -39,7 +39,8 @@ COOKIE = b"hl7bridge_session"
 STATIC = Path(__file__).resolve().parent / "static"
 SESSION_IDLE = 12 * 3600  # seconds of no use after which a sign-in expires
 CONTENT_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
-                 ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png"}
+                 ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png",
+                 ".txt": b"text/plain; charset=utf-8"}
 
 
 class Auth:

@@ -15,6 +15,8 @@ Served at ``/metrics`` by ``engine.ops.webapi``. Names and labels (docs/operatio
     hl7bridge_outbox_oldest_age_seconds{destination}     age of the oldest undelivered delivery
     hl7bridge_file_torn_records_total{destination}       torn records set aside (file destinations)
     hl7bridge_file_already_written_total{destination}    retried deliveries found already in the file
+    hl7bridge_reconcile_exceptions{kind,facility}        open scheduling-to-cash exceptions (last 30 days)
+    hl7bridge_reconcile_charge_lag_seconds{facility}     histogram: service date -> charge made (last 30 days)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import bisect
 from datetime import datetime
 
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+HOUR, DAY = 3600.0, 86400.0
+LAG_BUCKETS = (HOUR, 4 * HOUR, 12 * HOUR, DAY, 2 * DAY, 3 * DAY, 5 * DAY, 7 * DAY, 14 * DAY, 30 * DAY)
 
 
 class Histogram:
@@ -39,14 +43,14 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def lines(self, name: str) -> list[str]:
+    def lines(self, name: str, **labels) -> list[str]:
         out, running = [], 0
         for bound, count in zip(self.buckets, self.counts):
             running += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum {self.total:.6f}")
-        out.append(f"{name}_count {self.count}")
+            out.append(f"{name}_bucket{_labels(**labels, le=bound)} {running}")
+        out.append(f'{name}_bucket{_labels(**labels, le="+Inf")} {self.count}')
+        out.append(f"{name}_sum{_labels(**labels)} {self.total:.6f}")
+        out.append(f"{name}_count{_labels(**labels)} {self.count}")
         return out
 
 
@@ -59,12 +63,13 @@ def _labels(**labels) -> str:
 def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts: dict,
            outbox_open: list[tuple[str, str, int, str | None]], now: datetime,
            sender_counts: dict | None = None, listeners: list | None = None,
-           configuration: dict | None = None) -> str:
+           configuration: dict | None = None, reconcile: dict | None = None) -> str:
     """The whole /metrics page.
 
     ``delivery_counts`` maps (destination, outcome) to a count; ``outbox_open`` is rows of
     (destination, state, count, oldest created_at) for the states that are not delivered;
-    ``listeners`` and ``configuration`` are what ``engine.ops.status.Status`` says of them.
+    ``listeners`` and ``configuration`` are what ``engine.ops.status.Status`` says of them;
+    ``reconcile`` is ``engine.reconcile.queue.gauges``.
     """
     lines = []
 
@@ -128,4 +133,17 @@ def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts
         metric("hl7bridge_config_last_reload_successful", "gauge",
                "1 when the last reload took (or none was asked for), 0 when it was refused.",
                [f"hl7bridge_config_last_reload_successful {0 if last and not last['ok'] else 1}"])
+    if reconcile is not None:
+        metric("hl7bridge_reconcile_exceptions", "gauge",
+               "Open scheduling-to-cash exceptions of the last 30 days, by kind and sending facility.",
+               [f"hl7bridge_reconcile_exceptions{_labels(kind=k, facility=f)} {n}"
+                for (k, f), n in sorted(reconcile["exceptions"].items())])
+        samples = []
+        for facility, values in sorted(reconcile["lag"].items()):
+            histogram = Histogram(LAG_BUCKETS)
+            for value in values:
+                histogram.observe(value)
+            samples += histogram.lines("hl7bridge_reconcile_charge_lag_seconds", facility=facility)
+        metric("hl7bridge_reconcile_charge_lag_seconds", "histogram",
+               "From the service date to the charge being made, charges of the last 30 days, by facility.", samples)
     return "\n".join(lines) + "\n"

@@ -58,3 +58,14 @@ class Status(ABC):
         """What the engine runs: ``routes`` (names, in the order they are tried), ``destinations``
         (names), ``directory`` (where they were read), ``reloads`` ({ok, refused} since start) and
         ``last_reload`` (pid, sequence, at, ok, message; None before the first)."""
+
+    @abstractmethod
+    def reconcile_settings(self) -> tuple:
+        """(``engine.reconcile.settings.ReconcileSettings``, the ERP destination names) of the
+        running configuration."""
+
+    @abstractmethod
+    def acknowledge(self, exception_id: str, who: str, note: str) -> Deferred:
+        """Acknowledge a reconcile exception (``engine.reconcile.queue.acknowledge``) in the journal
+        writer's thread; fails with ValueError for a bad ID or an empty note."""
+

@@ -14,7 +14,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..reconcile.queue import gauges
 from .metrics import render
+
+RECONCILE_EVERY = 60.0  # seconds the reconcile gauges of /metrics are reused (each read scans 30 days)
 from .status import Status
 
 
@@ -50,14 +53,25 @@ class Text(Resource):
 def site_root(status: Status) -> Resource:
     """The resource tree for a running engine's ``Status``."""
 
+    reconciled = {"at": None, "gauges": None}  # the reconcile gauges, read at most once a minute
+
     def metrics():
-        def page(open_outbox):
+        now = datetime.now(timezone.utc)
+        settings, erp = status.reconcile_settings()
+
+        def read(journal):
+            if reconciled["at"] is None or (now - reconciled["at"]).total_seconds() >= RECONCILE_EVERY:
+                reconciled["gauges"], reconciled["at"] = gauges(journal, settings, erp, now), now
+            return journal.outbox_counts(open_only=True), reconciled["gauges"]
+
+        def page(found):
+            open_outbox, reconcile = found
             text = render(status.counters, status.frames_by_listener, status.ack_latency,
-                          status.delivery_outcomes(), open_outbox, datetime.now(timezone.utc),
-                          status.sender_counters(), status.listeners(), status.configuration())
+                          status.delivery_outcomes(), open_outbox, now,
+                          status.sender_counters(), status.listeners(), status.configuration(), reconcile)
             return 200, text
 
-        return status.read(lambda journal: journal.outbox_counts(open_only=True)).addCallback(page)
+        return status.read(read).addCallback(page)
 
     def healthz():
         return 200, "ok\n"

@@ -46,6 +46,7 @@ from ..mllp.ingest import Ingestor
 from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
 from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
+from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
 from ..transform.project import Project
@@ -62,6 +63,7 @@ GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
 FILE_THREADS = 4  # file destinations' appends and fsyncs (a destination's 4 in flight share an fsync)
+REPORT_CHECK = 900.0  # how often the daily reconcile report job looks whether a report is due
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -115,7 +117,7 @@ class Engine:
         self.converters = [f"converter-{n}" for n in range(1, settings.converters + 1)] if project is not None else []
         for name in self.converters:
             self.supervisor.add(name, "engine.transform.converter", "-",
-                                "--config", str(project.directory), "--parent", str(os.getpid()),
+                                "--config", str(project.given or project.directory), "--parent", str(os.getpid()),
                                 "--worker", f"{self.node}/{name}", "--nice", str(settings.converter_nice),
                                 env=worker_env)
         # Where the PID and reload-verdict files go: beside a journal file; for a database, in
@@ -123,7 +125,8 @@ class Engine:
         self.state_path = state_path(settings, self.writer.journal)
         # Mapping before the ACK (ack.after: mapping routes): a thread of _mapping waits for each,
         # the conversion runs in these processes (engine.serve.mapping), off the engine's GIL.
-        self.mapping_processes = MappingProcesses(project.directory, MAPPING_THREADS) if project is not None else None
+        self.mapping_processes = (MappingProcesses(project.given or project.directory, MAPPING_THREADS)
+                                  if project is not None else None)
         self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted,
                                  mapper=self.mapping_processes.convert if self.mapping_processes else None)
         self.counters = Counters()
@@ -145,6 +148,8 @@ class Engine:
         self.scheduler = Scheduler(reactor, self.writer.bookkeeping, self.writer.write, self.node)
         if settings.retention is not None:
             self.schedule("retention", settings.retention[2], self._apply_retention)
+        if settings.reconcile.report is not None:
+            self.schedule("reconcile-report", REPORT_CHECK, self._reconcile_report)
         self.ports = []
         self.metrics_port = None
         self.stopping = False
@@ -213,7 +218,7 @@ class Engine:
 
         The verdict goes to the log, to /metrics and to the reload file beside the journal, where
         ``hl7bridge reload`` waits for it."""
-        directory = self.project.directory if self.project is not None else self.settings.config_dir
+        directory = (self.project.given or self.project.directory) if self.project is not None else self.settings.config_dir
         try:
             project = Project.load(directory)
         except ConfigError as exc:
@@ -228,7 +233,7 @@ class Engine:
         for name in self.converters:
             self.supervisor.signal(name, "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
-                f"{len(project.destinations)} destinations from {Path(directory).resolve()}")
+                f"{len(project.destinations)} destinations from {project.directory.resolve()}")
         log.info("reloaded {what}", what=text)
         self._reloaded(True, text)
         return True
@@ -260,6 +265,17 @@ class Engine:
         if total:
             yield self.writer.write(journal.reclaim)
             log.info("retention: pruned {count} messages older than {cutoff}", count=total, cutoff=cutoff.isoformat())
+
+    def _reconcile_report(self):
+        """The daily reconcile report (``engine.reconcile.report.write_due``), read in a reader thread."""
+        settings = self.settings.reconcile
+        erp = self.project.erp_destinations() if self.project is not None else []
+
+        def written(files):
+            if files:
+                log.info("reconcile: daily report written to {files}", files=", ".join(str(f) for f in files))
+
+        return self.status.read(reconcile_report.write_due, settings, erp, datetime.now(timezone.utc)).addCallback(written)
 
     def _listen_metrics(self):
         endpoint_text = self.settings.metrics_endpoint

@@ -15,6 +15,8 @@ from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
 
 from ..ops.status import Status
+from ..reconcile import queue as reconcile_queue
+from ..reconcile.settings import ReconcileSettings
 from ..stamps import iso
 from ..store import open_journal
 from ..transform.replay import replay_messages
@@ -74,6 +76,17 @@ class EngineStatus(Status):
         engine = self._engine
         return engine.writer.write(replay_messages, engine.writer.bookkeeping, engine.project, message_ids,
                                    destinations, who, why, remap)
+
+    def reconcile_settings(self) -> tuple:
+        project = self._engine.project
+        if project is None:
+            return ReconcileSettings(), []
+        return project.reconcile, project.erp_destinations()
+
+    def acknowledge(self, exception_id, who, note):
+        engine = self._engine
+        return engine.writer.write(reconcile_queue.acknowledge, engine.writer.bookkeeping, exception_id, who, note,
+                                   datetime.now(timezone.utc))
 
     def delivery_outcomes(self) -> dict:
         return self._engine.dispatcher.outcomes

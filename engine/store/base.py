@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
 
 # Message statuses (set at ingest, by routing and by mapping).
@@ -218,6 +218,19 @@ class SearchQuery:
     limit: int = 50
     # Paging: only rows after this (received_at, id) in the sort order (the last row of the page before).
     after: tuple[str, int] | None = None
+
+
+@dataclass
+class Candidates:
+    """What may be an exception in a window (``Journal.reconcile_candidates``); rows are dicts."""
+
+    missed: list  # active appointments started before the cutoff with no linked charge line
+    late: list  # linked charge lines made long after their appointment (``lag_s``)
+    unlinked: list  # charge lines that link to no appointment
+    unposted: list  # charge lines with no ERP delivery delivered by the time asked (with ``deliveries``)
+    # Every line made in the window, for the KPIs: (facility, kind, lag_s, made_at, when its first
+    # message was first delivered to an ERP destination, or None).
+    lines: list = field(default_factory=list)
 
 
 @dataclass
@@ -473,6 +486,13 @@ class Journal(ABC):
         destination, deliveries}]} (hours as 'YYYY-MM-DDTHH')."""
 
     @abstractmethod
+    def timeline(self, since: str) -> dict:
+        """Per hour since ``since`` (hours as 'YYYY-MM-DDTHH'), for the dashboard's charts:
+        {"messages": [{hour, messages, ack_mean_s, ack_max_s}], "deliveries": [{hour, destination,
+        delivered, mean_s, max_s}] (receipt to delivery), "queued": [{hour, destination, queued}],
+        "open": [{destination, open}] (undelivered now)}."""
+
+    @abstractmethod
     def exceptions(self, limit: int = 50) -> dict:
         """What needs an operator, newest first: {"messages": rejected, error, mapping_error and
         held messages (with the problems of their conversion), "differing": messages that reused
@@ -498,3 +518,96 @@ class Journal(ABC):
     def prune(self, cutoff: datetime, keep_errors: bool = False, dry_run: bool = False, progress=None,
               batch: int = 500) -> PruneResult:
         """Everything the rules allow, batch by batch (``progress(n)`` after each), then reclaim."""
+
+    # -- the scheduling-to-cash record (engine.reconcile decides; these store and find) -----------------
+
+    @abstractmethod
+    def record_appointment_event(self, message_id: int, event: dict):
+        """Keep one message's word on one appointment (the AppointmentFact fields as a dict),
+        replacing what the same message said before (a replay), inside the caller's transaction."""
+
+    @abstractmethod
+    def appointment_events(self, facility: str, appointment_id: str) -> list[dict]:
+        """Every event of an appointment (the AppointmentFact fields and message_id), as received."""
+
+    @abstractmethod
+    def put_appointment(self, facility: str, appointment_id: str, state: dict):
+        """Store an appointment's current state (``engine.reconcile.rules.current_state``), inside
+        the caller's transaction."""
+
+    @abstractmethod
+    def record_charge_line(self, message_id: int, received_at: str, line: dict):
+        """Keep one charge line (the ChargeFact fields as a dict, with ``charge_key`` and its link:
+        ``appointment_id``, ``link_rule``, ``appointment_start``, ``lag_s``) and that this message
+        carried it; the first message to carry a key gives its values, link included (a resend only
+        adds its message). Inside the caller's transaction."""
+
+    @abstractmethod
+    def link_candidates(self, facility: str, visit_id: str, patient_id: str) -> list[dict]:
+        """The facility's appointments with this visit number or this patient (current state)."""
+
+    @abstractmethod
+    def charges_to_relink(self, facility: str, appointment_id: str, visit_id: str, patient_id: str,
+                          linked: bool = True) -> list[dict]:
+        """The facility's charge lines linked to none and sharing the appointment's visit number or
+        patient, and (with ``linked``) those linked to it."""
+
+    @abstractmethod
+    def set_charge_link(self, facility: str, charge_key: str, appointment_id: str | None, rule: str | None,
+                        appointment_start: str | None, lag_s: float | None):
+        """Link a charge line to an appointment (or to none), with the rule that did it and the
+        lag from the service to the charge, inside the caller's transaction."""
+
+    @abstractmethod
+    def refresh_charged(self, facility: str, appointment_id: str, linked: bool = False):
+        """Note on the appointment whether a charge or credit line is linked to it now (what the
+        missed-charge query reads), inside the caller's transaction; ``linked``: the caller just
+        linked one (no need to look)."""
+
+    @abstractmethod
+    def clear_reconcile(self):
+        """Forget the whole record (not the acknowledgements), inside the caller's transaction: a
+        rebuild follows."""
+
+    @abstractmethod
+    def reconcile_sources(self, after_id: int, limit: int) -> list[tuple]:
+        """Messages a rebuild reads, by ascending ID after ``after_id``: mapped or not mappable,
+        and not exact resends: [(id, raw, charset, route, received_at)]."""
+
+    @abstractmethod
+    def reconcile_candidates(self, since: str, as_of: str, cutoff: str, late_after: float, facility: str | None,
+                             erp_destinations: list[str]):
+        """What may be an exception in [since, as_of), as ``engine.reconcile.rules.Candidates``:
+        active appointments started in [since, cutoff) with no linked charge line; linked lines made
+        in the window with a lag over ``late_after`` seconds; lines linked to no appointment; lines
+        with no delivery to ``erp_destinations`` delivered by ``as_of`` (none when that is empty; a
+        delivery delivered once and replayed since still counts as delivered).
+        Each row has its journal message IDs (``message_ids``). ``lines``: every line made in the
+        window, for the KPIs."""
+
+    @abstractmethod
+    def reconcile_kpi_rows(self, since: str, as_of: str, facility: str | None, cutoffs: dict,
+                           default_cutoff: str) -> list[tuple]:
+        """For the KPIs of [since, as_of): appointments starting then per (facility, status) as
+        (facility, status, count, same-day cancellations, how many started before the facility's
+        cutoff: ``cutoffs[facility]``, else ``default_cutoff``). (The charge lines' figures come
+        with ``reconcile_candidates``: ``Candidates.lines``.)"""
+
+    @abstractmethod
+    def appointment_record(self, facility: str, appointment_id: str) -> dict | None:
+        """One appointment: its current state, ``history`` (its events, oldest first) and
+        ``charges`` (the lines linked to it, with their deliveries); None when unknown."""
+
+    @abstractmethod
+    def charge_record(self, facility: str, charge_key: str) -> dict | None:
+        """One charge line with ``message_ids`` and ``deliveries`` (destination, state, attempts,
+        delivered_at, last_error per message), or None."""
+
+    @abstractmethod
+    def acknowledge(self, exception_id: str, who: str, note: str, at: str):
+        """Record that an exception was resolved (replacing an earlier acknowledgement)."""
+
+    @abstractmethod
+    def acknowledgements(self) -> dict:
+        """{exception ID: {"who", "note", "at"}}."""
+

@@ -39,6 +39,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..stamps import iso
 from .base import RESPONSE_KEPT, SCHEMA_VERSION, SYNCHRONOUS_MODES, Attempt, ConversionRecord, Delivery, Entry, NextState
 from .sql import INSERT_COLUMNS, SqlJournal
+from .sql_reconcile import create_tables as create_reconcile_tables
 from .sqlite_text import searchable_text
 
 CONNECT_TIMEOUT = 10  # seconds to reach the server before an operation fails (and /readyz says so)
@@ -101,6 +102,7 @@ class PostgresJournal(SqlJournal):
     SKIP_LOCKED = " FOR UPDATE OF {table} SKIP LOCKED"
     SECONDS_BETWEEN = ("EXTRACT(EPOCH FROM (CAST({b} AS timestamptz) - CAST(m.received_at AS timestamptz)))"
                        "::double precision")
+    SECONDS_SPAN = "EXTRACT(EPOCH FROM (CAST({b} AS timestamptz) - CAST({a} AS timestamptz)))::double precision"
     indexes_text_apart = False
 
     def __init__(self, url: str, synchronous: str = "full", create: bool = True, manual_checkpoints: bool = False,
@@ -226,7 +228,7 @@ class PostgresJournal(SqlJournal):
         return row[0] or 0
 
     def _migrate(self):
-        steps = {6: self._create_v6}
+        steps = {6: self._create_v6, 7: self._create_v7}
         with self.transaction():
             self._run("SELECT pg_advisory_xact_lock(?, 0)", LOCK_MIGRATION)  # nodes starting together migrate once
             version = self._version()
@@ -241,6 +243,10 @@ class PostgresJournal(SqlJournal):
         """Schema 6, the first on PostgreSQL: the tables of SQLite's schema 6, column for column."""
         for statement in SCHEMA_V6:
             self._run(statement)
+
+    def _create_v7(self):
+        """Schema 7: the scheduling-to-cash record (engine.store.sql_reconcile), as on SQLite."""
+        create_reconcile_tables(self._run, sqlite=False)
 
     # -- ingest ---------------------------------------------------------------------------------------
 

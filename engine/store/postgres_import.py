@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .postgres import PostgresJournal
 from .sql import INSERT_COLUMNS
+from .sql_reconcile import APPOINTMENT_COLUMNS, CHARGE_COLUMNS, EVENT_COLUMNS, LINK_COLUMNS
 from .sqlite_text import searchable_text
 
 BATCH = 500
@@ -29,6 +30,15 @@ TABLES = (
                           "lease_expires_at", "resumed")),
     ("attempts", "id", ("id", "delivery_id", "started_at", "duration_ms", "outcome", "status", "response")),
     ("replays", "id", ("id", "message_id", "destination", "requested_at", "who", "why", "remapped")),
+    # The scheduling-to-cash record (engine.store.sql_reconcile): 'reconcile --rebuild' could make
+    # all of it again but the acknowledgements, and copying is faster than rebuilding.
+    ("rc_appointment_events", "facility, appointment_id, message_id",
+     ("message_id", "facility", "appointment_id") + tuple(f'"{c}"' for c in EVENT_COLUMNS)),
+    ("rc_appointments", "facility, appointment_id", ("facility", "appointment_id") + APPOINTMENT_COLUMNS + ("charged",)),
+    ("rc_charges", "facility, charge_key",
+     ("facility", "charge_key") + CHARGE_COLUMNS + LINK_COLUMNS + ("received_at", "first_message_id")),
+    ("rc_charge_messages", "facility, charge_key, message_id", ("facility", "charge_key", "message_id")),
+    ("rc_acks", "exception_id", ("exception_id", "who", "note", "at")),
 )
 SEQUENCED = ("messages", "deliveries", "attempts", "replays")
 
@@ -96,7 +106,9 @@ def verify(source, target: PostgresJournal) -> dict:
     found = {}
     for table, key, _ in TABLES:
         expected = source._one(f"SELECT count(*) FROM {table}")[0]
-        if table == "message_ids" or table == "conversions":
+        if table.startswith("rc_"):  # keyed by text: the target holds no rows of its own but copies
+            present = target._one(f"SELECT count(*) FROM {table}")[0]
+        elif table == "message_ids" or table == "conversions":
             top = source._one(f"SELECT max(message_id) FROM {table}")[0] or 0
             present = target._one(f"SELECT count(*) FROM {table} WHERE message_id <= ?", top)[0]
         else:

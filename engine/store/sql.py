@@ -36,6 +36,7 @@ from .base import (
     Waiting,
 )
 from .retention import BATCH, ERROR_STATUSES
+from .sql_reconcile import ReconcileQueries
 
 INSERT_COLUMNS = (
     "received_at", "listener", "peer", "control_id", "message_type", "trigger_event",
@@ -93,13 +94,14 @@ def marks(values) -> str:
     return ", ".join("?" for _ in values)
 
 
-class SqlJournal(Journal):
+class SqlJournal(ReconcileQueries, Journal):
     """Every query both backends share. A backend provides the helpers and ``transaction``, and
     sets the few differences: ``SKIP_LOCKED`` (what a claim's SELECT adds so workers pass over
     rows another is claiming), ``SECONDS_BETWEEN`` (seconds from ``m.received_at`` to ``{b}``)."""
 
     SKIP_LOCKED = ""
     SECONDS_BETWEEN = "({b} - m.received_at)"
+    SECONDS_SPAN = "({b} - {a})"  # seconds from {a} to {b}, both ISO text
 
     # -- the helpers a backend provides ---------------------------------------------------------------
 
@@ -476,6 +478,25 @@ class SqlJournal(Journal):
             "SELECT substr(delivered_at, 1, 13) AS hour, destination, count(*) AS deliveries FROM deliveries "
             "WHERE state = 'delivered' AND delivered_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since)
         return {"flow": flow, "delivered": delivered}
+
+    def timeline(self, since: str) -> dict:
+        ack = self.SECONDS_BETWEEN.format(b="m.acked_at")
+        delivery = self.SECONDS_BETWEEN.format(b="d.delivered_at")
+        return {
+            "messages": self._rows(
+                f"SELECT substr(m.received_at, 1, 13) AS hour, count(*) AS messages, avg({ack}) AS ack_mean_s, "
+                f"max({ack}) AS ack_max_s FROM messages m WHERE m.received_at >= ? GROUP BY 1 ORDER BY 1", since),
+            "deliveries": self._rows(
+                f"SELECT substr(d.delivered_at, 1, 13) AS hour, d.destination, count(*) AS delivered, "
+                f"avg({delivery}) AS mean_s, max({delivery}) AS max_s FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id WHERE d.state = 'delivered' AND d.delivered_at >= ? "
+                "GROUP BY 1, 2 ORDER BY 1, 2", since),
+            "queued": self._rows(
+                "SELECT substr(created_at, 1, 13) AS hour, destination, count(*) AS queued FROM deliveries "
+                "WHERE created_at >= ? GROUP BY 1, 2 ORDER BY 1, 2", since),
+            "open": self._rows("SELECT destination, count(*) AS open FROM deliveries WHERE state != 'delivered' "
+                               "GROUP BY 1 ORDER BY 1"),
+        }
 
     def exceptions(self, limit: int = 50) -> dict:
         messages = self._rows(

@@ -30,6 +30,7 @@ import sqlite_utils
 
 from .base import SCHEMA_VERSION, SYNCHRONOUS_MODES
 from .sql import SqlJournal, marks
+from .sql_reconcile import create_tables as create_reconcile_tables
 from .sqlite_text import TextIndex, fts_query, text_index_path
 
 
@@ -43,6 +44,7 @@ class SqliteJournal(SqlJournal):
     # Seconds from m.received_at to {b}: both are ISO text with microseconds and a Z.
     indexes_text_apart = True
     SECONDS_BETWEEN = "(julianday(substr({b}, 1, 26)) - julianday(substr(m.received_at, 1, 26))) * 86400.0"
+    SECONDS_SPAN = "(julianday(substr({b}, 1, 26)) - julianday(substr({a}, 1, 26))) * 86400.0"
 
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
                  manual_checkpoints: bool = False, readonly: bool = False):
@@ -89,7 +91,7 @@ class SqliteJournal(SqlJournal):
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
         steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3, 4: self._migrate_v4,
-                 5: self._migrate_v5, 6: self._migrate_v6}
+                 5: self._migrate_v5, 6: self._migrate_v6, 7: self._migrate_v7}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -229,6 +231,12 @@ class SqliteJournal(SqlJournal):
         self.conn.execute(
             "CREATE TABLE jobs (name TEXT PRIMARY KEY, worker TEXT, lease_expires_at TEXT, last_started_at TEXT, "
             "last_finished_at TEXT, last_outcome TEXT)")
+
+    def _migrate_v7(self):
+        """The scheduling-to-cash record (engine.store.sql_reconcile): appointments, charge lines,
+        their links and acknowledged exceptions. Empty until ``hl7bridge reconcile --rebuild``
+        fills it from the messages already journaled."""
+        create_reconcile_tables(self._run, sqlite=True)
 
     # -- the helpers engine.store.sql runs its statements through ---------------------------------
 

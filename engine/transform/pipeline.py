@@ -3,7 +3,8 @@
 ``convert`` is the one function every path through the engine converts a message with: the
 listener (for routes that ACK after mapping), the converter process (the others), ``hl7bridge
 convert`` and ``hl7bridge test`` (dry runs), and ``hl7bridge replay --remap``. ``record`` then
-journals what it came to and queues the deliveries, inside the caller's transaction. Plain Python:
+journals what it came to, queues the deliveries and keeps the scheduling-to-cash record current
+(``engine.reconcile.record.apply``), inside the caller's transaction. Plain Python:
 no sockets, no reactor; the caller decides which thread it runs in.
 """
 
@@ -22,6 +23,10 @@ from ..hl7.charset import decode
 from ..hl7.er7 import Message, parse
 from ..hl7.header import Header, read_header
 from ..hl7.standard import validate as validate_structure
+from ..reconcile import record as reconcile_record
+from ..reconcile.facts import NO_FACTS, Facts, extract, zone_of
+from ..reconcile.settings import ReconcileSettings
+from ..stamps import iso, utc_now
 from ..store.base import MAPPED, MAPPING_ERROR, UNROUTED, ConversionRecord, Journal, encode_notes
 from .mappings import MappingError
 from .project import Project
@@ -49,6 +54,10 @@ class Converted:
     problems: list = field(default_factory=list)
     destinations: list = field(default_factory=list)  # where its deliveries go (when mapped)
     warnings: list = field(default_factory=list)  # what mapping assumed (the reader's are the message's)
+    # What the message says about the scheduling-to-cash workflow, and the rules to link it by
+    # (engine.reconcile): kept by ``record`` whether or not the message could be mapped.
+    facts: Facts = NO_FACTS
+    reconcile: ReconcileSettings | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,6 +109,7 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
     if route is None:
         return Converted(header, None, UNROUTED,
                          problems=[f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
+    facts = extract(message, iso(now or utc_now()), zone_of(route.timezone))
     problems = []
     if "structure" in route.validate:
         report = validate_structure(message.normalized)
@@ -122,9 +132,9 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
             problems = ["hl7bridge could not map this message because of an internal error (a bug); the message "
                         "is kept in the journal: report it with its control ID, and replay it once fixed"]
     if problems:
-        return Converted(header, route, MAPPING_ERROR, problems=problems)
+        return Converted(header, route, MAPPING_ERROR, problems=problems, facts=facts, reconcile=project.reconcile)
     return Converted(header, route, MAPPED, result.bundle, destinations=project.destinations_of(route),
-                     warnings=result.warnings)
+                     warnings=result.warnings, facts=facts, reconcile=project.reconcile)
 
 
 def record(journal: Journal, message_id: int, converted: Converted, converted_at: str, now: datetime, *,
@@ -138,6 +148,8 @@ def record(journal: Journal, message_id: int, converted: Converted, converted_at
     conversion = converted.record(converted_at, route_name)
     journal.record_conversion(message_id, conversion, update_status=update_status,
                               route=conversion.route if set_route else None)
+    if converted.facts is not NO_FACTS:
+        reconcile_record.apply(journal, message_id, converted_at, converted.facts, converted.reconcile or ReconcileSettings())
     if converted.status != MAPPED:
         return
     destinations = converted.destinations

@@ -304,7 +304,8 @@ def test_dashboard_in_chromium(engine, browser):
                                          "AND state = 'delivered'").fetchone()[0] == 3, 30)
     conn.close()
     browser.get(base + "/dashboard#message/1")
-    browser.find_element(By.ID, "tab-deliveries").click()
+    # A change of hash only: the page draws the message after this returns, so wait for its tabs.
+    wait_for(lambda: browser.find_element(By.ID, "tab-deliveries")).click()
     story = text_of(browser, "detail-body", "delivered after 2 attempt(s), 1 since it was replayed")
     assert "replayed by dashboard:alice: server fixed" in story
 
@@ -316,3 +317,97 @@ def test_dashboard_in_chromium(engine, browser):
     open_page(browser, "exceptions")
     text_of(browser, "differing", "NC000123")
     assert browser.find_elements(By.ID, "dead-replay") == [] and "Replays need the operator role" in browser.page_source
+
+
+# The reconcile page's queue badges (app.css): 12 x 12 pixels of one colour per exception.
+KIND_COLORS = {"missed_charge": (192, 57, 43), "late_charge": (230, 126, 34),
+               "charge_without_appointment": (142, 68, 173), "erp_not_posted": (31, 111, 178)}
+BADGE = 12 * 12
+
+
+@pytest.fixture
+def workflow(tmp_path, monkeypatch):
+    """An engine that was sent, over MLLP, scheduling and billing with one gap of each kind but
+    missed charges (two): bookings 10 and 6 days ago with no charge, a charge made 6 days after
+    its appointment, a walk-in charge, a charge that cannot be mapped (so never queued for the
+    ERP), and a booked and charged visit that is in order."""
+    from datetime import datetime, timedelta, timezone
+
+    from reconcile_traffic import dft, siu
+
+    monkeypatch.setenv("HL7BRIDGE_TOKEN_ALICE", ALICE)
+    config = shipped_config(tmp_path / "config")
+    (config / "hl7bridge.yaml").write_text(
+        "dashboard:\n  users:\n    - name: alice\n      token: ${HL7BRIDGE_TOKEN_ALICE}\n"
+        "reconcile:\n  posting_window: 1s\n")
+    process = EngineProcess(tmp_path, config=config)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    day = timedelta(days=1)
+    frames = [
+        siu("S12", "NORTHCLINIC", "W1", now - 20 * day, "N1", now - 10 * day, "NP1", "VN1"),
+        siu("S12", "NORTHCLINIC", "W2", now - 20 * day, "N2", now - 6 * day, "NP2", "VN2"),
+        siu("S12", "EASTCLINIC", "W3", now - 20 * day, "E3", now - 12 * day, "EP3", "VE3"),
+        dft("EASTCLINIC", "W4", now - 6 * day, [("TE3", now - 12 * day, now - 6 * day, "CG", 80.0)], "EP3", "VE3"),
+        dft("EASTCLINIC", "W5", now - 2 * day, [("TWALK", now - 2 * day, now - 2 * day, "CG", 60.0)], "EP9", "VE9"),
+        siu("S12", "NORTHCLINIC", "W6", now - 20 * day, "N6", now - 5 * day, "NP6", "VN6"),
+        dft("NORTHCLINIC", "W7", now - 5 * day, [("TN6", now - 5 * day, now - 5 * day, "CG", 100.0)], "NP6", "VN6"),
+        siu("S12", "NORTHCLINIC", "W8", now - 20 * day, "N8", now - 4 * day, "NP8", "VN8"),
+        dft("NORTHCLINIC", "W9", now - 4 * day, [("TN8", now - 4 * day, now - 4 * day, "CG", 1.0)], "NP8", "VN8")
+        .replace(b"1.00&USD", b"one&USD"),
+    ]
+    with MLLPClient("127.0.0.1", process.port) as client:
+        for frame in frames:
+            client.send(frame)
+    yield process
+    process.stop()
+
+
+def test_the_reconcile_page_in_chromium(workflow, browser):
+    from selenium.webdriver.common.by import By
+
+    journal = workflow.journal
+    assert wait_for(lambda: sqlite3.connect(journal).execute(
+        "SELECT count(*) FROM deliveries WHERE state = 'delivered'").fetchone()[0] == 11, 30)
+    base = f"http://127.0.0.1:{workflow.metrics_port}"
+    sign_in(browser, base, "alice", ALICE)
+    text_of(browser, "who", "signed in as alice")
+    open_page(browser, "reconcile")
+    queue = text_of(browser, "rc-queue", "TWALK")
+    assert "appointment booked for" in queue and "charge made 6.0 days after the appointment" in queue
+    assert "never queued for the ERP (mapping_error)" in queue
+    assert text_of(browser, "rc-counts", "Missed charge: 2") == (
+        "Missed charge: 2 · Late charge: 1 · Charge without appointment: 1 · Not posted to the ERP: 1")
+    kpis = text_of(browser, "rc-kpis", "NORTHCLINIC")
+    assert "NORTHCLINIC 4 2 (50.0%)" in kpis  # two missed of the four NORTHCLINIC appointments past the window
+    # Four charts, drawn by the vendored uPlot.
+    assert wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".charts .uplot")) == 4)
+
+    def badges(name):
+        browser.find_element(By.ID, "rc-queue").screenshot(str(journal.parent / name))
+        return {kind: pixels(browser, journal.parent / name, color, tolerance=2)[0] for kind, color in KIND_COLORS.items()}
+
+    assert badges("reconcile.png") == {"missed_charge": 2 * BADGE, "late_charge": BADGE,
+                                       "charge_without_appointment": BADGE, "erp_not_posted": BADGE}
+
+    # Drill down: the late charge's appointment, its history and its messages.
+    row = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#rc-queue tr") if "TE3" in r.text)
+    row.find_element(By.CLASS_NAME, "rc-show").click()
+    detail = text_of(browser, "rc-detail", "booked (S12)")
+    assert "linked to\nE3 by visit" in detail and "TE3" in detail
+    browser.find_element(By.CSS_SELECTOR, "#rc-detail .message-link").click()  # the charge's own message
+    assert wait_for(lambda: browser.current_url.endswith("#message/4"))
+    assert wait_for(lambda: "W4" in browser.find_element(By.ID, "page").text)
+
+    # Acknowledge one missed charge with a note: it leaves the queue, recorded under alice.
+    open_page(browser, "reconcile")
+    text_of(browser, "rc-queue", "TWALK")
+    browser.find_element(By.ID, "rc-note").send_keys("rebooked: the visit never happened")
+    row = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#rc-queue tr") if "N1" in r.text.split())
+    row.find_element(By.CLASS_NAME, "rc-ack").click()
+    assert text_of(browser, "rc-result", "acknowledged") == "acknowledged missed_charge:NORTHCLINIC:N1"
+    text_of(browser, "rc-counts", "Missed charge: 1")
+    assert badges("reconcile-after.png")["missed_charge"] == BADGE
+    who, note = sqlite3.connect(journal).execute("SELECT who, note FROM rc_acks").fetchone()
+    assert (who, note) == ("alice", "rebooked: the visit never happened")
+    browser.execute_script("document.querySelector('.charts').scrollIntoView()")
+    browser.save_screenshot(str(journal.parent / "reconcile-charts.png"))  # for a person to look at

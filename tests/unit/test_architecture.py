@@ -20,6 +20,7 @@ LAYERS = [
     ("engine", "engine.errors", "engine.stamps", "engine.yamlconf", "engine.worker"),  # foundation
     ("engine.hl7",),
     ("engine.store",),
+    ("engine.reconcile",),
     ("engine.delivery",),
     ("engine.transform",),
     ("engine.config",),

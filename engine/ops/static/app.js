@@ -10,8 +10,9 @@ import messages from './pages/messages.js';
 import message from './pages/message.js';
 import exceptions from './pages/exceptions.js';
 import listeners from './pages/listeners.js';
+import reconcile from './pages/reconcile.js';
 
-const PAGES = [overview, messages, exceptions, listeners, message];
+const PAGES = [overview, messages, exceptions, reconcile, listeners, message];
 const REFRESH_MS = 5000;
 let current = null;
 

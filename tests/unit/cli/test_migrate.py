@@ -44,6 +44,8 @@ def node_journal(path, names):
     [delivery] = journal.claim_deliveries("erp-finance", "node", NOW, 1, 30)
     finish(journal, delivery, project.destinations["erp-finance"], Result(OK, 201, "{}"), NOW, NOW)
     journal.replay([delivery.message_id], ["erp-finance"], "alice", "check", NOW)
+    with journal.transaction():
+        journal.acknowledge("charge_without_appointment:EASTCLINIC:TX20261208-0001", "alice", "walk-in", "2026-11-24T06:00:00Z")
     return journal
 
 
@@ -60,6 +62,10 @@ def test_migrate_copies_everything_and_runs_again(tmp_path, postgres_url):
             assert target.get(message_id) == source.get(message_id)
             assert target.conversion(message_id) == source.conversion(message_id)
             assert target.history(message_id) == source.history(message_id)
+        # The scheduling-to-cash record came along, acknowledgements included.
+        assert target.appointment_record("NORTHCLINIC", "90001") == source.appointment_record("NORTHCLINIC", "90001")
+        assert target.charge_record("EASTCLINIC", "TX20261208-0003") == source.charge_record("EASTCLINIC", "TX20261208-0003")
+        assert target.acknowledgements() == source.acknowledgements() != {}
         assert target.outbox_counts() == source.outbox_counts()
         assert [r["id"] for r in target.search(SearchQuery(text="DOE"))] == \
             [r["id"] for r in source.search(SearchQuery(text="DOE"))]

@@ -217,7 +217,7 @@ def test_erp_http_a_refused_event_stops_the_delivery():
         TRANSIENT, "HTTP 429 on charge.posted", 5.0, "slow down")
 
 
-def tryton_server(calls, existing=None):
+def tryton_server(calls, existing=None, read_back="posted"):
     """Answers Tryton's JSON-RPC by method name, as tests/e2e/erp/README.md lists the calls."""
     answers = {
         "common.db.login": [1, "session"],
@@ -231,6 +231,7 @@ def tryton_server(calls, existing=None):
         "model.party.party.read": [{"addresses": [5]}],
         "model.account.invoice.create": [6],
         "model.account.invoice.post": None,
+        "model.account.invoice.read": [{"id": 6, "state": read_back, "number": "INV/2026/00007"}],
     }
 
     def answer(method, url, headers, body):
@@ -246,12 +247,20 @@ def test_tryton_logs_in_with_its_own_session_and_posts_an_invoice():
     sender, agent, _ = sender_with(TrytonSender, tryton_server(calls), kind="erp-tryton", payload="finance-events",
                                    basic=("hl7bridge", "secret"), database="clinic")
     result = fired(sender.send(delivery()))
-    assert result.outcome == OK and "invoice 6 posted" in result.response
+    assert result.outcome == OK and "invoice INV/2026/00007 posted" in result.response
     assert agent.requests[0][1] == "https://fhir.example.org/R4/clinic/rpc/"
     assert calls[0] == ("common.db.login", None)  # the password goes in the login call, never a header
     session = "Session " + base64.b64encode(b"hl7bridge:1:session").decode()
     assert all(auth == session for _, auth in calls[1:])
-    assert [m for m, _ in calls][-2:] == ["model.account.invoice.create", "model.account.invoice.post"]
+    assert [m for m, _ in calls][-3:] == ["model.account.invoice.create", "model.account.invoice.post",
+                                          "model.account.invoice.read"]
+
+
+def test_tryton_a_posting_that_does_not_read_back_as_posted_is_retried():
+    sender, _, _ = sender_with(TrytonSender, tryton_server([], read_back="draft"), kind="erp-tryton",
+                               payload="finance-events", basic=("u", "p"), database="clinic")
+    result = fired(sender.send(delivery()))
+    assert result.outcome == TRANSIENT and "reads back as draft, not posted" in result.response
 
 
 def test_tryton_finds_the_invoice_of_an_earlier_attempt():
@@ -259,7 +268,7 @@ def test_tryton_finds_the_invoice_of_an_earlier_attempt():
     sender, _, _ = sender_with(TrytonSender, tryton_server(calls, existing=[{"id": 6, "state": "posted"}]),
                                kind="erp-tryton", payload="finance-events", basic=("u", "p"), database="clinic")
     result = fired(sender.send(delivery()))
-    assert result.outcome == OK and result.response.endswith(": already in Tryton")
+    assert result.outcome == OK and result.response.endswith(": already in Tryton as invoice INV/2026/00007")
     assert "model.account.invoice.create" not in [m for m, _ in calls]
 
 

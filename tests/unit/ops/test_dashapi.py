@@ -237,3 +237,49 @@ def test_bulk_replay_groups_by_destination_and_records_the_user(journal):
                               ([2], None, "dashboard:alice", "server back")]
     assert call(root, "replay", {"items": []}) == (400, {"error": "choose at least one message to replay"})
     assert call(root, "nothing") == (404, {"error": "no call 'nothing'"})
+
+
+def test_the_reconcile_calls(filled):
+    """The queues as at New Year's Eve (the booking of 1 December has no charge; the DFT's charge and
+    credit match no appointment, and none of its lines was posted), an exception's details with its messages and deliveries, acknowledging (operators
+    only, with a note), and the charts."""
+    status = FakeStatus(filled, dashboard=USERS)
+    root = site_root(status)
+    code, found = call(root, "reconcile", {"since": "2026-11-01T00:00", "as_of": "2026-12-31T00:00"})
+    assert code == 200 and found["role"] == "operator"
+    assert [(e["kind"], e["appointment_id"] or e["transaction_id"]) for e in found["exceptions"]] == [
+        ("missed_charge", "90001"), ("charge_without_appointment", "TX20261208-0001"),
+        ("charge_without_appointment", "TX20261208-0002")] + [
+        ("erp_not_posted", f"TX20261208-000{n}") for n in (1, 2, 3, 4)]
+    ident = found["exceptions"][1]["id"]
+    assert call(root, "reconcile", {"kind": "nonsense"}) == (
+        400, {"error": "kind must be one of missed_charge, late_charge, charge_without_appointment, erp_not_posted"})
+    code, detail = call(root, "reconcile_detail", {"id": ident})
+    assert code == 200 and detail["charge"]["message_ids"] == [4] and detail["appointment"] is None
+    assert {(d["destination"], d["state"]) for d in detail["charge"]["deliveries"]} == {
+        ("fhir-main", "pending"), ("erp-finance", "pending")}
+    assert call(root, "reconcile_ack", {"id": ident, "note": "walk-in"}, token="victor-0123456789")[0] == 403
+    assert call(root, "reconcile_ack", {"id": ident}) == (
+        400, {"error": "acknowledging needs the exception and a note saying what was done"})
+    assert call(root, "reconcile_ack", {"id": "x:y", "note": "n"}) == (
+        200, {"error": "'x:y' is not an exception ID (KIND:FACILITY:ID, as reconcile lists them)"})
+    assert call(root, "reconcile_ack", {"id": ident, "note": "walk-in"}) == (200, {"acknowledged": ident})
+    after = call(root, "reconcile", {"since": "2026-11-01T00:00", "as_of": "2026-12-31T00:00",
+                                     "kind": "charge_without_appointment"})[1]["exceptions"]
+    assert [e["transaction_id"] for e in after] == ["TX20261208-0002"]
+    shown = call(root, "reconcile", {"since": "2026-11-01T00:00", "as_of": "2026-12-31T00:00", "acknowledged": True,
+                                     "kind": "charge_without_appointment"})[1]["exceptions"]
+    assert shown[0]["acknowledged"]["who"] == "alice" and shown[0]["acknowledged"]["note"] == "walk-in"
+    code, charts = call(root, "charts", {"hours": 3})
+    assert code == 200 and len(charts["hours"]) == 3 and charts["destinations"] == ["erp-finance", "fhir-main"]
+    assert set(charts) >= {"messages", "ack_mean_ms", "ack_max_ms", "delivered", "delivery_mean_s", "outbox_depth"}
+    assert call(root, "charts", {"hours": 500})[0] == 400
+
+
+def test_outbox_depth_is_worked_back_from_what_is_open_now():
+    from engine.ops.dashapi import outbox_depth
+
+    hours = ["2026-11-24T04", "2026-11-24T05", "2026-11-24T06"]
+    queued = [{"hour": "2026-11-24T05", "destination": "erp", "queued": 5}, {"hour": "2026-11-24T06", "destination": "erp", "queued": 2}]
+    delivered = [{"hour": "2026-11-24T06", "destination": "erp", "delivered": 4}]
+    assert outbox_depth(hours, queued, delivered, [{"destination": "erp", "open": 3}]) == {"erp": [0, 5, 3]}

@@ -51,6 +51,18 @@ class FakeStatus(Status):
     def delivery_outcomes(self):
         return {}
 
+    def reconcile_settings(self):
+        from engine.reconcile.settings import ReconcileSettings
+
+        return getattr(self, "reconcile", ReconcileSettings()), getattr(self, "erp", ["erp-finance"])
+
+    def acknowledge(self, exception_id, who, note):
+        from datetime import datetime, timezone
+
+        from engine.reconcile.queue import acknowledge
+
+        return defer.maybeDeferred(acknowledge, self.journal, exception_id, who, note, datetime.now(timezone.utc))
+
     def sender_counters(self):
         return {}
 
