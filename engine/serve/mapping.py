@@ -21,6 +21,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from ..hl7.er7 import parse
+from ..reconcile.facts import NO_FACTS
 from ..store.base import MAPPED
 from ..transform import pipeline
 from ..transform.project import Project
@@ -42,9 +43,9 @@ def _ready() -> bool:
 
 
 def _convert(text: str, route_name: str) -> tuple:
-    """In a worker process: (status, bundle, problems, warnings) of one message."""
+    """In a worker process: (status, bundle, problems, warnings, reconcile facts) of one message."""
     converted = pipeline.convert(_project, parse(text), route_name=route_name)
-    return converted.status, converted.bundle, converted.problems, converted.warnings
+    return converted.status, converted.bundle, converted.problems, converted.warnings, converted.facts
 
 
 class MappingProcesses:
@@ -79,7 +80,7 @@ class MappingProcesses:
         if self.executor is None:  # not started: no route mapped before its ACK when serve started
             return pipeline.convert(project, assessment.message, header=assessment.header, route=route)
         try:
-            status, bundle, problems, warnings = self.executor.submit(
+            status, bundle, problems, warnings, facts = self.executor.submit(
                 _convert, assessment.decoded.text, route.name).result()
         except Exception:  # noqa: BLE001 - a dead process, a route it does not know yet: map here
             self.fallbacks += 1
@@ -87,7 +88,8 @@ class MappingProcesses:
                      control_id=assessment.header.control_id.strip() if assessment.header else "")
             return pipeline.convert(project, assessment.message, header=assessment.header, route=route)
         return pipeline.Converted(assessment.header, route, status, bundle, problems,
-                                  project.destinations_of(route) if status == MAPPED else [], warnings)
+                                  project.destinations_of(route) if status == MAPPED else [], warnings,
+                                  facts=NO_FACTS if facts == NO_FACTS else facts, reconcile=project.reconcile)
 
     def stop(self):
         if self.executor is not None:

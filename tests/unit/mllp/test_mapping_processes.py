@@ -33,6 +33,7 @@ def test_a_process_maps_as_the_engine_would(processes):
     assert [e["fullUrl"] for e in there.bundle["entry"]] == [e["fullUrl"] for e in here.bundle["entry"]]
     assert (there.status, there.route, there.header, there.warnings) == (here.status, route, assessment.header, here.warnings)
     assert [d.name for d in there.destinations] == [d.name for d in here.destinations] != []
+    assert there.facts == here.facts and there.facts.charges and there.reconcile is project.reconcile  # for reconcile
     assert processes.fallbacks == 0
 
 
