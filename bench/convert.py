@@ -1,7 +1,14 @@
 """Conversions per second: SIU -> Appointment Bundle and DFT -> ChargeItem Bundle, with full
-FHIR validation, on one core (run by hand).
+FHIR checking, on one core (run by hand).
 
-    .venv/bin/python bench/convert.py [--seconds 5]
+    .venv/bin/python bench/convert.py [--seconds 5] [--strict] [--before DIR]
+
+Full checking is what every conversion gets: the mappings' structure was checked when they
+loaded, and every value of every resource is checked as it is mapped (engine.transform.fhirspec).
+``--strict`` adds fhir.resources on every resource, as a route with ``validate: strict`` does.
+``--before DIR`` first measures the same messages with the engine of another checkout (say, the
+main branch in a temporary git worktree) in a process of its own, on the same core, and prints
+both in one table: before and after from one run.
 
 Uses the shipped routes and mappings and our own examples (examples/siu_s12.hl7, a 2 KB SIU with
 two resource groups -> 10 resources; examples/dft_p03.hl7, four FT1 -> 13 resources), and the
@@ -17,17 +24,26 @@ not validated again). ``--same`` converts the very same message every time inste
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
-from engine.hl7.charset import decode
-from engine.hl7.er7 import parse
-from engine.hl7.identifiers import identifiers
-from engine.transform import pipeline
-from engine.transform.project import Project
+# This checkout's engine, not whichever one is installed (HL7BRIDGE_BENCH_ROOT: another checkout's,
+# for --before).
+ROOT = Path(os.environ.get("HL7BRIDGE_BENCH_ROOT") or Path(__file__).resolve().parent.parent)
+sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent.parent  # the samples: always this checkout's
+
+from engine.hl7.charset import decode  # noqa: E402
+from engine.hl7.er7 import parse  # noqa: E402
+from engine.hl7.identifiers import identifiers  # noqa: E402
+from engine.transform import pipeline  # noqa: E402
+from engine.transform.project import Project  # noqa: E402
 
 
 def variants(raw: bytes, tag: str = ""):
@@ -42,25 +58,21 @@ def variants(raw: bytes, tag: str = ""):
             text = text.replace(value.encode(), f"{value}-{tag}{number}".encode())
         yield text
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = [
-    ("SIU^S12 (examples/siu_s12.hl7)", ROOT / "examples/siu_s12.hl7"),
-    ("SIU^S15 (examples/siu_s15.hl7)", ROOT / "examples/siu_s15.hl7"),
-    ("DFT^P03, 4 FT1 (examples/dft_p03.hl7)", ROOT / "examples/dft_p03.hl7"),
-    ("SIU^S12, corpus 3.5 KB", ROOT.parent / "shared/corpus/microsoft-FHIR-Converter/SIU-S12-01.hl7"),
+    ("SIU^S12 (examples/siu_s12.hl7)", HERE / "examples/siu_s12.hl7"),
+    ("SIU^S15 (examples/siu_s15.hl7)", HERE / "examples/siu_s15.hl7"),
+    ("DFT^P03, 4 FT1 (examples/dft_p03.hl7)", HERE / "examples/dft_p03.hl7"),
+    ("SIU^S12, corpus 3.5 KB", HERE.parent / "shared/corpus/microsoft-FHIR-Converter/SIU-S12-01.hl7"),
 ]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--same", action="store_true", help="convert the very same message every time")
-    args = parser.parse_args()
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core, as the target says
+def measure(seconds: float, same: bool, strict: bool) -> list[dict]:
+    """Conversions a second of each sample with this process's engine."""
     project = Project.load(ROOT)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"{cpu}, one core, Python {platform.python_version()}, {date.today()}")
-    print(f"{'message':42} {'resources':>9} {'conversions/s':>14} {'ms each':>8}")
+    if strict:
+        for route in project.routes:
+            route.validate = tuple(dict.fromkeys((*route.validate, "strict")))
+    rows = []
     for label, path in SAMPLES:
         if not path.exists():
             continue
@@ -68,13 +80,55 @@ def main():
         bundle = pipeline.convert(project, pipeline.read(raw)).bundle
         stream = variants(raw)
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args.seconds:
+        while time.perf_counter() - start < seconds:
             # The full path a message takes (engine.transform.pipeline): read it, route it, map it,
-            # validate every resource.
-            pipeline.convert(project, pipeline.read(raw if args.same else next(stream)))
+            # check every resource.
+            pipeline.convert(project, pipeline.read(raw if same else next(stream)))
             count += 1
         elapsed = time.perf_counter() - start
-        print(f"{label:42} {len(bundle['entry']):>9} {count / elapsed:>14,.0f} {elapsed / count * 1000:>8.2f}")
+        rows.append({"message": label, "resources": len(bundle["entry"]), "rate": count / elapsed,
+                     "ms": elapsed / count * 1000})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--same", action="store_true", help="convert the very same message every time")
+    parser.add_argument("--strict", action="store_true", help="validate every resource with fhir.resources too")
+    parser.add_argument("--before", type=Path, metavar="DIR", help="also measure the engine of this checkout, first")
+    parser.add_argument("--rows-json", action="store_true", help=argparse.SUPPRESS)  # a --before child's output
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core, as the target says
+    if args.rows_json:
+        print(json.dumps(measure(args.seconds, args.same, args.strict)))
+        return
+    before = {}
+    if args.before is not None:
+        # The other checkout's engine, with this script (its own bench may be older): its own
+        # routes and mappings, the same samples (ours, from this checkout's examples/).
+        command = [sys.executable, str(Path(__file__).resolve()), "--rows-json", "--seconds", str(args.seconds)]
+        command += ["--same"] if args.same else []
+        done = subprocess.run(command, cwd=args.before, capture_output=True, text=True, check=True,
+                              env={**os.environ, "HL7BRIDGE_BENCH_ROOT": str(args.before.resolve())})
+        before = {row["message"]: row for row in json.loads(done.stdout.splitlines()[-1])}
+    rows = measure(args.seconds, args.same, args.strict)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    checking = "values checked, and fhir.resources (--strict)" if args.strict else "values checked (fhirspec)"
+    print(f"{cpu}, one core, Python {platform.python_version()}, {date.today()}; after: {checking}")
+    if before:
+        print(f"before: {args.before} (fhir.resources on every new resource)")
+        print(f"{'message':42} {'resources':>9} {'before/s':>9} {'after/s':>9} {'ms before':>9} {'ms after':>9} {'x':>5}")
+        for row in rows:
+            old = before.get(row["message"])
+            if old is None:
+                continue
+            print(f"{row['message']:42} {row['resources']:>9} {old['rate']:>9,.0f} {row['rate']:>9,.0f} "
+                  f"{old['ms']:>9.2f} {row['ms']:>9.2f} {row['rate'] / old['rate']:>5.2f}")
+        return
+    print(f"{'message':42} {'resources':>9} {'conversions/s':>14} {'ms each':>8}")
+    for row in rows:
+        print(f"{row['message']:42} {row['resources']:>9} {row['rate']:>14,.0f} {row['ms']:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """End to end with the shipped routes: ACKed rate against delivered rate (run by hand).
 
     .venv/bin/python bench/e2e.py [--messages 4000] [--connections 4] [--message siu|dft]
-                                  [--json FILE] [--keep] [--tmpdir DIR]
+                                  [--json FILE] [--keep] [--tmpdir DIR] [--before DIR]
+
+``--before DIR`` runs the same load against the engine of another checkout first (say, the main
+branch in a temporary git worktree), then against this one, and prints the two side by side.
 
 About 10 s with the defaults on two idle cores (7 s for ``--message dft --messages 1000``).
 
@@ -60,12 +63,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.charset import decode  # noqa: E402
-from engine.client import MLLPClient  # noqa: E402
-from engine.er7 import parse  # noqa: E402
-from engine.finance import events  # noqa: E402
-from engine.ingest import identifiers  # noqa: E402
-from engine.project import Project  # noqa: E402
+from engine.hl7.charset import decode  # noqa: E402
+from engine.mllp.client import MLLPClient  # noqa: E402
+from engine.hl7.er7 import parse  # noqa: E402
+from engine.delivery.finance import events  # noqa: E402
+from engine.hl7.identifiers import identifiers  # noqa: E402
+from engine.transform.project import Project  # noqa: E402
 
 MESSAGES = {"siu": ("SIU^S12", ROOT / "examples/siu_s12.hl7"), "dft": ("DFT^P03", ROOT / "examples/dft_p03.hl7")}
 
@@ -99,11 +102,11 @@ def variants(raw: bytes, count: int, tag: str) -> list[bytes]:
 # -- the engine ---------------------------------------------------------------------------------
 
 
-def start_engine(work: Path, config: Path, journal: Path):
+def start_engine(work: Path, config: Path, journal: Path, engine_root: Path = ROOT):
     """``hl7bridge serve`` with the MLLP listener and metrics on free ports; (process, ports)."""
     args = [sys.executable, "-m", "engine.cli", "serve", "--listen", "tcp:0:interface=127.0.0.1",
             "--journal", str(journal), "--config", str(config), "--metrics", "tcp:0:interface=127.0.0.1"]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(work / "engine.log", "wb"),
+    process = subprocess.Popen(args, cwd=engine_root, stdout=subprocess.PIPE, stderr=open(work / "engine.log", "wb"),
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ports, deadline = {}, time.monotonic() + 20
     while time.monotonic() < deadline and "metrics" not in ports:
@@ -137,9 +140,10 @@ def machine_busy() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def family(pid: int) -> dict[str, int]:
-    """The engine and its worker processes (converter, text indexer), by a short name."""
-    found = {"engine": pid}
+def family(pid: int) -> dict[str, list[int]]:
+    """The engine and its worker processes (converters, text indexer, mapping processes), by a
+    short name: several processes of one kind (the converters) under one name."""
+    found = {"engine": [pid]}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -149,8 +153,12 @@ def family(pid: int) -> dict[str, int]:
         except OSError:
             continue
         if int(stat[1]) == pid:
-            module = next((part.decode() for part in cmdline if part.startswith(b"engine.")), entry.name)
-            found[module.removeprefix("engine.")] = int(entry.name)
+            module = next((part.decode() for part in cmdline if part.startswith(b"engine.")), None)
+            if module is None:
+                text = b" ".join(cmdline)
+                module = ("serve.mapping" if b"multiprocessing.spawn" in text else
+                          "resource tracker" if b"resource_tracker" in text else entry.name)
+            found.setdefault(module.removeprefix("engine."), []).append(int(entry.name))
     return found
 
 
@@ -245,13 +253,20 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (journal, outbox, engine log)")
     parser.add_argument("--tmpdir", help="where the temporary directory goes (a real disk, not tmpfs)")
+    parser.add_argument("--engine", type=Path, default=ROOT,
+                        help="the checkout whose engine and shipped routes, mappings and destinations run (default: this one)")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="first run the same load against DIR's engine, then this one's, and compare them")
     args = parser.parse_args(argv)
+    if args.before is not None:
+        return before_and_after(args, argv if argv is not None else sys.argv[1:])
+    engine_root = args.engine.resolve()
 
     kind, source = MESSAGES[args.message]
     work = Path(tempfile.mkdtemp(prefix="hl7bridge-e2e-", dir=args.tmpdir))
     config = work / "config"
     for part in ("routes", "mappings", "destinations"):
-        shutil.copytree(ROOT / part, config / part)
+        shutil.copytree(engine_root / part, config / part)
     journal = work / "journal.db"
     tag = f"E{int(time.time()) % 100000}x"
     messages = variants(source.read_bytes(), args.messages, tag)
@@ -260,14 +275,15 @@ def main(argv=None) -> int:
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     started_on = datetime.now(timezone.utc)
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=engine_root, capture_output=True,
+                              text=True).stdout.strip()
     print(f"# hl7bridge end to end, {started_on:%Y-%m-%d %H:%M} UTC, commit {revision or '?'}")
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"load: {len(messages):,} {kind} ({source.relative_to(ROOT)}, {len(messages[0]):,} bytes) over "
           f"{args.connections} connections, closed loop; shipped routes, file destinations")
     print(f"work directory: {work}", flush=True)
 
-    engine, ports = start_engine(work, config, journal)
+    engine, ports = start_engine(work, config, journal, engine_root)
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     db.execute("PRAGMA busy_timeout = 10000")
     if warmup:
@@ -281,7 +297,8 @@ def main(argv=None) -> int:
     processes = family(engine.pid)
 
     def cpu_now():
-        return {**{name: cpu_seconds(pid) for name, pid in processes.items()}, "load generator": time.process_time(),
+        return {**{name: sum(cpu_seconds(pid) for pid in pids) for name, pids in processes.items()},
+                "load generator": time.process_time(),
                 "machine": machine_busy()}
 
     cpu_start = cpu_now()
@@ -419,6 +436,41 @@ def main(argv=None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if clean and not failures and not dead_messages else 1
+
+
+def before_and_after(args, argv: list[str]) -> int:
+    """The same load against ``--before``'s engine, then this checkout's, one after the other on
+    the same machine; each run's own report, then the two side by side."""
+    rest, skip = [], False
+    for item in argv:  # the same options, less --before and --json
+        if skip:
+            skip = False
+        elif item in ("--before", "--json"):
+            skip = True
+        elif not item.startswith(("--before=", "--json=")):
+            rest.append(item)
+    results, codes = {}, []
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, root in (("before", args.before.resolve()), ("after", ROOT)):
+            out = Path(scratch) / f"{label}.json"
+            print(f"## {label}: {root}", flush=True)
+            codes.append(subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest, "--engine", str(root),
+                                         "--json", str(out)]).returncode)
+            results[label] = json.loads(out.read_text()) if out.exists() else None
+    if None in results.values():
+        print("a run gave no figures; see its report above")
+        return 1
+    before, after = results["before"], results["after"]
+    print(f"\n## before ({before['commit']}) and after ({after['commit']})\n")
+    print("| what | before | after |")
+    print("|---|--:|--:|")
+    for key, unit in (("acked msg/s", ""), ("delivered msg/s", ""), ("ratio delivered/acked", ""),
+                      ("converter msg/s", ""), ("backlog at last ACK", ""), ("lag p50 s", " s"), ("lag p99 s", " s"),
+                      ("others share of the cores", "")):
+        print(f"| {key} | {before[key]}{unit} | {after[key]}{unit} |")
+    if args.json:
+        args.json.write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")
+    return max(codes)
 
 
 if __name__ == "__main__":

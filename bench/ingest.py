@@ -5,6 +5,7 @@ Run from the repository root, by hand (about a minute with the defaults)::
     .venv/bin/python bench/ingest.py                      # all three servers, 5 s per scenario
     .venv/bin/python bench/ingest.py --seconds 10 --json bench/results.json
     .venv/bin/python bench/ingest.py --only hl7bridge --only ceiling
+    .venv/bin/python bench/ingest.py --only hl7bridge --only ceiling --before /tmp/main-worktree
 
 It needs python-hl7 (``pip install -e '.[bench]'``, or ``pip install 'hl7>=0.4.5'``) for the third
 server. Everything listens on 127.0.0.1, on a free port. Journals and server logs go to a temporary
@@ -25,6 +26,14 @@ Three servers run one after the other, each in its own process:
     ``bench/python_hl7_server.py``: what a Python user writes by hand with python-hl7's asyncio
     MLLP server: ``hl7.parse``, one SQLite insert and commit per message (WAL, synchronous=FULL),
     ``message.create_ack()``.
+
+``hl7bridge-before`` (with ``--before DIR``)
+    The engine of another checkout, run the same way, so that before and after come from one run.
+
+hl7bridge runs from its checkout (``python -m engine.cli`` with that directory as the working
+directory), never an installed ``hl7bridge`` script, which may be another checkout's. Without
+``--hl7bridge-config`` it runs the shipped routes, mappings and destinations: the whole pipeline
+(routing, the converter processes, file deliveries) works while messages arrive.
 
 Scenarios, for each server:
 
@@ -104,6 +113,9 @@ SERVERS = ("hl7bridge", "ceiling", "python-hl7")
 START_BLOCK, FRAME_END = b"\x0b", b"\x1c\x0d"
 
 # Measured on the development machine (see the module docstring); printed beside our own figures.
+# Issue 12: the whole pipeline (the shipped routes, mapping and delivery running) as a share of the
+# bare Twisted ceiling measured in the same run.
+CEILING_SHARE_TARGETS = {1: 0.20, 8: 0.10}
 REFERENCE = {"ceiling": {1: 11_600, 8: 46_000}, "python-hl7": {1: 320, 8: 270}}
 TARGETS = {"closed": {1: 2_000, 8: 5_000}, "paced_p99_ms": 5.0}
 
@@ -420,17 +432,22 @@ def run_load(server: str, server_pid: int, port: int, plan: Plan, template: Temp
 class ServerProcess:
     """A server under test in a subprocess: started, its port read from stdout, stopped by SIGTERM."""
 
-    def __init__(self, name: str, workdir: Path, cpus: set[int] | None = None, config: Path | None = None):
+    def __init__(self, name: str, workdir: Path, cpus: set[int] | None = None, config: Path | None = None,
+                 engine_root: Path = ROOT):
         self.name = name
         self.cpus = cpus
         self.workdir = workdir
         self.store: Path | None = None  # the SQLite file whose rows are counted afterwards
         python = sys.executable
-        if name == "hl7bridge":
+        self.cwd = ROOT
+        if name in ("hl7bridge", "hl7bridge-before"):
             self.store = workdir / "journal.db"
-            script = Path(python).parent / "hl7bridge"
-            command = [str(script)] if script.exists() else [python, "-m", "engine.cli"]
-            self.args = [*command, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--journal", str(self.store)]
+            # The engine of the checkout given (run from it, so it is that one and not whichever
+            # is installed): this one, or --before's.
+            self.cwd = engine_root
+            command = [python, "-m", "engine.cli"]
+            self.args = [*command, "serve", "--listen", "tcp:0:interface=127.0.0.1", "--journal", str(self.store),
+                         "--metrics", "tcp:0:interface=127.0.0.1"]  # not 9102: another engine may have it
             if config is not None:
                 self.args += ["--config", str(config)]
         elif name == "ceiling":
@@ -449,7 +466,7 @@ class ServerProcess:
         # The servers print only their ready line(s) on stdout (logs go to stderr, kept in a file),
         # so the pipe cannot fill up and block them after we stop reading it.
         self.process = subprocess.Popen(
-            self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr,
+            self.args, cwd=self.cwd, stdout=subprocess.PIPE, stderr=self._stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
@@ -462,7 +479,7 @@ class ServerProcess:
             line = self.process.stdout.readline()
             if not line:
                 raise RuntimeError(f"{self.name} exited before it was ready:\n{self.stderr_tail()}")
-            match = ready.search(line)
+            match = None if b"metrics" in line else ready.search(line)  # the MLLP port, not /metrics
             if match:
                 self.port = int(match.group(1))
                 return self.port
@@ -609,6 +626,9 @@ def parse_args(argv):
     parser.add_argument("--tmpdir", type=Path, help="where the journals go (default: the system temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the journals and server logs afterwards")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="also run the engine of another checkout (say, main in a temporary git worktree), "
+                             "as hl7bridge-before, in the same run")
     parser.add_argument("--hl7bridge-config", type=Path, metavar="DIR",
                         help="config directory for hl7bridge (e.g. one whose hl7bridge.yaml sets journal.synchronous: normal)")
     return parser.parse_args(argv)
@@ -620,7 +640,8 @@ def bench_server(name: str, args, template: Template, workdir: Path, cpus) -> tu
     A scenario that fails (the server died, a connection was refused) ends this server's runs with
     a failed row, and the results so far are kept.
     """
-    server = ServerProcess(name, workdir, cpus, config=args.hl7bridge_config if name == "hl7bridge" else None)
+    server = ServerProcess(name, workdir, cpus, config=args.hl7bridge_config if name.startswith("hl7bridge") else None,
+                           engine_root=args.before.resolve() if name == "hl7bridge-before" else ROOT)
     port = server.start()
     print(f"{name}: listening on 127.0.0.1:{port} (pid {server.process.pid})", flush=True)
     plans = [Plan(f"closed loop, {n} conn", tag, n, args.seconds, args.warmup) for tag, n in (("a", 1), ("b", 8))]
@@ -710,6 +731,15 @@ def summary(results: list[Result], stores: dict, template: Template, info: dict,
                 misses.append(f"p99 {r.p99_ms:.2f} ms paced over {r.connections} conn "
                               f"(target under {TARGETS['paced_p99_ms']:g} ms)")
         notes.append("hl7bridge targets: " + ("all met." if not misses else "missed: " + "; ".join(misses) + "."))
+    if reached:
+        shares = []
+        for r in results:
+            if r.server.startswith("hl7bridge") and r.paced_rate is None and not r.skipped and r.connections in reached:
+                target = CEILING_SHARE_TARGETS.get(r.connections)
+                shares.append(f"{r.server} {r.connections} conn {r.msg_per_s / reached[r.connections]:.1%}"
+                              + (f" (target {target:.0%})" if target and r.server == "hl7bridge" else ""))
+        if shares:
+            notes.append("Share of the ceiling measured in this run: " + "; ".join(shares) + ".")
     caption = (f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, {info['date'][:10]}; "
                f"{template.size:,}-byte SIU^S12 over loopback, {args.seconds:g} s per row.")
     return caption + "\n\n" + markdown_table(results), notes
@@ -718,6 +748,8 @@ def summary(results: list[Result], stores: dict, template: Template, info: dict,
 def main(argv=None) -> int:
     args = parse_args(argv)
     servers = [s for s in SERVERS if not args.only or s in args.only]
+    if args.before is not None:
+        servers.insert(servers.index("hl7bridge") if "hl7bridge" in servers else 0, "hl7bridge-before")
     template = load_template()
     if "python-hl7" in servers:
         try:

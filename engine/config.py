@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, replace
@@ -117,6 +118,13 @@ class Settings:
     reconcile: ReconcileSettings = ReconcileSettings()  # windows, linking rules, the daily report (engine.reconcile)
     node: str = ""  # this engine's name in the cluster, in its claims ("" : the host name)
     lease: float = 30.0  # seconds a node's claim on a delivery or a job lasts unless renewed
+    converter_workers: int = 0  # converter processes (conversion.workers); 0: one per core
+    converter_nice: int = 10  # how much lower the converters' priority is than the engine's (conversion.nice)
+
+    @property
+    def converters(self) -> int:
+        """How many converter processes ``serve`` runs: ``conversion.workers``, else one per core."""
+        return self.converter_workers or cores()
 
     @property
     def journal_location(self) -> str:
@@ -142,7 +150,7 @@ class Settings:
 # Every key each part of hl7bridge.yaml may have (docs/configuration.md documents them all).
 KEYS = {
     "settings": {"listeners", "journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster",
-                 "reconcile"},
+                 "conversion", "reconcile"},
     "listener": {
         "name", "endpoint", "max_frame_bytes", "idle_timeout", "max_connections", "allow_peers", "tls",
         "processing_ids", "message_types",
@@ -158,7 +166,17 @@ KEYS = {
     "dashboard": {"token", "users"},
     "dashboard_user": {"name", "token", "role"},
     "cluster": {"node", "lease"},
+    "conversion": {"workers", "nice"},
 }
+MAX_CONVERTERS = 64
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -178,9 +196,20 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     def section(name):
         return Section(top.data.get(name), path, name, KEYS[name], top.line(name))
 
-    journal, identity, charset, logging, routing, metrics, dashboard, cluster = (
-        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster")
+    journal, identity, charset, logging, routing, metrics, dashboard, cluster, conversion = (
+        section(n) for n in ("journal", "identity", "charset", "logging", "routing", "metrics", "dashboard", "cluster",
+                             "conversion")
     )
+    workers = conversion.data.get("workers", "cores")
+    if workers == "cores":
+        workers = 0
+    elif isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_CONVERTERS:
+        raise conversion.error("workers", f"{workers!r} is not a number of converter processes",
+                               f"cores (one per core, the default) or a number from 1 to {MAX_CONVERTERS}")
+    nice = conversion.data.get("nice", 10)
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise conversion.error("nice", f"{nice!r} is not a nice value", "a number from 0 (the engine's own "
+                               "priority) to 19 (the lowest); 10 is the default")
     node = cluster.get("node", str, "")
     if node and not _NODE_NAME.match(node):
         raise cluster.error("node", f"{node!r} is not a usable node name", "letters, digits and . _ - (at most 63)")
@@ -246,6 +275,8 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
         config_dir=base,
         node=node,
         lease=lease,
+        converter_workers=workers,
+        converter_nice=nice,
     )
 
 

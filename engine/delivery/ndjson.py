@@ -3,7 +3,7 @@
 One file a day (``DIRECTORY/YYYY-MM-DD.ndjson``), one JSON record a line. Every record starts with
 ``{"delivery_id":N,"written_at":"..."`` so the two can be read without parsing the record, and all
 the records of one delivery are written with one ``write()`` and fsynced before the delivery is
-marked delivered. What can still happen is a SIGKILL (or a full disk) in the middle of that write:
+marked delivered (one fsync may cover several deliveries written meanwhile: ``GroupSync``). What can still happen is a SIGKILL (or a full disk) in the middle of that write:
 the file then ends in a fragment with no newline. ``repair_tail`` cuts such a fragment off (with any
 whole records of the same delivery just before it, so a delivery is in the file entirely or not at
 all) and keeps the bytes aside in ``NAME.ndjson.torn``; it runs when a sender starts and before
@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
+
+import orjson
 
 SUFFIX = ".ndjson"
 TORN_SUFFIX = ".torn"
@@ -40,7 +43,7 @@ def encode_records(delivery_id: int, written_at: datetime, records: list[dict]) 
     stamp = written_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     lines = []
     for record in records:
-        body = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        body = orjson.dumps(record).decode()  # compact, characters as they are; ~6x the stdlib's speed
         head = f'{{"delivery_id":{int(delivery_id)},"written_at":"{stamp}"'
         lines.append(head + ("," + body[1:] if body != "{}" else "}") + "\n")
     return "".join(lines).encode("utf-8")
@@ -122,6 +125,13 @@ def repair_directory(directory: Path) -> list[tuple[str, int]]:
 def append(path: Path, data: bytes):
     """Append ``data`` with as many ``write()`` calls as it takes, then fsync (the directory too
     when the file is new, so the file itself survives a power cut)."""
+    end, new = write(path, data)
+    sync(path, new)
+
+
+def write(path: Path, data: bytes) -> tuple[int, bool]:
+    """Append ``data`` with as many ``write()`` calls as it takes, without fsync; returns (the
+    file's length after it, whether the file is new)."""
     new = not path.exists()
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
@@ -129,15 +139,59 @@ def append(path: Path, data: bytes):
         while view:
             written = os.write(descriptor, view)
             view = view[written:]
+        return os.fstat(descriptor).st_size, new
+    finally:
+        os.close(descriptor)
+
+
+def sync(path: Path, directory_too: bool = False) -> int:
+    """fsync the file (and its directory, for a new file); returns the length it had when the
+    fsync began, all of it on disk now."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(descriptor).st_size
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    if new:
+    if directory_too:
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+    return size
+
+
+class GroupSync:
+    """fsyncs shared by the writers of one destination (group commit for files).
+
+    Records are appended under the destination's lock, then each writer waits here until its
+    record is on disk: the writer that takes this lock fsyncs once for every record appended
+    before that fsync, and those writers find their records already covered and return without
+    an fsync of their own. A delivery still counts as delivered only once its record is on disk;
+    with 4 deliveries in flight, one fsync (milliseconds on many disks) serves up to 4."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.durable: dict[Path, int] = {}  # file -> length known to be on disk
+        self.new_files: set[Path] = set()  # created, their directory entry not yet fsynced
+
+    def created(self, path: Path):
+        with self.lock:
+            self.new_files.add(path)
+
+    def wait(self, path: Path, end: int) -> bool:
+        """Return once the first ``end`` bytes of ``path`` are on disk; True when this call fsynced."""
+        with self.lock:
+            if self.durable.get(path, -1) >= end and path not in self.new_files:
+                return False
+            directory_too = path in self.new_files
+            size = sync(path, directory_too)
+            self.new_files.discard(path)
+            if len(self.durable) > 8:  # yesterday's files are done with
+                self.durable.clear()
+            self.durable[path] = size
+            return True
 
 
 def _parse_time(text: str) -> datetime:

@@ -15,6 +15,7 @@ import json
 import threading
 from datetime import datetime, timezone
 
+import orjson
 from twisted.internet import defer
 
 from ..stamps import parse_iso
@@ -133,7 +134,7 @@ class FhirSender:
     def _resources(self, bundle_json: str):
         status = None
         for url, resource in resources_in_order(json.loads(bundle_json)):
-            status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", json.dumps(resource).encode())
+            status, body, after = yield self.request(b"PUT", f"{self.destination.url}/{url}", orjson.dumps(resource))
             outcome = self.classify(status)
             if outcome != OK:
                 text = body.decode("utf-8", errors="replace")
@@ -202,7 +203,8 @@ class FileSender:
     before anything is appended (``engine.delivery.ndjson``), and a delivery that is tried again (after a
     failure, or resumed after a crash) first looks whether its records already reached the file:
     each delivery is in the file once, whole. Appends are serialized (one lock per destination),
-    so records never interleave.
+    so records never interleave; the fsync that makes a record durable is shared with the records
+    appended meanwhile (``ndjson.GroupSync``).
     """
 
     def __init__(self, destination: Destination, run_blocking, clock=None):
@@ -210,6 +212,7 @@ class FileSender:
         self.run_blocking = run_blocking  # run(fn, *args) -> Deferred, in a thread pool of serve's
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.lock = threading.Lock()
+        self.syncs = ndjson.GroupSync()
         # For /metrics: torn records set aside, and resumed deliveries found already written.
         self.counters = {"torn_records_set_aside": 0, "already_written": 0}
 
@@ -247,7 +250,12 @@ class FileSender:
                 torn = ndjson.repair_tail(path)
                 if torn:
                     self.counters["torn_records_set_aside"] += 1
-                ndjson.append(path, ndjson.encode_records(delivery.id, now, records))
+                end, new = ndjson.write(path, ndjson.encode_records(delivery.id, now, records))
+                if new:
+                    self.syncs.created(path)
+            # On disk before it counts as delivered; the fsync outside the lock, so the deliveries
+            # appended meanwhile share it.
+            self.syncs.wait(path, end)
         except OSError as exc:
             return Result(TRANSIENT, None, "", error=f"cannot write {directory}: {exc.strerror}")
         notice = ""

@@ -103,6 +103,11 @@ def _comparable(raw: bytes) -> list[bytes]:
     return lines
 
 
+def map_here(project, assessment: Assessment, route: Route) -> pipeline.Converted:
+    """Map a frame in the calling thread (tests, tools; serve maps in worker processes)."""
+    return pipeline.convert(project, assessment.message, header=assessment.header, route=route)
+
+
 class Ingestor:
     """Journals frames and builds their ACKs. The clock and the ACK control IDs are injected."""
 
@@ -114,6 +119,7 @@ class Ingestor:
         next_control_id: Callable[[], str] | None = None,
         project=None,
         unrouted: str = "accept",
+        mapper=None,
     ):
         self.journal = journal
         self.policy = policy
@@ -123,6 +129,9 @@ class Ingestor:
         # serve swaps in a new one on reload; each message uses the one in place when it arrives.
         self.project = project
         self.unrouted = unrouted
+        # What maps a frame before its ACK: (project, assessment, route) -> pipeline.Converted.
+        # serve gives one that maps in worker processes; by default it is mapped right here.
+        self.mapper = mapper or map_here
 
     def ingest(self, frames: list[Frame]) -> list[Outcome]:
         """Journal a batch of frames in one transaction and return each one's outcome and ACK."""
@@ -172,7 +181,7 @@ class Ingestor:
         the route says, with the first problem (the sender learns what failed, not where our
         mapping files live)."""
         route, assessment = prepared.mapping_route, prepared.assessment
-        converted = pipeline.convert(prepared.project, assessment.message, header=assessment.header, route=route)
+        converted = self.mapper(prepared.project, assessment, route)
         outcome, error, status = ACCEPT, None, converted.status
         if converted.status == MAPPING_ERROR:
             first = converted.problems[0].split(" (from ")[0]

@@ -7,7 +7,8 @@ reactor as a parameter, and blocking work runs in threads this package owns and 
       writer       JournalWriter: the journal's write connections, its thread, checkpoints (writer.py)
       supervisor   Supervisor: the text indexer and converter processes (supervisor.py)
       status       EngineStatus: what /metrics, /readyz and the dashboard read (status.py)
-      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in a thread pool
+      committer    GroupCommit over the Ingestor (engine.mllp), mapping before the ACK in processes
+                   (mapping.py) that a thread pool waits on
       dispatcher   Dispatcher (engine.delivery), file writes in a thread pool
       scheduler    Scheduler: jobs that run on one node of a cluster at a time (scheduler.py)
 
@@ -49,6 +50,7 @@ from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
 from ..transform.project import Project
+from .mapping import MappingProcesses
 from .status import EngineStatus
 from .scheduler import Scheduler
 from .supervisor import Supervisor
@@ -60,7 +62,7 @@ TEXT_INDEX_INTERVAL = 0.5  # how stale free-text search may get, in seconds
 GIL_SWITCH_INTERVAL = 0.0005
 CHECKPOINT_INTERVAL = 0.5  # how often the writer copies the WAL back, between batches
 MAPPING_THREADS = 2  # mapping before the ACK (ack.after: mapping routes)
-FILE_THREADS = 2  # file destinations' appends and fsyncs
+FILE_THREADS = 4  # file destinations' appends and fsyncs (a destination's 4 in flight share an fsync)
 REPORT_CHECK = 900.0  # how often the daily reconcile report job looks whether a report is due
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -86,6 +88,11 @@ def tls_options(tls: TlsSettings) -> ssl.CertificateOptions:
     )
 
 
+def maps_before_ack(project: Project) -> bool:
+    """Whether any route ACKs after mapping (only then are mapping processes worth starting)."""
+    return any(route.ack_after == "mapping" for route in project.routes)
+
+
 class Engine:
     """The running engine: the journal writer, the helper processes, one group committer, the
     dispatcher, any number of MLLP listeners, and the status the operator's pages read."""
@@ -105,14 +112,23 @@ class Engine:
         if self.writer.journal.indexes_text_apart:
             self.supervisor.add("text indexer", "engine.store.textindexer", location,
                                 "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
-        if project is not None:
-            self.supervisor.add("converter", "engine.transform.converter", "-",
+        # Converter processes (mapping for ack.after: commit routes), one per core by default:
+        # they share the work through their claims and journal it in arrival order.
+        self.converters = [f"converter-{n}" for n in range(1, settings.converters + 1)] if project is not None else []
+        for name in self.converters:
+            self.supervisor.add(name, "engine.transform.converter", "-",
                                 "--config", str(project.given or project.directory), "--parent", str(os.getpid()),
-                                "--worker", f"{self.node}/converter", env=worker_env)
+                                "--worker", f"{self.node}/{name}", "--nice", str(settings.converter_nice),
+                                env=worker_env)
         # Where the PID and reload-verdict files go: beside a journal file; for a database, in
         # var/ of the config directory, named after the node.
         self.state_path = state_path(settings, self.writer.journal)
-        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted)
+        # Mapping before the ACK (ack.after: mapping routes): a thread of _mapping waits for each,
+        # the conversion runs in these processes (engine.serve.mapping), off the engine's GIL.
+        self.mapping_processes = (MappingProcesses(project.given or project.directory, MAPPING_THREADS)
+                                  if project is not None else None)
+        self.ingestor = Ingestor(self.writer.journal, project=project, unrouted=settings.unrouted,
+                                 mapper=self.mapping_processes.convert if self.mapping_processes else None)
         self.counters = Counters()
         # Blocking work the reactor hands off: mapping before the ACK, and file destinations.
         self._mapping = ThreadPool(minthreads=0, maxthreads=MAPPING_THREADS, name="hl7bridge-mapping")
@@ -182,6 +198,8 @@ class Engine:
         log.info("journal {journal}, node {node}", journal=self.writer.journal.name, node=self.node)
         for pool in (self._mapping, self._files):
             pool.start()
+        if self.mapping_processes is not None and maps_before_ack(self.project):
+            self.mapping_processes.start()
         self.status.start()
         self.writer.start()
         if "text indexer" in self.supervisor.workers:
@@ -189,7 +207,8 @@ class Engine:
         yield self.dispatcher.start()
         self.scheduler.start()
         if self.project is not None:
-            self.supervisor.workers["converter"].start()
+            for name in self.converters:
+                self.supervisor.workers[name].start()
             log.info("{routes} routes loaded from {directory}", routes=len(self.project.routes),
                      directory=str(self.project.directory.resolve()))
         return bound
@@ -208,8 +227,11 @@ class Engine:
             return False
         self.project = project
         self.ingestor.project = project
+        if self.mapping_processes is not None and maps_before_ack(project):
+            self.mapping_processes.reload(directory)
         self.dispatcher.update(project.destinations)
-        self.supervisor.signal("converter", "HUP")
+        for name in self.converters:
+            self.supervisor.signal(name, "HUP")
         text = (f"{len(project.routes)} routes, {len(project.mappings.messages)} message mappings and "
                 f"{len(project.destinations)} destinations from {project.directory.resolve()}")
         log.info("reloaded {what}", what=text)
@@ -307,6 +329,8 @@ class Engine:
         for pool in (self._mapping, self._files):
             if pool.started:
                 pool.stop()
+        if self.mapping_processes is not None:
+            self.mapping_processes.stop()
         self.status.stop()
         yield self.writer.stop()
         yield self.supervisor.stop()
@@ -319,6 +343,8 @@ class Engine:
         for pool in (self._mapping, self._files):
             if pool.started:
                 pool.stop()
+        if self.mapping_processes is not None:
+            self.mapping_processes.stop()
         self.status.stop()
         self.writer.close()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from .base import SCHEMA_VERSION, SYNCHRONOUS_MODES
 from .sql import SqlJournal, marks
 from .sql_reconcile import create_tables as create_reconcile_tables
 from .sqlite_text import TextIndex, fts_query, text_index_path
+
+
+BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's transaction to end
 
 
 class SqliteJournal(SqlJournal):
@@ -59,7 +63,7 @@ class SqliteJournal(SqlJournal):
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not readonly:
             if create:
                 # auto_vacuum must be chosen before the first table exists; it lets prune give space back.
@@ -259,13 +263,33 @@ class SqliteJournal(SqlJournal):
         if self.conn.in_transaction:
             yield self
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             yield self
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def _begin(self):
+        """BEGIN IMMEDIATE, asking again every half millisecond while another connection writes.
+        SQLite's own busy handler sleeps longer and longer (up to 100 ms a time): with the engine's
+        writer committing every few milliseconds under load and the converters journaling beside
+        it, whoever waited would lose nearly every race for the lock (a converter falls behind for
+        as long as the load lasts) or sleep far past its turn (an ACK waits 100 ms)."""
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.0005)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Copy the WAL back into the database (PASSIVE); returns (busy, WAL frames, copied).

@@ -6,14 +6,18 @@ mapping to this process: it claims routed messages in the order they arrived (a 
 maps a message another holds: ``Journal.claim_conversions``), converts each with its route's
 mapping, and journals the result (status ``mapped`` or ``mapping_error``, and the
 Bundle or the problems). A process and not a thread for the same reason as the text indexer:
-mapping is CPU work that must not take the GIL from the reactor. SIGHUP reloads the routes and
-mappings (``hl7bridge reload`` sends it to the engine, which passes it on).
+mapping is CPU work that must not take the GIL from the reactor; ``serve`` runs one per core by
+default (``conversion.workers``), each claiming its own batches. They map in parallel and journal
+in the order the messages arrived (``in_turn``), so deliveries are queued in that order and
+per-key delivery order holds. SIGHUP reloads the routes and mappings (``hl7bridge reload`` sends
+it to the engine, which passes it on).
 
     python -m engine.transform.converter JOURNAL [--config DIR] [--worker NAME] [--interval SECONDS]
 
 JOURNAL ``-`` reads the journal's location from ``$HL7BRIDGE_JOURNAL`` (how ``serve`` passes a
-PostgreSQL URL, so its password never shows in the process list). ``--worker`` names it in its claims (unique in a cluster: ``NODE/converter``); a converter
-started again under the same name takes its own claims back at once.
+PostgreSQL URL, so its password never shows in the process list). ``--worker`` names it in its
+claims (unique in a cluster: ``NODE/converter-1`` … ``-N``); a converter started again under the
+same name takes its own claims back at once.
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ JOURNAL_VARIABLE = "HL7BRIDGE_JOURNAL"
 
 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH, worker: str = DEFAULT_WORKER,
-                    lease: float = LEASE) -> int:
+                    lease: float = LEASE, stop=lambda: False) -> int:
     """Claim up to ``batch`` waiting messages, convert them and journal the results (those whose
-    claim was still ``worker``'s); returns how many were journaled."""
+    claim was still ``worker``'s) once every message before them is journaled; returns how many
+    were journaled. ``stop`` says when to give up waiting for the messages before them."""
+    if not journal.waiting_for_conversion(1):
+        return 0  # a read: an idle converter does not take the write lock from the engine to find nothing
+    claimed_at = time.monotonic()
     waiting = journal.claim_conversions(worker, batch, lease, utc_now())
     converted = []
     for message_id, raw, charset, route_name in waiting:
@@ -56,6 +64,13 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
         converted.append((message_id, route_name, result, now))
     if not converted:
         return 0
+    if not in_turn(journal, converted[0][0], claimed_at + lease * 0.9, stop):
+        # The messages before these were not journaled in time (their converter died, or the
+        # engine is stopping): give these back, so that whoever converts them next (the oldest
+        # first, a dead worker's once its lease is over) journals them in order.
+        with journal.transaction():
+            journal.finish_conversions(worker, [message_id for message_id, *_ in converted])
+        return 0
     now = utc_now()
     with journal.transaction():
         held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in converted]))
@@ -65,7 +80,29 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
     return len(held)
 
 
-def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER) -> int:
+def in_turn(journal: Journal, first: int, deadline: float, stop) -> bool:
+    """Wait until no message before ``first`` waits for conversion (another converter is mapping
+    it): conversions are journaled in the order the messages arrived, so their deliveries are
+    queued in that order and per-key delivery order holds however many converters there are.
+    Mapping runs in parallel; only journaling waits, and it takes a few milliseconds. False when
+    ``deadline`` (``time.monotonic``) passes or ``stop()`` says so first."""
+    pause = 0.001
+    while True:
+        oldest = journal.waiting_for_conversion(1)
+        if not oldest or oldest[0][0] >= first:
+            return True
+        if time.monotonic() >= deadline or stop():
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER,
+        nice: int = 0) -> int:
+    if nice:
+        # Below the engine: on a busy machine its reactor and journal writer, on which every ACK
+        # waits, get a core first, and the converters take what is left.
+        os.nice(nice)
     signals = WorkerSignals(parent)
     project = Project.load(config)
     # Not synchronous: if a power cut loses the last conversions, those messages are still
@@ -78,7 +115,7 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
                     project = Project.load(config)
                 except ConfigError as exc:
                     print(f"hl7bridge converter: reload refused, keeping the running routes: {exc}", file=sys.stderr, flush=True)
-            done = convert_pending(journal, project, worker=worker)
+            done = convert_pending(journal, project, worker=worker, stop=lambda: signals.stop)
             if parent_gone(parent):
                 break
             if done < BATCH:
@@ -95,11 +132,12 @@ def main(argv=None) -> int:
     parser.add_argument("--parent", type=int, help="the engine's process ID (the worker exits when it is gone)")
     parser.add_argument("--worker", default=DEFAULT_WORKER, help="its name in its claims, unique in a cluster")
     parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--nice", type=int, default=0, help="run at this much lower a priority (conversion.nice)")
     args = parser.parse_args(argv)
     journal = os.environ.get(JOURNAL_VARIABLE, "") if args.journal == "-" else args.journal
     if not journal:
         parser.error(f"JOURNAL is - but ${JOURNAL_VARIABLE} is not set")
-    return run(journal, args.config, args.interval, args.parent or os.getppid(), args.worker)
+    return run(journal, args.config, args.interval, args.parent or os.getppid(), args.worker, args.nice)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ Every resource gets an ID derived from its first identifier (or its ``$key``, or
 itself), so the same message converted twice gives the same Bundle, and every entry is a
 conditional update (``PUT Patient?identifier=system|value``): sent twice, it changes nothing
 downstream. Every Bundle ends with a Provenance: which message, which route and mapping version,
-when. Every resource is validated with fhir.resources (R4, ``fhir.resources.R4B``), and the FHIR
-invariants fhir.resources does not check and our mappings could break (Appointment app-2, app-3)
-are checked here, before it leaves; a problem names the FHIR element and the mapping line and HL7
-field it came from, in words.
+when. The templates' FHIR structure is checked when the mappings load (``structure``), every
+resource's values as it is built (``fhirspec``; fhir.resources R4B as well with ``strict``), and
+the FHIR invariants fhir.resources does not check and our mappings could break (Appointment app-2,
+app-3, app-4) here, before it leaves; a problem names the FHIR element and the mapping line and
+HL7 field it came from, in words.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from ..hl7.header import read_header
 from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
+from . import fhirspec
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
                    plain, raw_selector, urn)
+from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
 from .templates import segment_of
@@ -164,6 +167,7 @@ class MappingSet:
         for path in self._files("message"):
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
+        check_structure(self)
         self.version = self._version()
 
     def _version(self) -> str:
@@ -317,13 +321,14 @@ class MappingSet:
                 (("message", "messages"), ("resource", "resources"), ("datatype", "datatypes"), ("codesystem", "tables"))}
 
     def convert(self, message: Message, mapping: str, tz: str | None = None, *, route: str = "",
-                now: datetime | None = None, version: str | None = None) -> Result:
+                now: datetime | None = None, version: str | None = None, strict: bool = False) -> Result:
         """Convert one message with ``mappings/message/<mapping>.yaml``: the Bundle and its warnings.
 
         ``route`` names the route in the Provenance; ``now`` is when the conversion happens (its
         ``recorded`` time; the clock when not given); ``version`` stands in for the mapping version.
-        Raises ``MappingError`` listing every problem (evaluation, FHIR validation and invariants),
-        each in words.
+        Every resource's values are checked (``fhirspec``); ``strict`` validates each with
+        fhir.resources as well (a route's ``validate: strict``). Raises ``MappingError`` listing
+        every problem (evaluation, FHIR values and invariants), each in words.
         """
         if mapping not in self.messages:
             raise MappingError([f"no message mapping {mapping!r} (mappings/message/{mapping}.yaml)"])
@@ -331,11 +336,12 @@ class MappingSet:
         zone = zone_of(tz or message_mapping.timezone)
         now = now or datetime.now(timezone.utc)
         try:
-            return Conversion(self, message, zone, route=route, now=now, version=version).run(message_mapping)
+            return Conversion(self, message, zone, route=route, now=now, version=version,
+                              strict=strict).run(message_mapping)
         except MappingError:
             # Again, recording where every value came from, so each problem can name its origin.
-            return Conversion(self, message, zone, tracking=True, route=route, now=now,
-                              version=version).run(message_mapping)
+            return Conversion(self, message, zone, tracking=True, route=route, now=now, version=version,
+                              strict=strict).run(message_mapping)
 
 
 def zone_of(name: str | None):
@@ -370,6 +376,8 @@ def validate_resource(resource: dict):
 
 # Appointment statuses that may go without start and end (FHIR invariant app-3).
 UNTIMED_STATUSES = ("proposed", "cancelled", "waitlist")
+# Appointment statuses that may carry a cancelationReason (FHIR invariant app-4).
+CANCELLED_STATUSES = ("cancelled", "noshow")
 V2_EVENTS = "http://terminology.hl7.org/CodeSystem/v2-0003"
 
 
@@ -392,8 +400,9 @@ class Conversion:
     """One message being converted: the resources built so far, by type and ID."""
 
     def __init__(self, mappings: MappingSet, message: Message, tz, tracking: bool = False, route: str = "",
-                 now: datetime | None = None, version: str | None = None):
+                 now: datetime | None = None, version: str | None = None, strict: bool = False):
         self.mappings = mappings
+        self.strict = strict
         self.version = version or mappings.version
         self.message = message
         self.tracking = tracking
@@ -458,7 +467,7 @@ class Conversion:
             return self.built[memo]
         resource_mapping = self.mappings.resources[name]
         out = Output(self.mappings, self, self.tracking)
-        where = (resource_mapping.resource_type,)
+        where = (None, resource_mapping.resource_type)
         if resource_mapping.lets:
             ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
         elif ctx.lets is not None:
@@ -490,7 +499,7 @@ class Conversion:
         lets = Lets({})
         scoped = ctx.with_lets(lets)
         for name, node in mapping.lets:
-            lets.values[name] = node.evaluate(scoped, out, (mapping.resource_type, "$let", name))
+            lets.values[name] = node.evaluate(scoped, out, (((None, mapping.resource_type), "$let"), name))
         return lets
 
     def referenced(self, name, ctx, out, origin):
@@ -574,24 +583,29 @@ class Conversion:
         self.outputs[key] = (None, None)
 
     def validate(self):
+        """Check every resource's values (``fhirspec.problems``; the structure was checked when the
+        mappings loaded), and with ``strict`` validate each with fhir.resources as well."""
         for key, entry in self.entries.items():
             resource = entry["resource"]
             out, mapping = self.outputs[key]
-            checked = resource
-            if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
-                # Its targets are the Bundle's own urn:uuid fullUrls, all alike: one stands for all.
-                checked = {**resource, "target": resource["target"][:1]}
-            try:
-                validate_resource(checked)
-            except ValidationError as exc:
-                for problem in exc.errors():
-                    where = (resource["resourceType"], *problem["loc"])
-                    element = ".".join(str(p) for p in where)
-                    self.errors.append(f"{element}: {self.explain(problem, where, out, mapping)}")
+            found = [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
+            if self.strict and not found:
+                checked = resource
+                if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
+                    # Its targets are the Bundle's own urn:uuid fullUrls, all alike: one stands for all.
+                    checked = {**resource, "target": resource["target"][:1]}
+                try:
+                    validate_resource(checked)
+                except ValidationError as exc:
+                    found = exc.errors()
+            for problem in found:
+                where = (resource["resourceType"], *problem["loc"])
+                element = ".".join(str(p) for p in where)
+                self.errors.append(f"{element}: {self.explain(problem, where, out, mapping)}")
             for problem in invariant_problems(resource):
                 located = ""
                 if mapping is not None:
-                    node = mapping.node_at(("start",))
+                    node = mapping.node_at((getattr(problem, "element", "start"),))
                     located = f" (from {mapping.explain(node)})" if node is not None else ""
                 self.errors.append(f"{resource['resourceType']}: {problem}{located}")
 
@@ -619,16 +633,31 @@ class Conversion:
         return message + (f" (from {origin})" if origin else "")
 
 
+class Invariant(str):
+    """A broken invariant, in words, and the element it is about (to name the mapping line)."""
+
+    element = "start"
+
+    def __new__(cls, text: str, element: str = "start"):
+        made = super().__new__(cls, text)
+        made.element = element
+        return made
+
+
 def invariant_problems(resource: dict) -> list[str]:
-    """FHIR invariants fhir.resources does not check and mappings could break, in words."""
+    """FHIR invariants fhir.resources does not check and mappings could break, in words
+    (``Invariant``: each knows the element it is about)."""
     if resource.get("resourceType") != "Appointment":
         return []
     problems = []
     has_start, has_end = "start" in resource, "end" in resource
     if has_start != has_end:
-        problems.append("FHIR invariant app-2: an Appointment has both a start and an end, or neither "
-                        f"(it has only {'a start' if has_start else 'an end'})")
+        problems.append(Invariant("FHIR invariant app-2: an Appointment has both a start and an end, or neither "
+                                  f"(it has only {'a start' if has_start else 'an end'})"))
     elif not has_start and resource.get("status") not in UNTIMED_STATUSES:
-        problems.append(f"FHIR invariant app-3: an Appointment with status {resource.get('status')} needs a start and "
-                        "an end, and the message gives no start time")
+        problems.append(Invariant(f"FHIR invariant app-3: an Appointment with status {resource.get('status')} needs a "
+                                  "start and an end, and the message gives no start time"))
+    if "cancelationReason" in resource and resource.get("status") not in CANCELLED_STATUSES:
+        problems.append(Invariant(f"FHIR invariant app-4: only a cancelled or no-show Appointment has a cancelation "
+                                  f"reason, and this one's status is {resource.get('status')}", "cancelationReason"))
     return problems

@@ -10,11 +10,12 @@ no sockets, no reactor; the caller decides which thread it runs in.
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
+
+import orjson
 
 from ..delivery import outbox
 from ..errors import ConfigError, ParseError
@@ -63,12 +64,14 @@ class Converted:
         return self.bundle is not None and not self.problems
 
     def record(self, converted_at: str, route_name: str | None = None) -> ConversionRecord:
-        """The conversion as the journal keeps it: the Bundle as compact JSON, and in ``problems``
+        """The conversion as the journal keeps it: the Bundle as compact JSON (orjson: a fifth of
+        the standard library's time for a 10 KB Bundle, and characters kept as they are, not as
+        \\u escapes), and in ``problems``
         a JSON list of texts: the problems, then the warnings (``notes``)."""
         name = self.route.name if self.route is not None else route_name
         notes = encode_notes(self.problems, self.warnings)
         if self.status == MAPPED:
-            return ConversionRecord(name, MAPPED, converted_at, json.dumps(self.bundle, separators=(",", ":")), notes)
+            return ConversionRecord(name, MAPPED, converted_at, orjson.dumps(self.bundle).decode(), notes)
         return ConversionRecord(name, MAPPING_ERROR, converted_at, None, notes)
 
 
@@ -94,7 +97,8 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
             route_name: str | None = None, now: datetime | None = None,
             mapping_version: str | None = None) -> Converted:
     """The whole pipeline for one message: route it (unless ``route`` is given), check its
-    structure when the route says ``validate: structure``, map it, validate every resource, and
+    structure when the route says ``validate: structure``, map it, check every resource's values
+    (with fhir.resources as well when the route says ``validate: strict``), and
     say which destinations its deliveries go to. Never raises for a message that cannot be
     mapped: ``problems`` says why (each with the FHIR element, mapping file and line, HL7 field).
     ``now`` is the conversion's time (the Provenance's ``recorded``; the clock when not given);
@@ -107,14 +111,14 @@ def convert(project: Project, message: Message, *, header: Header | None = None,
                          problems=[f"no route matches {header.message_code} from {header.sending_facility or '-'}"])
     facts = extract(message, iso(now or utc_now()), zone_of(route.timezone))
     problems = []
-    if route.validate == "structure":
+    if "structure" in route.validate:
         report = validate_structure(message.normalized)
         problems += [f"structure: {error}" for error in report.errors]
     result = None
     if not problems:
         try:
             result = project.mappings.convert(message, route.mapping, route.timezone, route=route.name, now=now,
-                                              version=mapping_version)
+                                              version=mapping_version, strict=route.strict)
         except MappingError as exc:
             problems = exc.problems
         except ParseError as exc:

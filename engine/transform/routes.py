@@ -26,7 +26,7 @@ MATCH_KEYS = {"message", "version", "sending_application", "sending_facility", "
 ACK_KEYS = {"after", "mapping_error"}
 ACK_AFTER = ("commit", "mapping")
 MAPPING_ERROR_CODES = ("AE", "AR", "AA")
-VALIDATE = ("none", "structure")
+VALIDATE = ("structure", "strict")  # a word or a list of them; none: neither
 
 
 @dataclass
@@ -48,12 +48,17 @@ class Route:
     where_text: list = field(default_factory=list)
     mapping: str = ""
     timezone: str | None = None
-    validate: str = "none"
+    validate: tuple = ()  # "structure" (hl7apy before mapping), "strict" (fhir.resources after it)
     ack_after: str = "commit"
     mapping_error: str = "AE"
     destinations: tuple = ()
     destinations_line: int = 0
     differing_duplicates: str = "process"
+
+    @property
+    def strict(self) -> bool:
+        """Whether every resource is validated with fhir.resources too (``validate: strict``)."""
+        return "strict" in self.validate
 
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
@@ -159,10 +164,25 @@ def load_route(path: Path, mappings: MappingSet) -> Route:
         where_text=list(where_text or []),
         mapping=mapping,
         timezone=timezone_name,
-        validate=top.choice("validate", VALIDATE, "none"),
+        validate=validations(top),
         ack_after=ack.choice("after", ACK_AFTER, "commit"),
         mapping_error=ack.choice("mapping_error", MAPPING_ERROR_CODES, "AE"),
         destinations=tuple(destinations),
         destinations_line=top.line("destinations"),
         differing_duplicates=duplicates.choice("differing", DIFFERING_POLICIES, "process"),
     )
+
+
+def validations(top: Section) -> tuple:
+    """``validate``: none, one of ``VALIDATE`` or a list of them."""
+    given = top.data.get("validate", "none")
+    words = [given] if isinstance(given, str) else given
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise top.error("validate", "is a word or a list of words", "validate: [structure, strict]")
+    if words == ["none"]:
+        return ()
+    for word in words:
+        if word not in VALIDATE:
+            raise top.error("validate", f"{word!r} is not one of none, {', '.join(VALIDATE)}",
+                            "validate: strict, or validate: [structure, strict]")
+    return tuple(dict.fromkeys(words))

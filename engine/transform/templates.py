@@ -62,8 +62,14 @@ class Origin:
         return f"{self.path}:{self.line} ({self.source})"
 
 
+# Values that count as nothing in FHIR JSON when they are empty (False and 0 are values).
+_EMPTY = {str: True, dict: True, list: True}
+_CONTAINERS = (dict, list)
+
+
 class Node:
     origin: Origin
+    spreads = False  # an $each object: its items join the list it is in
 
     def build(self, ctx: Context, out: "Output", where: tuple):
         raise NotImplementedError
@@ -109,12 +115,13 @@ class Array(Node):
     def build(self, ctx, out, where):
         result = []
         for item in self.items:
-            value = item.build(ctx, out, (*where, len(result)))
-            if isinstance(item, Obj) and item.each is not None:
-                for v in value or []:
-                    if v not in (None, {}, []) and not (isinstance(v, dict) and v in result):
+            value = item.build(ctx, out, (where, len(result)))
+            if item.spreads:
+                for v in value or ():
+                    if v is not None and (v or type(v) not in _CONTAINERS) and not (type(v) is dict and v in result):
                         result.append(v)
-            elif value not in (None, {}, [], "") and not (isinstance(value, dict) and value in result):
+            elif value is not None and (value or not _EMPTY.get(type(value), False)) and \
+                    not (type(value) is dict and value in result):
                 # An object equal to one already there says nothing new (the same room in every
                 # resource group); equal texts are kept (a given name may repeat as a middle name).
                 result.append(value)
@@ -136,8 +143,15 @@ class Obj(Node):
         self.each_text = None  # the $each as written (the field each value is)
         self.value = None  # $value: the node of an object that gives one value (with $when)
 
+    @property
+    def simple(self) -> bool:
+        """Only elements: built without the checks for directives."""
+        return self.when is None and self.value is None and self.datatype is None and self.reference is None
+
     def build(self, ctx, out, where):
         if self.each is None:
+            if self.simple:
+                return self._fields(ctx, out, where)
             return self._one(ctx, out, where)
         results = []
         for item in self.each(ctx):
@@ -156,6 +170,19 @@ class Obj(Node):
         if text.startswith("$"):
             return ctx.value_label + text[1:] if ctx.value_label else None
         return text
+
+    @property
+    def spreads(self):
+        return self.each is not None
+
+    def _fields(self, ctx, out, where):
+        """An object that is only its elements (no $when, $value, $datatype, $reference)."""
+        result = {}
+        for key, node in self.fields:
+            value = node.build(ctx, out, (where, key))
+            if value is not None and (value or not _EMPTY.get(type(value), False)):
+                result[key] = value
+        return result or None
 
     def _one(self, ctx, out, where):
         if self.when is not None:
@@ -182,10 +209,10 @@ class Obj(Node):
                 base = out.reference(self.reference, inner, self.origin)
                 if base is None:
                     return None
-        result = dict(base)
+        result = dict(base) if base else {}
         for key, node in self.fields:
-            value = node.build(ctx, out, (*where, key))
-            if value not in (None, {}, [], ""):
+            value = node.build(ctx, out, (where, key))
+            if value is not None and (value or not _EMPTY.get(type(value), False)):
                 result[key] = value
         return result or None
 
@@ -205,9 +232,10 @@ class Output:
     def note(self, where, origin):
         self.origins[element_path(where)] = origin
 
-    def origin_of(self, where) -> Origin | None:
-        """The template node that produced the FHIR element at ``where`` (or its nearest parent)."""
-        key = element_path(where)
+    def origin_of(self, location: tuple) -> Origin | None:
+        """The template node that produced the FHIR element at ``location`` (element names and
+        list indexes, flat) or its nearest parent."""
+        key = tuple(str(part) for part in location if not isinstance(part, int))
         while key:
             if key in self.origins:
                 return self.origins[key]
@@ -222,8 +250,16 @@ class Output:
 
 
 def element_path(where) -> tuple:
-    """A FHIR element path without array indexes: ('Appointment', 'participant', 'status')."""
-    return tuple(str(part) for part in where if not isinstance(part, int))
+    """A FHIR element path without array indexes: ('Appointment', 'participant', 'status'), from
+    the ``where`` a build passes down: pairs (parent, key), a list index as the key, the resource
+    type at the root (``(None, 'Appointment')``). Pairs cost less than copying the whole path at
+    every element, and the flat path is only needed when something went wrong (or is tracked)."""
+    parts = []
+    while where is not None:
+        where, part = where
+        if not isinstance(part, int):
+            parts.append(str(part))
+    return tuple(reversed(parts))
 
 
 def compile_template(value, path, line, tables: set[str], what: str, segment: str | None = None,

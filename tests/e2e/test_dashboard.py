@@ -159,6 +159,7 @@ def filter_messages(browser, **values):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
+    wait_for(lambda: browser.find_element(By.ID, "f-since"))  # the page just opened may still be drawing
     for name in ("since", "until", "facility", "type", "patient", "control", "text"):
         field = browser.find_element(By.ID, f"f-{name}")
         field.clear()

@@ -118,3 +118,30 @@ def test_the_shipped_example_loads(monkeypatch):
     settings = load_settings(EXAMPLES)
     assert [l.name for l in settings.listeners] == ["mllp"]
     assert settings.journal_path == EXAMPLES / "var/journal.db"
+
+
+def test_conversion_workers_default_to_one_per_core(tmp_path):
+    import os
+
+    assert load_settings(None).converters == len(os.sched_getaffinity(0))
+    assert load_settings(write(tmp_path, "conversion:\n  workers: cores\n")).converters == len(os.sched_getaffinity(0))
+    assert load_settings(write(tmp_path, "conversion:\n  workers: 3\n")).converters == 3
+
+
+def test_conversion_nice(tmp_path):
+    assert load_settings(None).converter_nice == 10
+    assert load_settings(write(tmp_path, "conversion:\n  nice: 0\n")).converter_nice == 0
+    write(tmp_path, "conversion:\n  nice: 20\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'hl7bridge.yaml'}:2: ") and "20 is not a nice value" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0", "many", "65", "true"])
+def test_conversion_workers_must_be_a_number_of_processes(tmp_path, value):
+    write(tmp_path, f"journal:\n  path: j.db\nconversion:\n  workers: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'hl7bridge.yaml'}:4: ") and "not a number of converter processes" in message
+    assert "cores (one per core, the default) or a number from 1 to 64" in message

@@ -129,3 +129,21 @@ def test_file_sender_sets_a_torn_tail_aside_before_appending(tmp_path):
     assert [r["delivery_id"] for r in lines(out / "2026-11-28.ndjson")] == [44]
     assert sender.counters["torn_records_set_aside"] == 2
     assert (out / "2026-11-28.ndjson.torn").read_bytes().count(b"\n") == 2
+
+
+def test_one_fsync_covers_the_records_appended_before_it(tmp_path):
+    """Group commit for files: two deliveries appended, the first to wait fsyncs once and the
+    second finds its record already on disk; a record appended after that fsync needs its own."""
+    syncs = ndjson.GroupSync()
+    path = tmp_path / "2026-11-29.ndjson"
+    end_a, new = ndjson.write(path, ndjson.encode_records(1, T0, [{"n": 1}]))
+    assert new
+    syncs.created(path)
+    end_b, new = ndjson.write(path, ndjson.encode_records(2, T0, [{"n": 2}]))
+    assert not new and end_b > end_a
+    assert syncs.wait(path, end_a) is True  # fsynced the file and, as it is new, its directory
+    assert path not in syncs.new_files and syncs.durable[path] == end_b
+    assert syncs.wait(path, end_b) is False  # already covered
+    end_c, _ = ndjson.write(path, ndjson.encode_records(3, T0, [{"n": 3}]))
+    assert syncs.wait(path, end_c) is True
+    assert [json.loads(line)["delivery_id"] for line in path.read_text().splitlines()] == [1, 2, 3]

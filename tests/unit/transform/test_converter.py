@@ -92,3 +92,67 @@ def test_the_conversion_keeps_its_warnings_and_journal_show_lists_them(journal, 
                                      str(outcome.message_id)]).output
     assert "warning:                segments end with CRLF, not CR" in shown
     assert "  warning: SCH-10 unit 'm' read as minutes\n" in shown
+
+
+# -- several converters on one journal ------------------------------------------------------------
+
+
+def same_patient(count):
+    """``count`` SIUs of one patient (one ordering key at fhir-main), each its own appointment."""
+    return [SIU.replace(b"NC000123", f"NC{n:06d}".encode(), 1).replace(b"|10345^", f"|{10345 + n}^".encode(), 1)
+            for n in range(count)]
+
+
+def test_converters_map_in_parallel_but_journal_in_arrival_order(journal, project, tmp_path):
+    """Converter A holds the oldest messages; B, with later ones, maps them but waits to journal
+    them until A has, so the deliveries of one patient are queued (and sent) in arrival order. A
+    B that cannot wait gives its batch back rather than journal out of order."""
+    from engine.stamps import utc_now
+    from engine.store import open_journal
+
+    ingestor = Ingestor(journal, project=project)
+    ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(4)]
+    other = open_journal(journal.location, "normal", create=False)
+    try:
+        held = journal.claim_conversions("node/converter-1", 2, 60, utc_now())  # A has the first two
+        assert [w.id for w in held] == ids[:2]
+        stops = iter([False, False, True])
+        assert convert_pending(other, project, batch=2, worker="node/converter-2", stop=lambda: next(stops)) == 0
+        assert journal.list_deliveries() == []  # B journaled nothing, and gave its two back
+        assert convert_pending(journal, project, batch=2, worker="node/converter-1") == 2  # A: its own first
+        assert convert_pending(other, project, batch=2, worker="node/converter-2") == 2
+    finally:
+        other.close()
+    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
+    assert [d["message_id"] for d in deliveries] == ids
+    assert len({d["key"] for d in deliveries}) == 1
+
+
+def test_three_converters_share_the_work_and_convert_each_message_once(journal, project):
+    import threading
+
+    from engine.store import open_journal
+
+    ingestor = Ingestor(journal, project=project)
+    count = 3 * BATCH + 7
+    ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(count)]
+    done = {}
+
+    def converter(name):
+        own = open_journal(journal.location, "normal", create=False)
+        try:
+            total = 0
+            while own.waiting_for_conversion(1):
+                total += convert_pending(own, project, worker=name)
+            done[name] = total
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=converter, args=(f"node/converter-{n}",)) for n in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(done.values()) == count and journal.count(MAPPED) == count
+    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
+    assert [d["message_id"] for d in deliveries] == ids  # one each, queued in arrival order

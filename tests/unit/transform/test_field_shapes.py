@@ -8,11 +8,12 @@ in the America/Chicago time zone (times without an offset are read there).
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timezone
 
 import pytest
 
-from conftest import ROOT
+from conftest import EXAMPLES, ROOT
 from engine.hl7.er7 import parse
 from engine.transform import pipeline
 from engine.transform.expr import Context, DataError, compile_expression, read_dtm
@@ -220,6 +221,28 @@ def test_every_appointment_meets_app_2_and_app_3():
         "FHIR invariant app-2: an Appointment has both a start and an end, or neither (it has only a start)"]
     assert invariant_problems({"resourceType": "Appointment", "status": "waitlist"}) == []
     assert invariant_problems({"resourceType": "Appointment", "status": "booked", "start": "x", "end": "y"}) == []
+
+
+def test_app_4_a_cancelation_reason_only_on_a_cancelled_or_no_show_appointment(project, tmp_path):
+    timed = {"resourceType": "Appointment", "start": "x", "end": "y", "cancelationReason": {"text": "ill"}}
+    assert invariant_problems({**timed, "status": "cancelled"}) == invariant_problems({**timed, "status": "noshow"}) == []
+    [problem] = invariant_problems({**timed, "status": "booked"})
+    assert problem == ("FHIR invariant app-4: only a cancelled or no-show Appointment has a cancelation reason, "
+                       "and this one's status is booked") and problem.element == "cancelationReason"
+    # A mapping that gives SCH-6 whatever the status: refused per message, naming its line.
+    for part in ("routes", "mappings", "destinations"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    path = tmp_path / "mappings/resource/Appointment.yaml"
+    path.write_text(path.read_text().replace("  $when: MSH-9.2 in [S15, S16, S26]\n  $datatype: CWE\n  $from: SCH-6",
+                                             "  $datatype: CWE\n  $from: SCH-6", 1))
+    raw = (EXAMPLES / "siu_s12.hl7").read_bytes()
+    sch = next(line for line in raw.split(b"\r") if line.startswith(b"SCH|"))
+    fields = sch.split(b"|")
+    fields[6] = b"ILL^Patient ill"
+    converted = pipeline.convert(Project.load(tmp_path), pipeline.read(raw.replace(sch, b"|".join(fields), 1)))
+    assert not converted.ok
+    [problem] = [p for p in converted.problems if "app-4" in p]
+    assert f"(from {path}:" in problem and "$from: SCH-6" in problem
 
 
 # -- groups, notes, people ------------------------------------------------------------------------------
