@@ -64,13 +64,29 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
         converted.append((message_id, route_name, result, now))
     if not converted:
         return 0
-    if not in_turn(journal, converted[0][0], claimed_at + lease * 0.9, stop):
-        # The messages before these were not journaled in time (their converter died, or the
-        # engine is stopping): give these back, so that whoever converts them next (the oldest
-        # first, a dead worker's once its lease is over) journals them in order.
-        with journal.transaction():
-            journal.finish_conversions(worker, [message_id for message_id, *_ in converted])
-        return 0
+    # Journal in arrival order: a batch may have gaps (another converter's claim took a message
+    # in its middle), so each round journals the part of it that is in turn and waits for the rest.
+    deadline, pause, journaled = claimed_at + lease * 0.9, 0.001, 0
+    while converted:
+        ready = in_turn(journal, [message_id for message_id, *_ in converted])
+        if ready:
+            journaled += _journal(journal, worker, converted[:ready])
+            converted, pause = converted[ready:], 0.001
+            continue
+        if time.monotonic() >= deadline or stop():
+            # The messages before these were not journaled in time (their converter died, or the
+            # engine is stopping): give these back, so that whoever converts them next (the oldest
+            # first, a dead worker's once its lease is over) journals them in order.
+            with journal.transaction():
+                journal.finish_conversions(worker, [message_id for message_id, *_ in converted])
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    return journaled
+
+
+def _journal(journal: Journal, worker: str, converted: list) -> int:
+    """Record conversions whose claims are still ``worker``'s, in one transaction; returns how many."""
     now = utc_now()
     with journal.transaction():
         held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in converted]))
@@ -80,21 +96,16 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
     return len(held)
 
 
-def in_turn(journal: Journal, first: int, deadline: float, stop) -> bool:
-    """Wait until no message before ``first`` waits for conversion (another converter is mapping
-    it): conversions are journaled in the order the messages arrived, so their deliveries are
-    queued in that order and per-key delivery order holds however many converters there are.
-    Mapping runs in parallel; only journaling waits, and it takes a few milliseconds. False when
-    ``deadline`` (``time.monotonic``) passes or ``stop()`` says so first."""
-    pause = 0.001
-    while True:
-        oldest = journal.waiting_for_conversion(1)
-        if not oldest or oldest[0][0] >= first:
-            return True
-        if time.monotonic() >= deadline or stop():
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+def in_turn(journal: Journal, ids: list[int]) -> int:
+    """How many of ``ids`` (a batch's message IDs, ascending) may be journaled now: those before
+    the oldest message outside the batch that still waits for conversion (another converter is
+    mapping it). Conversions are journaled in the order the messages arrived, so their deliveries
+    are queued in that order and per-key delivery order holds however many converters there are.
+    Mapping runs in parallel; only journaling waits, and it takes a few milliseconds."""
+    ours = set(ids)
+    # The oldest len(ids) + 1 waiting messages hold every foreign one older than the batch's last.
+    foreign = next((row[0] for row in journal.waiting_for_conversion(len(ids) + 1) if row[0] not in ours), None)
+    return len(ids) if foreign is None else sum(1 for message_id in ids if message_id < foreign)
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER,

@@ -128,6 +128,26 @@ def test_converters_map_in_parallel_but_journal_in_arrival_order(journal, projec
     assert len({d["key"] for d in deliveries}) == 1
 
 
+def test_a_batch_with_a_gap_journals_what_is_in_turn_and_waits_for_the_rest(journal, project):
+    """Two converters claiming at once can each get a batch with the other's message in its middle
+    (SKIP LOCKED passes over a row being claimed): a holds 1 and 3, b holds 2. a journals 1, not 3
+    before 2, so the deliveries stay in arrival order."""
+    from engine.stamps import utc_now
+
+    ingestor = Ingestor(journal, project=project)
+    ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(3)]
+    assert [w.id for w in journal.claim_conversions("node/other", 1, 60, utc_now())] == ids[:1]
+    assert [w.id for w in journal.claim_conversions("node/converter-2", 1, 60, utc_now())] == ids[1:2]
+    with journal.transaction():
+        journal.finish_conversions("node/other", ids[:1])  # 1 is free again; 2 stays b's
+    stops = iter([True])
+    assert convert_pending(journal, project, batch=2, worker="node/converter-1", stop=lambda: next(stops)) == 1
+    assert [d["message_id"] for d in journal.list_deliveries()] == ids[:1]  # 1 journaled, 3 given back
+    assert convert_pending(journal, project, batch=2, worker="node/converter-2") == 2  # b: 2, then 3
+    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
+    assert [d["message_id"] for d in deliveries] == ids
+
+
 def test_three_converters_share_the_work_and_convert_each_message_once(journal, project):
     import threading
 
