@@ -77,6 +77,17 @@ def examples() -> Path:
     return EXAMPLES
 
 
+def terminate(process: subprocess.Popen, grace: float):
+    """Stop an engine as an operator would (SIGTERM), killing it if it has not exited in ``grace`` s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 class EngineProcess:
     """``hl7bridge serve`` in a subprocess, listening on a free port."""
 
@@ -131,13 +142,7 @@ class EngineProcess:
         self._stderr.close()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process, 15)
         self._stderr.close()
 
     def log(self) -> str:

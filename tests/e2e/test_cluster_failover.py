@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, HL7BRIDGE, ROOT, shipped_config
+from conftest import EXAMPLES, HL7BRIDGE, ROOT, shipped_config, terminate
 from engine.mllp.client import MLLPClient
 from engine.store import open_journal
 from pgserver import free_port
@@ -75,13 +75,8 @@ class Node:
         self.process.wait(10)
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process, 20)
 
 
 def node_config(directory: Path, fhir_base: str) -> Path:
