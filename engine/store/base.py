@@ -312,6 +312,11 @@ class Journal(ABC):
         [(id, raw, charset, route)]. A read: workers take work with ``claim_conversions``."""
 
     @abstractmethod
+    def waiting_ids(self, limit: int) -> list[int]:
+        """The IDs of the oldest ``limit`` messages waiting for conversion, oldest first: what a
+        converter polls (is there work? is its batch in turn?) without reading the messages."""
+
+    @abstractmethod
     def claim_conversions(self, worker: str, limit: int, lease: float, now: datetime) -> list[Waiting]:
         """Claim up to ``limit`` messages waiting for conversion, oldest first, for ``lease``
         seconds, in one transaction of its own: those nobody holds, those whose claim expired,

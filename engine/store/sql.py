@@ -182,6 +182,10 @@ class SqlJournal(ReconcileQueries, Journal):
         return self._all("SELECT id, raw, charset, route FROM messages WHERE status = 'accepted' AND route IS NOT NULL "
                          "ORDER BY id LIMIT ?", limit)
 
+    def waiting_ids(self, limit: int) -> list[int]:
+        return [row[0] for row in self._all("SELECT id FROM messages WHERE status = 'accepted' AND route IS NOT NULL "
+                                            "ORDER BY id LIMIT ?", limit)]
+
     def claim_conversions(self, worker: str, limit: int, lease: float, now: datetime) -> list[Waiting]:
         stamp, until = iso(now), iso(now + timedelta(seconds=lease))
         with self.transaction():

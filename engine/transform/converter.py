@@ -46,7 +46,7 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
     """Claim up to ``batch`` waiting messages, convert them and journal the results (those whose
     claim was still ``worker``'s) once every message before them is journaled; returns how many
     were journaled. ``stop`` says when to give up waiting for the messages before them."""
-    if not journal.waiting_for_conversion(1):
+    if not journal.waiting_ids(1):
         return 0  # a read: an idle converter does not take the write lock from the engine to find nothing
     claimed_at = time.monotonic()
     waiting = journal.claim_conversions(worker, batch, lease, utc_now())
@@ -104,7 +104,7 @@ def in_turn(journal: Journal, ids: list[int]) -> int:
     Mapping runs in parallel; only journaling waits, and it takes a few milliseconds."""
     ours = set(ids)
     # The oldest len(ids) + 1 waiting messages hold every foreign one older than the batch's last.
-    foreign = next((row[0] for row in journal.waiting_for_conversion(len(ids) + 1) if row[0] not in ours), None)
+    foreign = next((message_id for message_id in journal.waiting_ids(len(ids) + 1) if message_id not in ours), None)
     return len(ids) if foreign is None else sum(1 for message_id in ids if message_id < foreign)
 
 
