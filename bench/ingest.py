@@ -47,8 +47,12 @@ Scenarios, for each server:
 Every message is the same SIU^S12 (``../shared/corpus/microsoft-FHIR-Converter/SIU-S12-01.hl7``,
 3.5 KB, or ``examples/siu_s12.hl7`` when the corpus is not beside the clone) with LF line ends
 turned into CR segment terminators and MSH-10 rewritten to a unique control ID per message, so
-hl7bridge's duplicate detection on (MSH-4, MSH-10) never fires. Every ACK's MSA-1 must be AA;
-anything else is counted and reported.
+hl7bridge's duplicate detection on (MSH-4, MSH-10) never fires. The same ID goes into SCH-2, the
+filler appointment ID, so each message books an appointment of its own, as in a real feed (until
+2026-11-29 it did not, and every message was one more event of one appointment, whose
+scheduling-to-cash state the converters worked out again from all its events: the converters'
+journal writes slowed down as a run went on). Every ACK's MSA-1 must be AA; anything else is
+counted and reported.
 
 The load generator drives every connection closed-loop (or on its schedule) from
 ``--processes`` worker processes (default: one less than the CPUs, at least 1), each multiplexing
@@ -129,19 +133,30 @@ now_ns = time.perf_counter_ns
 
 @dataclass(frozen=True)
 class Template:
-    """The message split around MSH-10, so a unique control ID costs one concatenation per send."""
+    """The message split around MSH-10, so a unique control ID costs one concatenation per send.
+
+    The control ID also goes into SCH-2 (the filler appointment ID), when the message has one:
+    every message is then a new appointment, as in a real feed. With SCH-2 left as it was, every
+    message would be one more event of a single appointment, and the scheduling-to-cash record
+    (which reads an appointment's events to work out its state) would slow down as the run went
+    on, which no feed does to it."""
 
     source: Path
     head: bytes  # start block + everything before MSH-10
     tail: bytes  # everything after MSH-10 + end block
     original_control_id: str
+    appointment_at: int = -1  # where SCH-2 starts in tail (-1: no SCH-2)
+    appointment_length: int = 0
 
     @property
     def size(self) -> int:
         return len(self.head) + len(self.tail) - 3 + len(self.original_control_id)
 
     def frame(self, control_id: bytes) -> bytes:
-        return self.head + control_id + self.tail
+        if self.appointment_at < 0:
+            return self.head + control_id + self.tail
+        at, end = self.appointment_at, self.appointment_at + self.appointment_length
+        return self.head + control_id + self.tail[:at] + control_id + self.tail[end:]
 
 
 def load_template() -> Template:
@@ -160,7 +175,15 @@ def load_template() -> Template:
         sys.exit(f"{source}: MSH has no MSH-10")
     start = len(field_sep.join(fields[:9])) + 1
     end = start + len(fields[9])
-    return Template(source, START_BLOCK + message[:start], message[end:] + FRAME_END, fields[9].decode())
+    tail = message[end:] + FRAME_END
+    appointment_at, appointment_length = -1, 0
+    sch = tail.find(b"\rSCH" + field_sep)
+    if sch >= 0:
+        sch_fields = tail[sch + 1 : tail.index(b"\r", sch + 1)].split(field_sep)
+        if len(sch_fields) > 2 and sch_fields[2]:
+            appointment_at = sch + 1 + len(field_sep.join(sch_fields[:2])) + 1
+            appointment_length = len(sch_fields[2])
+    return Template(source, START_BLOCK + message[:start], tail, fields[9].decode(), appointment_at, appointment_length)
 
 
 def ack_code(ack: bytes) -> str:
@@ -433,8 +456,14 @@ class ServerProcess:
     """A server under test in a subprocess: started, its port read from stdout, stopped by SIGTERM."""
 
     def __init__(self, name: str, workdir: Path, cpus: set[int] | None = None, config: Path | None = None,
-                 engine_root: Path = ROOT):
+                 engine_root: Path = ROOT, profile: Path | None = None, locks_only: bool = False):
         self.name = name
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if profile is not None and name.startswith("hl7bridge"):
+            # engine.profiling: cProfile of the reactor, the writer thread and each converter, and
+            # every journal connection's write-lock waits, written when the engine stops.
+            self.env["HL7BRIDGE_PROFILE"] = str(profile.resolve() / name)
+            self.env["HL7BRIDGE_PROFILE_CPU"] = "0" if locks_only else "1"
         self.cpus = cpus
         self.workdir = workdir
         self.store: Path | None = None  # the SQLite file whose rows are counted afterwards
@@ -467,7 +496,7 @@ class ServerProcess:
         # so the pipe cannot fill up and block them after we stop reading it.
         self.process = subprocess.Popen(
             self.args, cwd=self.cwd, stdout=subprocess.PIPE, stderr=self._stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=self.env,
             preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         ready = re.compile(rb"ready on 127\.0\.0\.1:(\d+)")
@@ -629,6 +658,12 @@ def parse_args(argv):
     parser.add_argument("--before", type=Path, metavar="DIR",
                         help="also run the engine of another checkout (say, main in a temporary git worktree), "
                              "as hl7bridge-before, in the same run")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="profile hl7bridge (HL7BRIDGE_PROFILE): DIR/hl7bridge/ gets cProfile files of its "
+                             "reactor, journal writer and converters, and their write-lock waits as JSON. "
+                             "Profiling slows it down: take the figures from a run without it, or with --locks-only")
+    parser.add_argument("--locks-only", action="store_true",
+                        help="with --profile: only the write-lock figures, no cProfile (timings stay true)")
     parser.add_argument("--hl7bridge-config", type=Path, metavar="DIR",
                         help="config directory for hl7bridge (e.g. one whose hl7bridge.yaml sets journal.synchronous: normal)")
     return parser.parse_args(argv)
@@ -641,7 +676,8 @@ def bench_server(name: str, args, template: Template, workdir: Path, cpus) -> tu
     a failed row, and the results so far are kept.
     """
     server = ServerProcess(name, workdir, cpus, config=args.hl7bridge_config if name.startswith("hl7bridge") else None,
-                           engine_root=args.before.resolve() if name == "hl7bridge-before" else ROOT)
+                           engine_root=args.before.resolve() if name == "hl7bridge-before" else ROOT,
+                           profile=args.profile, locks_only=args.locks_only)
     port = server.start()
     print(f"{name}: listening on 127.0.0.1:{port} (pid {server.process.pid})", flush=True)
     plans = [Plan(f"closed loop, {n} conn", tag, n, args.seconds, args.warmup) for tag, n in (("a", 1), ("b", 8))]
@@ -767,7 +803,8 @@ def main(argv=None) -> int:
     print(f"# hl7bridge MLLP ingest benchmark, {info['date']}")
     print(f"machine: {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}")
     print(f"hl7bridge: commit {info['revision']}")
-    print(f"message: {template.source}, {template.size:,} bytes with CR segment ends, MSH-10 unique per message")
+    print(f"message: {template.source}, {template.size:,} bytes with CR segment ends, MSH-10 "
+          f"{'and SCH-2 ' if template.appointment_at >= 0 else ''}unique per message")
     print(f"journals: {workroot} ({filesystem_of(workroot)})")
     placement = (f"servers on CPU {min(server_cpus)}, load generator on CPU {','.join(map(str, cpus[:-1]))}"
                  if server_cpus else "not pinned")

@@ -46,6 +46,7 @@ from ..mllp.ingest import Ingestor
 from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
 from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
+from ..profiling import ThreadProfile
 from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
@@ -462,5 +463,10 @@ def run(settings: Settings, project: Project | None = None) -> int:
 
     reactor.callWhenRunning(install_signals)
     reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
-    reactor.run()
+    profile = ThreadProfile("reactor")  # HL7BRIDGE_PROFILE (engine.profiling); nothing otherwise
+    profile.start()
+    try:
+        reactor.run()
+    finally:
+        profile.stop()
     return exit_code[0]

@@ -17,6 +17,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from ..profiling import ThreadProfile, write_figures
 from ..store import Journal, open_journal
 
 log = Logger(namespace="hl7bridge.serve")
@@ -34,6 +35,7 @@ class JournalWriter:
         self._checkpointing = None
         self._checkpoint_loop = task.LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = reactor
+        self._profile = ThreadProfile("writer")  # HL7BRIDGE_PROFILE: the writer thread's own profile
 
     def write(self, fn, *args):
         """Run ``fn(*args)`` in the writer thread; a Deferred fires with its result."""
@@ -42,6 +44,8 @@ class JournalWriter:
     def start(self):
         self._checkpoint_thread.start()
         self._thread.start()
+        if self._profile.profile is not None:
+            self.write(self._profile.start)
         if self.checkpointer is not None:
             self._checkpoint_loop.start(CHECKPOINTER_INTERVAL, now=False)
 
@@ -68,7 +72,12 @@ class JournalWriter:
         """After everything pending was written: stop the threads, close the connections."""
         self.stop_checkpoints()
         if self._thread.started:
+            if self._profile.profile is not None:
+                yield self.write(self._profile.stop)
             self._thread.stop()
+        write_figures("writer-locks", {name: journal.lock_stats.as_dict() for name, journal in
+                                       (("journal", self.journal), ("bookkeeping", self.bookkeeping))
+                                       if getattr(journal, "lock_stats", None) is not None})
         if self._checkpointing is not None:
             yield self._checkpointing
         self.close()

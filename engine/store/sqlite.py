@@ -35,6 +35,52 @@ from .sqlite_text import TextIndex, fts_query, text_index_path
 
 
 BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's transaction to end
+LOCK_BUCKETS_MS = (1, 5, 20, 100)  # LockStats' histogram edges, milliseconds
+
+
+class LockStats:
+    """How one connection's write transactions went: how many, how many had to wait for another
+    connection's write lock and for how long, how long each held it (BEGIN to COMMIT, the fsync
+    included). Two clock readings a transaction; ``HL7BRIDGE_PROFILE`` writes them out
+    (``engine.profiling``), and they say which process makes the others wait."""
+
+    def __init__(self):
+        self.transactions = 0
+        self.waited = 0  # transactions whose BEGIN found the lock taken
+        self.retries = 0  # BEGIN attempts that found it taken
+        self.wait_seconds = 0.0
+        self.max_wait = 0.0
+        self.held_seconds = 0.0
+        self.max_held = 0.0
+        self.wait_histogram = [0] * (len(LOCK_BUCKETS_MS) + 1)
+        self.held_histogram = [0] * (len(LOCK_BUCKETS_MS) + 1)
+
+    @staticmethod
+    def _bucket(seconds: float) -> int:
+        ms = seconds * 1000
+        return next((n for n, edge in enumerate(LOCK_BUCKETS_MS) if ms < edge), len(LOCK_BUCKETS_MS))
+
+    def began(self, waited: float, retries: int):
+        self.transactions += 1
+        if retries:
+            self.waited += 1
+            self.retries += retries
+            self.wait_seconds += waited
+            self.max_wait = max(self.max_wait, waited)
+            self.wait_histogram[self._bucket(waited)] += 1
+
+    def ended(self, held: float):
+        self.held_seconds += held
+        self.max_held = max(self.max_held, held)
+        self.held_histogram[self._bucket(held)] += 1
+
+    def as_dict(self) -> dict:
+        edges = [f"<{edge} ms" for edge in LOCK_BUCKETS_MS] + [f">={LOCK_BUCKETS_MS[-1]} ms"]
+        return {"transactions": self.transactions, "waited": self.waited, "retries": self.retries,
+                "wait_ms_total": round(self.wait_seconds * 1000, 3), "wait_ms_max": round(self.max_wait * 1000, 3),
+                "held_ms_total": round(self.held_seconds * 1000, 3), "held_ms_max": round(self.max_held * 1000, 3),
+                "wait_histogram": dict(zip(edges, self.wait_histogram)),
+                "held_histogram": dict(zip(edges, self.held_histogram))}
 
 
 class SqliteJournal(SqlJournal):
@@ -63,6 +109,7 @@ class SqliteJournal(SqlJournal):
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
+        self.lock_stats = LockStats()
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not readonly:
             if create:
@@ -264,12 +311,15 @@ class SqliteJournal(SqlJournal):
             yield self
             return
         self._begin()
+        began = time.monotonic()
         try:
             yield self
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self.lock_stats.ended(time.monotonic() - began)
             raise
         self.conn.execute("COMMIT")
+        self.lock_stats.ended(time.monotonic() - began)
 
     def _begin(self):
         """BEGIN IMMEDIATE, asking again every half millisecond while another connection writes.
@@ -279,14 +329,17 @@ class SqliteJournal(SqlJournal):
         as long as the load lasts) or sleep far past its turn (an ACK waits 100 ms)."""
         self.conn.execute("PRAGMA busy_timeout = 0")
         try:
-            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            start = time.monotonic()
+            deadline, retries = start + BUSY_TIMEOUT_MS / 1000, 0
             while True:
                 try:
                     self.conn.execute("BEGIN IMMEDIATE")
+                    self.lock_stats.began(time.monotonic() - start, retries)
                     return
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) or time.monotonic() > deadline:
                         raise
+                    retries += 1
                     time.sleep(0.0005)
         finally:
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

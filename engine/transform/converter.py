@@ -28,6 +28,7 @@ import sys
 import time
 
 from ..errors import ConfigError, ParseError
+from ..profiling import ThreadProfile, write_figures
 from ..stamps import iso, utc_now
 from ..store import open_journal
 from ..store.base import MAPPING_ERROR, Journal
@@ -119,6 +120,8 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
     # Not synchronous: if a power cut loses the last conversions, those messages are still
     # 'accepted' with a route, so they are simply converted again.
     journal = open_journal(journal_path, "normal", create=False)
+    profile = ThreadProfile(worker.rsplit("/", 1)[-1])  # HL7BRIDGE_PROFILE (engine.profiling)
+    profile.start()
     try:
         while not signals.stop:
             if signals.take_reload():
@@ -132,6 +135,9 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
             if done < BATCH:
                 time.sleep(interval)
     finally:
+        profile.stop()
+        if getattr(journal, "lock_stats", None) is not None:
+            write_figures(f"{worker.rsplit('/', 1)[-1]}-locks", journal.lock_stats.as_dict())
         journal.close()
     return 0
 
