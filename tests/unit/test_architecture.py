@@ -17,7 +17,8 @@ ENGINE = ROOT / "engine"
 # Lowest first. A module may import modules of its own package or of a lower layer, never of a
 # higher one; the foundation modules may import each other (without a cycle).
 LAYERS = [
-    ("engine", "engine.errors", "engine.stamps", "engine.yamlconf", "engine.worker"),  # foundation
+    ("engine", "engine.errors", "engine.stamps", "engine.yamlconf", "engine.worker",
+     "engine.profiling"),  # foundation
     ("engine.hl7",),
     ("engine.store",),
     ("engine.reconcile",),
