@@ -9,9 +9,10 @@ WORKER_NICENESS = 10  # the engine's own work (ACKs) comes first
 
 
 class WorkerSignals:
-    """SIGTERM/SIGINT ask the worker to stop after its current batch; SIGHUP asks it to reload."""
+    """SIGTERM/SIGINT ask the worker to stop after its current batch; SIGHUP asks it to reload.
+    The worker runs ``nice`` steps below the engine (os.nice adds up: it is applied here once)."""
 
-    def __init__(self, parent: int | None = None):
+    def __init__(self, parent: int | None = None, nice: int = WORKER_NICENESS):
         self.stop = False
         self.reload = False
         signal.signal(signal.SIGTERM, self._stop)
@@ -22,10 +23,11 @@ class WorkerSignals:
             # The engine may have died while we were still importing: then there is nobody to serve.
             if parent_gone(parent):
                 self.stop = True
-        try:
-            os.nice(WORKER_NICENESS)
-        except OSError:
-            pass
+        if nice:
+            try:
+                os.nice(nice)
+            except OSError:
+                pass
 
     def _stop(self, *_):
         self.stop = True

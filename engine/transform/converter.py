@@ -111,11 +111,10 @@ def in_turn(journal: Journal, ids: list[int]) -> int:
 
 def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER,
         nice: int = 0) -> int:
-    if nice:
-        # Below the engine: on a busy machine its reactor and journal writer, on which every ACK
-        # waits, get a core first, and the converters take what is left.
-        os.nice(nice)
-    signals = WorkerSignals(parent)
+    # Below the engine: on a busy machine its reactor and journal writer, on which every ACK waits,
+    # get a core first, and the converters take what is left. (WorkerSignals applies it; applied
+    # here as well, the converters ran at 19 whatever conversion.nice said.)
+    signals = WorkerSignals(parent, nice)
     project = Project.load(config)
     # Not synchronous: if a power cut loses the last conversions, those messages are still
     # 'accepted' with a route, so they are simply converted again.

@@ -176,3 +176,38 @@ def test_three_converters_share_the_work_and_convert_each_message_once(journal, 
     assert sum(done.values()) == count and journal.count(MAPPED) == count
     deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
     assert [d["message_id"] for d in deliveries] == ids  # one each, queued in arrival order
+
+
+@pytest.mark.parametrize("nice", [0, 4])
+def test_a_converter_process_runs_conversion_nice_steps_below_its_parent(tmp_path, nice):
+    """conversion.nice is the whole difference from the engine: it was applied twice (once by the
+    worker's signals, once by the converter), so the converters ran at 19 whatever it said, and
+    one that held the journal's write lock got the CPU back last, while every ACK waited."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.store import open_journal
+
+    open_journal(tmp_path / "journal.db").close()
+    # A child of this process starts the converter and, once the converter has the journal open
+    # (it sets its priority before that), reports its own niceness and the converter's.
+    script = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'engine.transform.converter', sys.argv[1], '--config', "
+        "sys.argv[2], '--nice', sys.argv[3], '--parent', str(os.getpid())])\n"
+        "def opened():\n"
+        "    try:\n"
+        "        return any(os.readlink(f'/proc/{child.pid}/fd/{fd}') == sys.argv[1] "
+        "for fd in os.listdir(f'/proc/{child.pid}/fd'))\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "while not opened() and child.poll() is None:\n"
+        "    time.sleep(0.01)\n"
+        "print(os.nice(0), open(f'/proc/{child.pid}/stat').read().rsplit(')', 1)[1].split()[16])\n"
+        "child.terminate(); child.wait()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "journal.db"), str(ROOT), str(nice)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    own, converter = map(int, done.stdout.split())
+    assert converter - own == nice, done.stderr
