@@ -136,7 +136,7 @@ class Engine:
         self._files = ThreadPool(minthreads=0, maxthreads=FILE_THREADS, name="hl7bridge-file-destinations")
         self.committer = GroupCommit(
             self.ingestor, reactor, self.counters,
-            run_commit=self.writer.write,
+            run_commit=self.writer.write_first,  # ahead of bookkeeping: ACKs wait on it
             checkpoint_interval=CHECKPOINT_INTERVAL,
             run_mapping=self._in(self._mapping),
         )
