@@ -36,7 +36,14 @@ from ..worker import WorkerSignals, parent_gone
 from . import pipeline
 from .project import Project
 
-BATCH = 10  # a short write transaction, so the engine's own commits never wait long
+BATCH = 10  # messages claimed and mapped at a time
+# Conversions journaled per write transaction: the engine's next ingest commit (and its ACKs) may
+# be waiting for SQLite's write lock, and a converter runs at a lower priority, so the CPU may be
+# taken from it while it holds the lock. Two messages' rows (about 20 statements) keep that
+# window short; between its transactions a converter pauses for YIELD seconds, longer than the
+# engine writer's half-millisecond between asks, so a waiting ingest commit goes next.
+JOURNAL_CHUNK = 2
+YIELD = 0.001
 LEASE = 60.0  # seconds a claimed batch is this converter's; mapping 10 messages takes well under one
 DEFAULT_WORKER = "converter"
 JOURNAL_VARIABLE = "HL7BRIDGE_JOURNAL"
@@ -87,14 +94,22 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
 
 
 def _journal(journal: Journal, worker: str, converted: list) -> int:
-    """Record conversions whose claims are still ``worker``'s, in one transaction; returns how many."""
-    now = utc_now()
-    with journal.transaction():
-        held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in converted]))
-        for message_id, route_name, result, converted_at in converted:
-            if message_id in held:
-                pipeline.record(journal, message_id, result, converted_at, now, update_status=True, route_name=route_name)
-    return len(held)
+    """Record conversions whose claims are still ``worker``'s, ``JOURNAL_CHUNK`` to a
+    transaction, in order, pausing between transactions; returns how many."""
+    journaled = 0
+    for start in range(0, len(converted), JOURNAL_CHUNK):
+        if start:
+            time.sleep(YIELD)  # the engine's ingest commit, if it waits for the lock, goes now
+        chunk = converted[start : start + JOURNAL_CHUNK]
+        now = utc_now()
+        with journal.transaction():
+            held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in chunk]))
+            for message_id, route_name, result, converted_at in chunk:
+                if message_id in held:
+                    pipeline.record(journal, message_id, result, converted_at, now, update_status=True,
+                                    route_name=route_name)
+        journaled += len(held)
+    return journaled
 
 
 def in_turn(journal: Journal, ids: list[int]) -> int:

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from backends import backend, journal, journal_location  # noqa: F401 (these tests run on both backends)
+from backends import backend, journal, journal_location, sqlite_journal  # noqa: F401 (both backends)
 from conftest import EXAMPLES, ROOT
 from engine.mllp.ingest import Frame, Ingestor
 from engine.store.base import ACCEPTED, MAPPED, MAPPING_ERROR
@@ -211,3 +211,31 @@ def test_a_converter_process_runs_conversion_nice_steps_below_its_parent(tmp_pat
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     own, converter = map(int, done.stdout.split())
     assert converter - own == nice, done.stderr
+
+
+def test_a_converter_journals_a_few_conversions_per_write_transaction(sqlite_journal, project):
+    """The engine's ingest commits wait for SQLite's one write lock while a converter holds it: a
+    converter journals a batch JOURNAL_CHUNK conversions to a transaction, in arrival order."""
+    from engine.transform.converter import JOURNAL_CHUNK
+
+    ids = [o.message_id for o in receive(sqlite_journal, project, SIU, count=BATCH)]
+    transactions, current = [], None
+
+    def trace(statement):
+        nonlocal current
+        if statement.startswith("BEGIN"):
+            current = []
+        elif statement == "COMMIT":
+            transactions.append(current)
+            current = None
+        elif current is not None and statement.startswith("INSERT INTO conversions"):
+            current.append(statement)
+
+    sqlite_journal.conn.set_trace_callback(trace)
+    try:
+        assert convert_pending(sqlite_journal, project) == BATCH
+    finally:
+        sqlite_journal.conn.set_trace_callback(None)
+    conversions = [len(t) for t in transactions if t]
+    assert sum(conversions) == BATCH and max(conversions) == JOURNAL_CHUNK < BATCH
+    assert [d["message_id"] for d in sorted(sqlite_journal.list_deliveries(), key=lambda d: d["id"])] == ids
