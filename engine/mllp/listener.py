@@ -27,6 +27,14 @@ from .ingest import AcceptPolicy, Frame, Ingestor, Outcome, Prepared
 
 log = Logger(namespace="hl7bridge.listener")
 NORMAL_STATUSES = ("accepted", "mapped")  # logged at debug level; everything else at warn
+# Group commit (GroupCommit): a connection whose next frame came within QUICK seconds of its ACK
+# is a busy sender (it has a queue, and sends the next message as soon as it is answered). Once
+# such connections have been answered, the next batch waits for them to send again, at most
+# MAX_HOLD seconds and at most HOLD_SHARE of the recent commit time, so one fsync covers them all.
+QUICK = 0.002
+MAX_HOLD = 0.002
+HOLD_SHARE = 0.5
+FORGET_ANSWERED = 1.0  # seconds after which an answered connection that sent nothing is forgotten
 
 
 @dataclass
@@ -75,6 +83,14 @@ class GroupCommit:
 
     A frame whose route ACKs after mapping is mapped through ``run_mapping`` first (in ``serve``,
     a thread pool) and joins the batch that is filling when its mapping is done.
+
+    Busy senders are waited for: with eight connections each sending its next message as soon as
+    it has the ACK, batches taken as they come settle into two halves (one filling while the
+    other commits), four messages an fsync. So once the connections of a batch that answered
+    quickly last time (``QUICK``) are answered, the next batch waits until they have all sent
+    again, or ``MAX_HOLD`` (at most ``HOLD_SHARE`` of the recent commit time: where an fsync is
+    cheap there is nothing to gain), and one commit takes them all. A frame from any other
+    connection never holds a batch: a lone sender, or a paced one, is answered at once.
     """
 
     def __init__(self, ingestor: Ingestor, clock, counters: Counters | None = None, run_commit=None,
@@ -89,7 +105,15 @@ class GroupCommit:
         self._pending: list[tuple[Prepared, defer.Deferred]] = []
         self._mapping: set[defer.Deferred] = set()  # frames being mapped before their ACK
         self._scheduled = None
+        self._holding = False  # _scheduled is a timed flush, waiting for busy senders
         self._committing = None  # the Deferred of the batch being committed
+        self._flush_started = 0.0
+        self.commit_seconds = 0.0  # recent commit time (moving average)
+        self._answered: dict[tuple[str, str], float] = {}  # connection -> when its ACK went out
+        self._quick: set[tuple[str, str]] = set()  # connections that sent again within QUICK of their ACK
+        self._awaited: set[tuple[str, str]] = set()  # quick connections answered, not back yet
+        self.batches = 0  # commits and the frames they held: frames / batches is the batch size
+        self.batched_frames = 0
         # With a journal opened with manual_checkpoints, how often (seconds) to checkpoint.
         self.checkpoint_interval = checkpoint_interval
         self._last_checkpoint = clock.seconds()
@@ -116,8 +140,32 @@ class GroupCommit:
 
     def _enqueue(self, prepared: Prepared, d: defer.Deferred):
         self._pending.append((prepared, d))
-        if self._scheduled is None and self._committing is None:
+        key = (prepared.frame.listener, prepared.frame.peer)
+        answered = self._answered.pop(key, None)
+        if answered is not None:
+            if self.clock.seconds() - answered <= QUICK:
+                self._quick.add(key)
+            else:
+                self._quick.discard(key)
+        self._awaited.discard(key)
+        if self._committing is None:
+            self._schedule_flush()
+
+    def _schedule_flush(self):
+        """With frames pending and no commit running: flush at the end of this turn of the
+        reactor (frames from other connections join), or, while answered busy senders have not
+        sent again, when they have or the hold is over."""
+        if self._awaited:
+            if self._scheduled is None:
+                self._holding = True
+                self._scheduled = self.clock.callLater(min(MAX_HOLD, self.commit_seconds * HOLD_SHARE), self._flush)
+            return
+        if self._scheduled is not None and self._holding:
+            self._scheduled.cancel()  # everyone awaited is here: no need to wait out the hold
+            self._scheduled = None
+        if self._scheduled is None:
             # Wait for the rest of this turn of the reactor: frames from other connections join.
+            self._holding = False
             self._scheduled = self.clock.callLater(0, self._flush)
 
     @defer.inlineCallbacks
@@ -138,6 +186,8 @@ class GroupCommit:
         if self._committing is not None or not self._pending:
             return
         batch, self._pending = self._pending, []
+        self._awaited.clear()  # whoever is not back yet joins a later batch
+        self._flush_started = self.clock.seconds()
         # The commit may finish synchronously (and start the next one from _committed), so mark
         # this one with a token and keep its Deferred only if it is still the one running.
         token = object()
@@ -155,6 +205,11 @@ class GroupCommit:
 
     def _committed(self, outcomes, batch):
         self._committing = None
+        now = self.clock.seconds()
+        self.commit_seconds = 0.8 * self.commit_seconds + 0.2 * (now - self._flush_started)
+        self.batches += 1
+        self.batched_frames += len(batch)
+        self._note_answered(batch, now)
         for (_, d), outcome in zip(batch, outcomes):
             self.counters.count(outcome)
             d.callback(outcome)
@@ -165,8 +220,23 @@ class GroupCommit:
                 self._last_checkpoint = now
                 self._checkpoint()
                 return
-        # Frames that arrived during the commit go next, at once.
-        self._flush()
+        # Frames that arrived during the commit go next: at once, or with the busy senders just
+        # answered, once they have sent again.
+        if self._pending:
+            self._schedule_flush()
+
+    def _note_answered(self, batch, now: float):
+        """The connections of a committed batch are being answered now: the quick ones are awaited."""
+        if self._answered:
+            stale = [key for key, at in self._answered.items() if now - at > FORGET_ANSWERED]
+            for key in stale:  # gone quiet, or closed
+                del self._answered[key]
+                self._quick.discard(key)
+        for prepared, _ in batch:
+            key = (prepared.frame.listener, prepared.frame.peer)
+            self._answered[key] = now
+            if key in self._quick:
+                self._awaited.add(key)
 
     def _checkpoint(self):
         token = object()
@@ -179,7 +249,8 @@ class GroupCommit:
 
     def _checkpointed(self, _):
         self._committing = None
-        self._flush()
+        if self._pending:
+            self._schedule_flush()
 
 
 # OpenSSL's reason for a failed handshake -> (a code for /metrics, what it means for the operator).

@@ -46,7 +46,7 @@ from ..mllp.ingest import Ingestor
 from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
 from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
-from ..profiling import ThreadProfile
+from ..profiling import ThreadProfile, write_figures
 from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
@@ -327,6 +327,10 @@ class Engine:
             yield self.metrics_port.stopListening()
         yield self.dispatcher.stop()
         yield self.committer.drain()
+        c = self.committer
+        write_figures("group-commit", {"batches": c.batches, "frames": c.batched_frames,
+                                       "frames_per_batch": round(c.batched_frames / max(1, c.batches), 2),
+                                       "commit_ms_recent": round(c.commit_seconds * 1000, 3)})
         for pool in (self._mapping, self._files):
             if pool.started:
                 pool.stop()

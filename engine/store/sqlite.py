@@ -52,6 +52,8 @@ class LockStats:
         self.max_wait = 0.0
         self.held_seconds = 0.0
         self.max_held = 0.0
+        self.commit_seconds = 0.0  # of held_seconds, in COMMIT (the WAL write, its fsync, an autocheckpoint)
+        self.max_commit = 0.0
         self.wait_histogram = [0] * (len(LOCK_BUCKETS_MS) + 1)
         self.held_histogram = [0] * (len(LOCK_BUCKETS_MS) + 1)
 
@@ -69,7 +71,9 @@ class LockStats:
             self.max_wait = max(self.max_wait, waited)
             self.wait_histogram[self._bucket(waited)] += 1
 
-    def ended(self, held: float):
+    def ended(self, held: float, commit: float = 0.0):
+        self.commit_seconds += commit
+        self.max_commit = max(self.max_commit, commit)
         self.held_seconds += held
         self.max_held = max(self.max_held, held)
         self.held_histogram[self._bucket(held)] += 1
@@ -79,6 +83,8 @@ class LockStats:
         return {"transactions": self.transactions, "waited": self.waited, "retries": self.retries,
                 "wait_ms_total": round(self.wait_seconds * 1000, 3), "wait_ms_max": round(self.max_wait * 1000, 3),
                 "held_ms_total": round(self.held_seconds * 1000, 3), "held_ms_max": round(self.max_held * 1000, 3),
+                "commit_ms_total": round(self.commit_seconds * 1000, 3),
+                "commit_ms_max": round(self.max_commit * 1000, 3),
                 "wait_histogram": dict(zip(edges, self.wait_histogram)),
                 "held_histogram": dict(zip(edges, self.held_histogram))}
 
@@ -318,8 +324,10 @@ class SqliteJournal(SqlJournal):
             self.conn.execute("ROLLBACK")
             self.lock_stats.ended(time.monotonic() - began)
             raise
+        committing = time.monotonic()
         self.conn.execute("COMMIT")
-        self.lock_stats.ended(time.monotonic() - began)
+        done = time.monotonic()
+        self.lock_stats.ended(done - began, done - committing)
 
     def _begin(self):
         """BEGIN IMMEDIATE, asking again every half millisecond while another connection writes.

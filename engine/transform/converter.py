@@ -133,7 +133,9 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
     project = Project.load(config)
     # Not synchronous: if a power cut loses the last conversions, those messages are still
     # 'accepted' with a route, so they are simply converted again.
-    journal = open_journal(journal_path, "normal", create=False)
+    # No checkpoints of its own (the engine's checkpointers copy the WAL back): one run at a commit
+    # would fsync the WAL and the database while the engine's ACK commits wait for the disk.
+    journal = open_journal(journal_path, "normal", create=False, manual_checkpoints=True)
     profile = ThreadProfile(worker.rsplit("/", 1)[-1])  # HL7BRIDGE_PROFILE (engine.profiling)
     profile.start()
     try:
