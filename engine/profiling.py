@@ -15,8 +15,10 @@ transaction, so the timings stay true.
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import os
+import time
 from pathlib import Path
 
 PROFILE_VARIABLE = "HL7BRIDGE_PROFILE"
@@ -60,3 +62,36 @@ def write_figures(name: str, figures: dict):
         return
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}-{os.getpid()}.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+class GcPauses:
+    """How long the garbage collector stopped the process, per generation (count, total and
+    longest milliseconds), while profiling is on: a full collection stops every thread, the
+    reactor and the writer included."""
+
+    def __init__(self):
+        self.pauses = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}
+        self._started = 0.0
+        self.on = profile_dir() is not None
+        if self.on:
+            gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = self.pauses[info["generation"]]
+        took = (time.perf_counter() - self._started) * 1000
+        pause[0] += 1
+        pause[1] += took
+        pause[2] = max(pause[2], took)
+
+    def as_dict(self) -> dict:
+        return {f"generation {g}": {"collections": n, "ms_total": round(total, 3), "ms_max": round(longest, 3)}
+                for g, (n, total, longest) in self.pauses.items()}
+
+    def stop(self, name: str):
+        if self.on:
+            gc.callbacks.remove(self._callback)
+            write_figures(name, self.as_dict())
+            self.on = False

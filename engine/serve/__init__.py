@@ -46,7 +46,7 @@ from ..mllp.ingest import Ingestor
 from ..mllp.listener import Counters, GroupCommit, MLLPServerFactory
 from ..ops.metrics import Histogram
 from ..ops.webapi import site_root
-from ..profiling import ThreadProfile, write_figures
+from ..profiling import GcPauses, ThreadProfile, write_figures
 from ..reconcile import report as reconcile_report
 from ..store import Journal, open_journal
 from ..transform.converter import JOURNAL_VARIABLE
@@ -468,9 +468,11 @@ def run(settings: Settings, project: Project | None = None) -> int:
     reactor.callWhenRunning(install_signals)
     reactor.callWhenRunning(lambda: engine.start().addCallbacks(started, failed))
     profile = ThreadProfile("reactor")  # HL7BRIDGE_PROFILE (engine.profiling); nothing otherwise
+    pauses = GcPauses()
     profile.start()
     try:
         reactor.run()
     finally:
         profile.stop()
+        pauses.stop("gc")
     return exit_code[0]
