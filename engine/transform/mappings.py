@@ -37,6 +37,7 @@ from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
 from . import fhirspec
+from .codegen import RECHECK, compile_mappings, compute_lets
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
                    plain, raw_selector, urn)
 from .structure import check_structure
@@ -76,6 +77,9 @@ class ResourceMapping:
     key: list = field(default_factory=list)  # getters for the ID when there is no identifier
     path: str = ""
     lets: list = field(default_factory=list)  # [(name, Expr)]: $let, in order
+    # The generated builder (``codegen``): function(ctx, out) -> body, checking the values as it
+    # goes; raises when something needs the interpreter to say what is wrong.
+    compiled: object = None
 
     def node_at(self, element: tuple) -> Node | None:
         """The template node that builds ``element`` (('code',), ('participant', 'actor')), if any."""
@@ -168,6 +172,8 @@ class MappingSet:
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
         check_structure(self)
+        for name, function in compile_mappings(self).items():
+            self.resources[name].compiled = function
         self.version = self._version()
 
     def _version(self) -> str:
@@ -467,12 +473,24 @@ class Conversion:
             return self.built[memo]
         resource_mapping = self.mappings.resources[name]
         out = Output(self.mappings, self, self.tracking)
-        where = (None, resource_mapping.resource_type)
-        if resource_mapping.lets:
-            ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
-        elif ctx.lets is not None:
-            ctx = ctx.with_lets(None)
-        body = resource_mapping.template.build(ctx, out, where) or {}
+        body, checked = None, False
+        if not self.tracking and resource_mapping.compiled is not None:
+            # The generated builder checks every value as it goes; when it gives up, the
+            # interpreter builds the resource again and fhirspec says what is wrong, and where.
+            try:
+                scoped = compute_lets(resource_mapping, ctx) if resource_mapping.lets else \
+                    (ctx.with_lets(None) if ctx.lets is not None else ctx)
+                body = resource_mapping.compiled(scoped, out) or {}
+                checked = True
+            except RECHECK:
+                body, out = None, Output(self.mappings, self, self.tracking)
+        if body is None:
+            where = (None, resource_mapping.resource_type)
+            if resource_mapping.lets:
+                ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
+            elif ctx.lets is not None:
+                ctx = ctx.with_lets(None)
+            body = resource_mapping.template.build(ctx, out, where) or {}
         self.errors.extend(out.errors)
         if not body:
             self.built[memo] = None
@@ -488,7 +506,7 @@ class Conversion:
                 "resource": resource,
                 "request": {"method": "PUT", "url": url},
             }
-            self.outputs[key] = (out, resource_mapping)
+            self.outputs[key] = (out, resource_mapping, checked)
         reference = {"reference": f"urn:uuid:{resource_id}"}
         self.built[memo] = reference
         return reference
@@ -580,15 +598,17 @@ class Conversion:
         key = ("Provenance", resource_id)
         self.entries[key] = {"fullUrl": f"urn:uuid:{resource_id}", "resource": provenance,
                              "request": {"method": "PUT", "url": f"Provenance/{resource_id}"}}
-        self.outputs[key] = (None, None)
+        self.outputs[key] = (None, None, False)
 
     def validate(self):
         """Check every resource's values (``fhirspec.problems``; the structure was checked when the
         mappings loaded), and with ``strict`` validate each with fhir.resources as well."""
         for key, entry in self.entries.items():
             resource = entry["resource"]
-            out, mapping = self.outputs[key]
-            found = [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
+            out, mapping, checked = self.outputs[key]
+            # A resource the generated builder made had its values checked as they were made.
+            found = [] if checked else \
+                [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
             if self.strict and not found:
                 checked = resource
                 if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
