@@ -598,7 +598,8 @@ class Conversion:
         key = ("Provenance", resource_id)
         self.entries[key] = {"fullUrl": f"urn:uuid:{resource_id}", "resource": provenance,
                              "request": {"method": "PUT", "url": f"Provenance/{resource_id}"}}
-        self.outputs[key] = (None, None, False)
+        # Its shape is ours and fixed; only the values taken from the message need checking.
+        self.outputs[key] = (None, None, provenance_values_valid(provenance))
 
     def validate(self):
         """Check every resource's values (``fhirspec.problems``; the structure was checked when the
@@ -651,6 +652,25 @@ class Conversion:
         }.get(kind)
         message = words or problem["msg"].replace("Value error, ", "")
         return message + (f" (from {origin})" if origin else "")
+
+
+def provenance_values_valid(provenance: dict) -> bool:
+    """Whether every value of a Provenance built by ``Conversion.provenance`` that comes from the
+    message (or could be empty) is a valid FHIR value; False sends it through ``fhirspec.problems``,
+    which says what is wrong. The rest (the targets, the agents' types, ``recorded``) is built
+    here from values that are valid by construction."""
+    checks = fhirspec.VALUE_CHECKS
+    values = [("uri", policy) for policy in provenance["policy"]]
+    values += [("string", agent["who"]["display"]) for agent in provenance["agent"]]
+    for coding in provenance.get("activity", {}).get("coding", ()):
+        values.append(("code", coding["code"]))
+    for entity in provenance.get("entity", ()):
+        identifier = entity["what"]["identifier"]
+        values += [("uri", identifier["system"]), ("string", identifier["value"]),
+                   ("string", entity["what"]["display"])]
+    if "occurredDateTime" in provenance:
+        values.append(("dateTime", provenance["occurredDateTime"]))
+    return all(checks[kind](value) is None for kind, value in values)
 
 
 class Invariant(str):
