@@ -194,3 +194,55 @@ def test_the_provenance_check_agrees_with_fhirspec(compiled, values):
     conversion.provenance(read_header(message))
     provenance = next(e["resource"] for e in conversion.entries.values() if "resource" in e)
     assert provenance_values_valid(provenance) == (fhirspec.problems(provenance) == [])
+
+
+# -- resources built once per value ---------------------------------------------------------------
+
+DFT_TWO_FT1 = ("MSH|^~\\&|A|B|C|D|20260101||DFT^P03|1|P|2.5\rPID|1||P1\r"
+               "FT1|1|T1||20260101|||C1^Code|||||||||||||DR7^Who\rNTE|1||{first}\r"
+               "FT1|2|T2||20260101|||C2^Code|||||||||||||DR7^Who\rNTE|1||{second}\r")
+
+
+def charge_mappings(directory: Path, practitioner: str) -> MappingSet:
+    write(directory, "message/DFT.yaml", "groups:\n  FT1: [NTE]\nresources:\n  - {resource: ChargeItem, from: 'FT1[*]'}\n")
+    write(directory, "resource/ChargeItem.yaml",
+          "resourceType: ChargeItem\nidentifier:\n  - value: FT1-2\nstatus: 'billable'\ncode:\n  text: FT1-7.2\n"
+          "subject:\n  $reference: Patient\n  $from: PID\nperformer:\n  - actor:\n      $reference: Practitioner\n"
+          "      $from: FT1-20\n")
+    write(directory, "resource/Patient.yaml", "resourceType: Patient\nidentifier:\n  - value: PID-3.1\n")
+    write(directory, "resource/Practitioner.yaml", practitioner)
+    return MappingSet(directory)
+
+
+def test_a_practitioner_read_only_from_its_field_is_built_once_for_every_ft1(tmp_path):
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                            "name:\n  - family: $.2\n")
+    assert mapping_set.resources["Practitioner"].reads == frozenset()
+    message = pipeline.read(DFT_TWO_FT1.format(first="a", second="b").encode())
+    conversion = Conversion(mapping_set, message, timezone.utc, now=NOW)
+    result = conversion.run(mapping_set.messages["DFT"])
+    practitioners = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
+    assert len(practitioners) == 1
+    assert [key[0] for key in conversion.built_from_value] == ["Practitioner"]
+
+
+def test_a_resource_that_reads_its_group_is_built_at_each_segment(tmp_path):
+    """The practitioner's birth date comes from the NTE of the FT1 at hand (the FT1's group): built
+    once for the first FT1 only, the second FT1's bad date would go unreported."""
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                            "birthDate: date(NTE-3)\n")
+    assert "NTE" in mapping_set.resources["Practitioner"].reads
+    message = pipeline.read(DFT_TWO_FT1.format(first="19600101", second="19601399").encode())
+    with pytest.raises(MappingError) as raised:
+        mapping_set.convert(message, "DFT")
+    assert any("month 13" in problem for problem in raised.value.problems), raised.value.problems
+
+
+def test_a_resource_without_an_identity_in_its_data_is_not_shared(tmp_path):
+    """Without an identifier or $key a resource's ID comes from its place in the message: two
+    FT1s naming the same practitioner by name only give two Practitioners, as before."""
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nname:\n  - family: $.2\n")
+    message = pipeline.read(DFT_TWO_FT1.format(first="a", second="b").encode())
+    result = mapping_set.convert(message, "DFT")
+    practitioners = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
+    assert len(practitioners) == 2
