@@ -191,10 +191,12 @@ class SqlJournal(ReconcileQueries, Journal):
         with self.transaction():
             claimed = [row[0] for row in self._all(CLAIM_CONVERSIONS_SQL.format(lock=self.SKIP_LOCKED.format(table="m")),
                                                    worker, until, stamp, worker, limit, stamp, worker)]
-            if not claimed:
-                return []
-            rows = self._all(f"SELECT id, raw, charset, route FROM messages WHERE id IN ({marks(claimed)}) ORDER BY id",
-                             *claimed)
+        if not claimed:
+            return []
+        # Read after the commit: the claims are ours and the bytes never change, so the write lock
+        # (on SQLite, the one the engine's ACK commits wait for) is not held while they are read.
+        rows = self._all(f"SELECT id, raw, charset, route FROM messages WHERE id IN ({marks(claimed)}) ORDER BY id",
+                         *claimed)
         return [Waiting(*row) for row in rows]
 
     def _renew(self, sql: str, worker: str, ids: list[int], lease: float, now: datetime) -> list[int]:
