@@ -101,8 +101,10 @@ class Engine:
     def __init__(self, settings: Settings, reactor, journal: Journal | None = None, project: Project | None = None):
         self.settings = settings
         self.reactor = reactor
+        # priority="first": the converters let the ingest connection, on which ACKs wait, take
+        # SQLite's write lock first when it waits for it (engine.store.sqlite.WaitFlag).
         self.writer = JournalWriter(reactor, journal or open_journal(
-            settings.journal_location, settings.journal_synchronous, manual_checkpoints=True))
+            settings.journal_location, settings.journal_synchronous, manual_checkpoints=True, priority="first"))
         self.project = project
         self.node = settings.node_name
         location = self.writer.journal.location

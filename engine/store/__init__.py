@@ -26,7 +26,7 @@ def is_database_url(location) -> bool:
 
 
 def open_journal(path: str | Path, synchronous: str = "full", create: bool = True,
-                 manual_checkpoints: bool = False, readonly: bool = False) -> Journal:
+                 manual_checkpoints: bool = False, readonly: bool = False, priority: str | None = None) -> Journal:
     """Open the journal at ``path``: a SQLite file (the embedded default), or a PostgreSQL
     database when ``path`` is a URL (``postgresql://user:password@host:port/db``, a cluster's
     shared journal: ``engine.store.postgres``).
@@ -34,17 +34,21 @@ def open_journal(path: str | Path, synchronous: str = "full", create: bool = Tru
     ``create`` makes the file and migrates its schema when needed; without it the journal must
     exist (FileNotFoundError otherwise). ``synchronous`` is how durable each commit is (full: on
     disk before it returns). ``manual_checkpoints``: the caller runs ``checkpoint()`` itself,
-    between batches. ``readonly``: reads only (the engine's status pages). On PostgreSQL a
-    database that cannot be reached raises OSError (``postgres.JournalUnreachable``).
+    between batches. ``readonly``: reads only (the engine's status pages). ``priority``: on
+    SQLite, "first" for the connection whose commits ACKs wait on (the engine's), "yield" for
+    connections that let it go first when it waits for the write lock (the converters);
+    PostgreSQL locks rows, not the database, and ignores it. On PostgreSQL a database that cannot
+    be reached raises OSError (``postgres.JournalUnreachable``).
     """
     if is_database_url(path):
         from .postgres import PostgresJournal
 
         return PostgresJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints,
-                               readonly=readonly)
+                               readonly=readonly, priority=priority)
     from .sqlite import SqliteJournal
 
-    return SqliteJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints, readonly=readonly)
+    return SqliteJournal(path, synchronous, create=create, manual_checkpoints=manual_checkpoints, readonly=readonly,
+                         priority=priority)
 
 
 def migrate_journal(source: str | Path, target: str, progress=None) -> dict:

@@ -106,7 +106,9 @@ class PostgresJournal(SqlJournal):
     indexes_text_apart = False
 
     def __init__(self, url: str, synchronous: str = "full", create: bool = True, manual_checkpoints: bool = False,
-                 readonly: bool = False):
+                 readonly: bool = False, priority: str | None = None):
+        # priority: SQLite's one write lock needs it (engine.store.sqlite.WaitFlag); PostgreSQL
+        # locks rows, and the converters never hold one an ingest commit needs.
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         self.location = url

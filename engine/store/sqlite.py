@@ -20,6 +20,7 @@ text through the FTS5 file, checkpoints and VACUUM.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sqlite3
 import time
@@ -35,6 +36,7 @@ from .sqlite_text import TextIndex, fts_query, text_index_path
 
 
 BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's transaction to end
+MAX_YIELD = 0.02  # the longest a yielding connection waits for a waiting priority writer (a crashed one's flag)
 LOCK_BUCKETS_MS = (1, 5, 20, 100)  # LockStats' histogram edges, milliseconds
 
 
@@ -52,6 +54,8 @@ class LockStats:
         self.max_wait = 0.0
         self.held_seconds = 0.0
         self.max_held = 0.0
+        self.yielded = 0  # transactions that first let a waiting priority writer go (WaitFlag)
+        self.yield_seconds = 0.0
         self.commit_seconds = 0.0  # of held_seconds, in COMMIT (the WAL write, its fsync, an autocheckpoint)
         self.max_commit = 0.0
         self.wait_histogram = [0] * (len(LOCK_BUCKETS_MS) + 1)
@@ -84,9 +88,64 @@ class LockStats:
                 "wait_ms_total": round(self.wait_seconds * 1000, 3), "wait_ms_max": round(self.max_wait * 1000, 3),
                 "held_ms_total": round(self.held_seconds * 1000, 3), "held_ms_max": round(self.max_held * 1000, 3),
                 "commit_ms_total": round(self.commit_seconds * 1000, 3),
+                "yielded": self.yielded, "yield_ms_total": round(self.yield_seconds * 1000, 3),
                 "commit_ms_max": round(self.max_commit * 1000, 3),
                 "wait_histogram": dict(zip(edges, self.wait_histogram)),
                 "held_histogram": dict(zip(edges, self.held_histogram))}
+
+
+class WaitFlag:
+    """One byte beside the journal (``JOURNAL-waiting``), shared through the page cache: 1 while
+    the priority writer (the engine's ingest connection, on which every ACK waits) waits for
+    SQLite's write lock. Yielding connections (the converters) do not ask for the lock while it
+    is 1, so when the holder commits, the ingest commit goes next. SQLite's lock has no queue:
+    without this, a converter that had just committed often took the lock again for its next
+    transaction before the engine's writer, which asks every half millisecond, asked again."""
+
+    def __init__(self, journal_path: Path, owner: bool):
+        self.path = Path(f"{journal_path}-waiting")
+        self.owner = owner
+        flags = os.O_RDWR | os.O_CREAT if owner else os.O_RDONLY
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            if owner:
+                os.ftruncate(fd, 1)
+                os.pwrite(fd, b"\0", 0)  # a crashed engine's flag is cleared
+            self.map = mmap.mmap(fd, 1, prot=mmap.PROT_READ | (mmap.PROT_WRITE if owner else 0))
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, journal_path: Path, owner: bool) -> "WaitFlag | None":
+        """The owner creates it; a yielding connection opens it if it is there (None otherwise:
+        no priority writer runs on this journal)."""
+        try:
+            return cls(journal_path, owner)
+        except (FileNotFoundError, ValueError, OSError):
+            if owner:
+                raise
+            return None
+
+    @property
+    def raised(self) -> bool:
+        return self.map[0] == 1
+
+    def set(self, waiting: bool):
+        self.map[0] = 1 if waiting else 0
+
+    def wait_while_raised(self, longest: float | None = None) -> float:
+        """Wait while the priority writer waits (at most ``longest`` seconds, ``MAX_YIELD`` by
+        default); how long it took."""
+        if not self.map[0]:
+            return 0.0
+        longest = MAX_YIELD if longest is None else longest
+        start = time.monotonic()
+        while self.map[0] and time.monotonic() - start < longest:
+            time.sleep(0.0002)
+        return time.monotonic() - start
+
+    def close(self):
+        self.map.close()
 
 
 class SqliteJournal(SqlJournal):
@@ -99,7 +158,7 @@ class SqliteJournal(SqlJournal):
     SECONDS_SPAN = "(julianday(substr({b}, 1, 26)) - julianday(substr({a}, 1, 26))) * 86400.0"
 
     def __init__(self, path: str | Path, synchronous: str = "full", create: bool = True,
-                 manual_checkpoints: bool = False, readonly: bool = False):
+                 manual_checkpoints: bool = False, readonly: bool = False, priority: str | None = None):
         self.path = Path(path)
         self.location = self.name = str(self.path)
         if synchronous not in SYNCHRONOUS_MODES:
@@ -128,12 +187,22 @@ class SqliteJournal(SqlJournal):
                 # The engine calls checkpoint() itself between batches, after their ACKs are out, so
                 # no commit on the ACK path pays for copying the WAL back into the database.
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # priority="first": this connection's transactions go before the yielding ones' (the
+        # engine's ingest connection); "yield": this one lets them (the converters). WaitFlag.
+        if priority not in (None, "first", "yield"):
+            raise ValueError("priority must be None, 'first' or 'yield'")
+        self.priority = priority
+        self.wait_flag = None  # opened once the schema is there
         if create and not readonly:
             self._migrate()
         self._text_attached = False
+        if priority:
+            self.wait_flag = WaitFlag.open(self.path, owner=priority == "first")
 
     def close(self):
         self.conn.close()
+        if self.wait_flag is not None:
+            self.wait_flag.close()
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -334,8 +403,18 @@ class SqliteJournal(SqlJournal):
         SQLite's own busy handler sleeps longer and longer (up to 100 ms a time): with the engine's
         writer committing every few milliseconds under load and the converters journaling beside
         it, whoever waited would lose nearly every race for the lock (a converter falls behind for
-        as long as the load lasts) or sleep far past its turn (an ACK waits 100 ms)."""
+        as long as the load lasts) or sleep far past its turn (an ACK waits 100 ms).
+
+        With a ``WaitFlag``: the priority writer raises it while it waits, and a yielding
+        connection waits while it is raised before asking, so the ingest commit goes next."""
+        flag = self.wait_flag
+        if flag is not None and self.priority == "yield":
+            waited = flag.wait_while_raised()
+            if waited:
+                self.lock_stats.yielded += 1
+                self.lock_stats.yield_seconds += waited
         self.conn.execute("PRAGMA busy_timeout = 0")
+        raised = False
         try:
             start = time.monotonic()
             deadline, retries = start + BUSY_TIMEOUT_MS / 1000, 0
@@ -348,8 +427,13 @@ class SqliteJournal(SqlJournal):
                     if "locked" not in str(exc) or time.monotonic() > deadline:
                         raise
                     retries += 1
+                    if not raised and flag is not None and self.priority == "first":
+                        flag.set(True)
+                        raised = True
                     time.sleep(0.0005)
         finally:
+            if raised:
+                flag.set(False)
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def checkpoint(self) -> tuple[int, int, int]:

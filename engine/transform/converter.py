@@ -40,10 +40,9 @@ BATCH = 10  # messages claimed and mapped at a time
 # Conversions journaled per write transaction: the engine's next ingest commit (and its ACKs) may
 # be waiting for SQLite's write lock, and a converter runs at a lower priority, so the CPU may be
 # taken from it while it holds the lock. Two messages' rows (about 20 statements) keep that
-# window short; between its transactions a converter pauses for YIELD seconds, longer than the
-# engine writer's half-millisecond between asks, so a waiting ingest commit goes next.
+# window short; before each of its transactions a converter lets a waiting ingest commit go
+# first (the journal is opened with priority="yield").
 JOURNAL_CHUNK = 2
-YIELD = 0.001
 LEASE = 60.0  # seconds a claimed batch is this converter's; mapping 10 messages takes well under one
 DEFAULT_WORKER = "converter"
 JOURNAL_VARIABLE = "HL7BRIDGE_JOURNAL"
@@ -95,11 +94,9 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
 
 def _journal(journal: Journal, worker: str, converted: list) -> int:
     """Record conversions whose claims are still ``worker``'s, ``JOURNAL_CHUNK`` to a
-    transaction, in order, pausing between transactions; returns how many."""
+    transaction, in order; returns how many."""
     journaled = 0
     for start in range(0, len(converted), JOURNAL_CHUNK):
-        if start:
-            time.sleep(YIELD)  # the engine's ingest commit, if it waits for the lock, goes now
         chunk = converted[start : start + JOURNAL_CHUNK]
         now = utc_now()
         with journal.transaction():
@@ -135,7 +132,9 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
     # 'accepted' with a route, so they are simply converted again.
     # No checkpoints of its own (the engine's checkpointers copy the WAL back): one run at a commit
     # would fsync the WAL and the database while the engine's ACK commits wait for the disk.
-    journal = open_journal(journal_path, "normal", create=False, manual_checkpoints=True)
+    # priority="yield": while the engine's ingest commit waits for SQLite's write lock, the
+    # converter does not ask for it, so the ingest commit goes next (engine.store.sqlite.WaitFlag).
+    journal = open_journal(journal_path, "normal", create=False, manual_checkpoints=True, priority="yield")
     profile = ThreadProfile(worker.rsplit("/", 1)[-1])  # HL7BRIDGE_PROFILE (engine.profiling)
     profile.start()
     try:
