@@ -299,6 +299,7 @@ class Engine:
         factory = MLLPServerFactory(listener, self.committer, self.settings.policy(listener))
         factory.ack_latency = self.ack_latency
         factory.frames_by_listener = self.frames_by_listener
+        factory.log_accepted = self.settings.log_level == "debug"
         self.factories.append((listener, factory))
         try:
             endpoint = serverFromString(self.reactor, listener.endpoint)

@@ -62,6 +62,25 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(len(commits), 1)
         self.assertEqual((len(acks(t1)), len(acks(t2))), (1, 1))
 
+    def test_the_accepted_line_is_logged_only_when_asked_for(self):
+        """serve asks for it at log level debug only: building and filtering the event cost
+        reactor time on every message."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        accepted = lambda: [e for e in events if "accepted {message_code}" in e.get("log_format", "")]  # noqa: E731
+        proto, _ = self.connect(port=1)
+        proto.dataReceived(frame(SIU))
+        self.clock.advance(0)
+        self.assertEqual(len(accepted()), 1)
+        self.factory.log_accepted = False
+        proto.dataReceived(frame(DFT))
+        self.clock.advance(0)
+        self.assertEqual(len(accepted()), 1)
+        self.assertEqual(self.journal.count(), 2)
+
     def test_garbage_frame_gets_a_reject_and_a_row(self):
         proto, transport = self.connect()
         proto.dataReceived(frame(b"\x00\x01 not hl7 \xff"))
