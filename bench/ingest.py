@@ -6,6 +6,7 @@ Run from the repository root, by hand (about a minute with the defaults)::
     .venv/bin/python bench/ingest.py --seconds 10 --json bench/results.json
     .venv/bin/python bench/ingest.py --only hl7bridge --only ceiling
     .venv/bin/python bench/ingest.py --only hl7bridge --only ceiling --before /tmp/main-worktree
+    .venv/bin/python bench/ingest.py --only hl7bridge --profile /tmp/prof --locks-only   # lock waits
 
 It needs python-hl7 (``pip install -e '.[bench]'``, or ``pip install 'hl7>=0.4.5'``) for the third
 server. Everything listens on 127.0.0.1, on a free port. Journals and server logs go to a temporary
