@@ -119,7 +119,7 @@ class Settings:
     node: str = ""  # this engine's name in the cluster, in its claims ("" : the host name)
     lease: float = 30.0  # seconds a node's claim on a delivery or a job lasts unless renewed
     converter_workers: int = 0  # converter processes (conversion.workers); 0: one per core
-    converter_nice: int = 10  # how much lower the converters' priority is than the engine's (conversion.nice)
+    converter_nice: int = 19  # how much lower the converters' priority is than the engine's (conversion.nice)
 
     @property
     def converters(self) -> int:
@@ -206,10 +206,10 @@ def load_settings(config_dir: str | Path | None = None) -> Settings:
     elif isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_CONVERTERS:
         raise conversion.error("workers", f"{workers!r} is not a number of converter processes",
                                f"cores (one per core, the default) or a number from 1 to {MAX_CONVERTERS}")
-    nice = conversion.data.get("nice", 10)
+    nice = conversion.data.get("nice", 19)
     if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
         raise conversion.error("nice", f"{nice!r} is not a nice value", "a number from 0 (the engine's own "
-                               "priority) to 19 (the lowest); 10 is the default")
+                               "priority) to 19 (the lowest, the default)")
     node = cluster.get("node", str, "")
     if node and not _NODE_NAME.match(node):
         raise cluster.error("node", f"{node!r} is not a usable node name", "letters, digits and . _ - (at most 63)")

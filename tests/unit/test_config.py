@@ -129,7 +129,7 @@ def test_conversion_workers_default_to_one_per_core(tmp_path):
 
 
 def test_conversion_nice(tmp_path):
-    assert load_settings(None).converter_nice == 10
+    assert load_settings(None).converter_nice == 19
     assert load_settings(write(tmp_path, "conversion:\n  nice: 0\n")).converter_nice == 0
     write(tmp_path, "conversion:\n  nice: 20\n")
     with pytest.raises(ConfigError) as info:
