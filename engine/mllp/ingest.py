@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from ..delivery import outbox
 from ..hl7 import charset as charsets
 from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, ack_code, ack_wanted, build_ack
 from ..hl7.assess import AcceptPolicy, Assessment, assess, join_warnings
@@ -173,7 +174,10 @@ class Ingestor:
             elif route.ack_after == "mapping":
                 return Prepared(frame, None, None, assessment.header, mapping_route=route, received=now,
                                 assessment=assessment, project=project)
-        return self._finish(frame, now, assessment, outcome, error, status, route)
+        prepared = self._finish(frame, now, assessment, outcome, error, status, route)
+        if status == ACCEPTED and route is not None:  # for a converter: its keys hold later deliveries back
+            prepared.entry.expected = outbox.expected(project.destinations_of(route), prepared.entry.ids)
+        return prepared
 
     def map_before_ack(self, prepared: Prepared) -> Prepared:
         """Map a frame whose route ACKs after mapping, and finish its row and ACK (blocking: the
@@ -217,6 +221,8 @@ class Ingestor:
                     earlier = [(o.message_id, o.entry.ack, o.ack_code, o.entry.raw) for o in seen_in_batch.get(dedupe_key, [])]
                     earlier = journaled.get(dedupe_key, []) + earlier
                     policy = self._resend(prepared, earlier) if earlier else None
+                    if entry.status != ACCEPTED:
+                        entry.expected = []  # a resend, rejected or held: not converted, holds nothing
                 message_id = self.journal.insert(entry)
                 if prepared.converted is not None:
                     pipeline.record(self.journal, message_id, prepared.converted, entry.received_at, self.clock())

@@ -101,7 +101,7 @@ def test_sqlite_journal_is_wal_and_survives_reopen(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     reopened = open_journal(path, create=False)
     assert reopened.count() == 1
     reopened.close()
