@@ -4,8 +4,10 @@
 and its ACK; for a route that ACKs after mapping, ``map_before_ack`` then runs the pipeline and
 finishes the row and the ACK (the listener runs that in a thread pool, never on the reactor).
 ``Ingestor.record`` journals a batch of prepared frames in one transaction (group commit),
-detecting duplicates (atomically across the nodes of a cluster: ``Journal.lock_keys``), and queues the deliveries of those mapped already. Only after that commit
-does the caller get the ACKs to send, so an ACK never promises a message the journal does not hold.
+detecting duplicates (atomically across the nodes of a cluster: ``Journal.lock_keys``), and queues the deliveries of those mapped already
+(those left to a converter get their expected deliveries instead, which hold their ordering keys).
+Only after that commit does the caller get the ACKs to send, so an ACK never promises a message the
+journal does not hold.
 """
 
 from __future__ import annotations
