@@ -490,7 +490,8 @@ class Journal(ABC):
 
     @abstractmethod
     def history(self, message_id: int) -> dict:
-        """What happened after ingest: {"deliveries": [... with "tries": [attempts]], "replays": [...]}."""
+        """What happened after ingest: {"deliveries": [... with "tries": [attempts]], "replays": [...]}; each
+        delivery with what holds it back as ``list_deliveries`` says it (``waits_for_message``, ...)."""
 
     @abstractmethod
     def deliveries_of(self, message_id: int) -> list[dict]:

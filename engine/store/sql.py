@@ -478,8 +478,8 @@ class SqlJournal(ReconcileQueries, Journal):
 
     def history(self, message_id: int) -> dict:
         deliveries = self._rows(
-            "SELECT id, destination, key, state, attempts, created_at, next_attempt_at, delivered_at, "
-            "last_error FROM deliveries WHERE message_id = ? ORDER BY id", message_id)
+            "SELECT d.id, d.destination, d.key, d.state, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, "
+            f"d.last_error, {WAITS_FOR} FROM deliveries d WHERE d.message_id = ? ORDER BY d.id", message_id)
         for delivery in deliveries:
             delivery["tries"] = self._rows("SELECT started_at, duration_ms, outcome, status, response FROM attempts "
                                            "WHERE delivery_id = ? ORDER BY id", delivery["id"])

@@ -98,6 +98,9 @@ def test_a_charge_mapped_before_its_ack_waits_for_the_patients_earlier_appointme
     assert listed[0]["waits_for"] == "message 1 (same key, not converted yet)"
     table = run_cli("outbox", "--journal", engine.journal).stdout.decode()
     assert "unconverted  held" in table.splitlines()[0]
+    shown = run_cli("journal", "show", "--journal", engine.journal, str(listed[0]["message_id"])).stdout.decode()
+    assert ("delivery to fhir-main: pending after 0 attempt(s)\n"
+            "  waits for message 1 (same key, not converted yet)\n") in shown
 
     signal_all(pids, signal.SIGCONT)
     wait_for(lambda: states(engine, "fhir-main") == {"S1": "delivered", "D1": "delivered", "D2": "delivered"},

@@ -11,6 +11,7 @@ from conftest import EXAMPLES, ROOT
 from engine.delivery.destinations import Destination
 from engine.delivery.outbox import OK, Result, deliveries, expected, finish, identifier_key, ordering_key, summary
 from engine.mllp.ingest import Frame, Ingestor
+from engine.ops.detail import delivery_stories
 from engine.store.base import ACCEPTED, DUPLICATE, HELD, MAPPED, MAPPING_ERROR
 from engine.transform.converter import convert_pending
 from engine.transform.project import Project
@@ -73,6 +74,8 @@ def test_a_message_waiting_for_a_converter_holds_back_a_later_one_mapped_before_
     [held] = [d for d in deliveries(journal, "fhir-main") if d["message_id"] == charge.message_id]
     assert held["waits_for"] == f"message {appointment.message_id} (same key, not converted yet)"
     assert held["key"] == FHIR_KEY
+    stories = {s["destination"]: s for s in delivery_stories(journal.history(charge.message_id))}
+    assert stories["fhir-main"]["waits_for"] == held["waits_for"] and stories["erp-finance"]["waits_for"] == ""
     assert convert_pending(journal, project) == 1
     assert [r["unconverted"] for r in summary(journal)] == [0, 0]
     assert deliver_all(journal, project, "fhir-main") == ["S1", "D1"]  # arrival order
