@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -39,7 +40,7 @@ from ..stamps import stable_id
 from . import fhirspec
 from .codegen import RECHECK, compile_mappings, compute_lets
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
-                   plain, raw_selector, urn)
+                   plain, raw_selector, tokenize, urn)
 from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
@@ -77,6 +78,14 @@ class ResourceMapping:
     key: list = field(default_factory=list)  # getters for the ID when there is no identifier
     path: str = ""
     lets: list = field(default_factory=list)  # [(name, Expr)]: $let, in order
+    # The segment kinds its expressions read (datatypes included), None when not known: a resource
+    # that reads neither the kind of the segment it is built at nor a group member is the same
+    # built at any segment of that kind, so it is built once per value (``Conversion.build``).
+    reads: frozenset | None = None
+    # Built from its value alone (it reads no segment, references no other resource), so what it
+    # gives for a value is kept across messages (``MappingSet.built_cache``): staff, places and
+    # equipment come back in message after message.
+    cacheable: bool = False
     # The generated builder (``codegen``): function(ctx, out) -> body, checking the values as it
     # goes; raises when something needs the interpreter to say what is wrong.
     compiled: object = None
@@ -136,6 +145,9 @@ class Result:
     warnings: list = field(default_factory=list)
 
 
+BUILT_CACHE_LIMIT = 20_000  # resources built from a value alone kept across messages (a few MB)
+
+
 class MappingSet:
     """Every mapping in a directory, compiled and cross-checked."""
 
@@ -146,6 +158,9 @@ class MappingSet:
         self.resources: dict[str, ResourceMapping] = {}
         self.messages: dict[str, MessageMapping] = {}
         self.version = ""
+        # (resource mapping, value, its field, separators, time zone, year two-digit years are read
+        # near) -> (body as JSON, ID and URL, warnings), for ``cacheable`` resource mappings.
+        self.built_cache: dict = {}
         self._load()
 
     # -- loading --------------------------------------------------------------------------------
@@ -241,7 +256,7 @@ class MappingSet:
                         raise ConfigError(f"$let.{name}: uses {later[0]!r}, which is defined below it", path, line,
                                           "a $let uses only the names defined above it") from None
                     raise error from None
-                lets.append((name, Expr(getter, Origin(str(path), line, f"{name}: {text}"), uses)))
+                lets.append((name, Expr(getter, Origin(str(path), line, f"{name}: {text}"), uses, text)))
         known = frozenset(n for n, _ in lets)
         key = []
         for text in data.get("$key", []) or []:
@@ -252,7 +267,11 @@ class MappingSet:
         body = type(data)({k: v for k, v in data.items() if k not in ("resourceType", "$key", "$let")})
         body.line, body.key_lines = data.line, data.key_lines
         template = compile_template(body, path, data.line, names, resource_type, segment, known)
-        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets)
+        texts = [*template.texts_read(self.datatypes), *(node.text for _, node in lets),
+                 *(data.get("$key", []) or [])]
+        reads = segment_kinds(texts)
+        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets, reads=reads,
+                               cacheable=reads == frozenset() and not references(template, self.datatypes))
 
     def _message(self, path, names) -> MessageMapping:
         data = load_yaml(path)
@@ -322,6 +341,12 @@ class MappingSet:
     def datatype(self, name):
         return self.datatypes[name]
 
+    def remember(self, key: tuple, built: tuple):
+        """Keep a resource built from a value alone; the oldest goes beyond ``BUILT_CACHE_LIMIT``."""
+        if len(self.built_cache) >= BUILT_CACHE_LIMIT:
+            self.built_cache.pop(next(iter(self.built_cache)))
+        self.built_cache[key] = built
+
     def summary(self) -> dict:
         return {kind: sorted(getattr(self, attr)) for kind, attr in
                 (("message", "messages"), ("resource", "resources"), ("datatype", "datatypes"), ("codesystem", "tables"))}
@@ -348,6 +373,33 @@ class MappingSet:
             # Again, recording where every value came from, so each problem can name its origin.
             return Conversion(self, message, zone, tracking=True, route=route, now=now, version=version,
                               strict=strict).run(message_mapping)
+
+
+def references(node: Node, datatypes: dict, seen: frozenset = frozenset()) -> bool:
+    """Whether a template (with the datatypes it uses) builds a ``$reference`` to another resource."""
+    if getattr(node, "reference", None) is not None:
+        return True
+    name = getattr(node, "datatype", None)
+    if name is not None and name in datatypes and name not in seen and references(datatypes[name], datatypes,
+                                                                                 seen | {name}):
+        return True
+    children = list(getattr(node, "items", None) or []) + [c for _, c in getattr(node, "fields", None) or []]
+    if isinstance(getattr(node, "value", None), Node):
+        children.append(node.value)
+    return any(references(child, datatypes, seen) for child in children)
+
+
+def segment_kinds(texts) -> frozenset | None:
+    """The segment kinds a set of expressions reads (``PV1-19``, ``NTE[*]``), None when one cannot
+    be read (then nothing is assumed)."""
+    kinds = set()
+    for text in texts:
+        try:
+            tokens = tokenize(str(text))
+        except ExpressionError:
+            return None
+        kinds.update(token[:3] for kind, token in tokens if kind == "path")
+    return frozenset(kinds)
 
 
 def zone_of(name: str | None):
@@ -418,6 +470,11 @@ class Conversion:
         self.entries: dict[tuple[str, str], dict] = {}
         self.outputs: dict[tuple[str, str], Output] = {}
         self.built: dict[tuple, dict | None] = {}  # (mapping, segment, value) -> reference, each built once
+        # (mapping, segment kind, value, its field) -> reference, for resources that do not depend on
+        # which segment of that kind they are built at (the practitioner of every FT1) and whose ID
+        # comes from the data: built again they would give the same resource.
+        self.built_from_value: dict[tuple, dict] = {}
+        self.group_members: frozenset = frozenset()
         self.errors: list[str] = []
         self._fingerprint = None
 
@@ -429,6 +486,7 @@ class Conversion:
 
     def run(self, mapping: MessageMapping) -> Result:
         self.ctx.groups = mapping.groups or None
+        self.group_members = frozenset().union(*mapping.groups.values()) if mapping.groups else frozenset()
         self.ctx.reference_year()  # once, before contexts are derived from this one
         header = read_header(self.message)
         for rule in mapping.rules:
@@ -472,9 +530,30 @@ class Conversion:
         if memo in self.built:
             return self.built[memo]
         resource_mapping = self.mappings.resources[name]
+        by_value = None
+        segment, reads = ctx.segment, resource_mapping.reads
+        if segment is not None and reads is not None and segment.name not in reads and \
+                reads.isdisjoint(self.group_members):
+            by_value = (name, segment.name, ctx.value, ctx.value_label)
+            if by_value in self.built_from_value:
+                self.built[memo] = reference = self.built_from_value[by_value]
+                return reference
         out = Output(self.mappings, self, self.tracking)
-        body, checked = None, False
-        if not self.tracking and resource_mapping.compiled is not None:
+        body, checked, found = None, False, None
+        cache_key = None
+        if resource_mapping.cacheable and not self.tracking and ctx.value is not None:
+            cache_key = (name, ctx.value, ctx.value_label, self.message.seps, ctx.tz, ctx.year)
+            cached = self.mappings.built_cache.get(cache_key)
+            if cached is not None:
+                body_json, found, notes = cached
+                body, checked = orjson.loads(body_json), True  # a copy of its own for this Bundle
+                for note in notes:
+                    ctx.warn(note)
+            else:
+                # Its warnings on a list of their own, to be kept with it (then added in order).
+                ctx = Context(ctx.message, ctx.segment, ctx.value, ctx.tz, ctx.tables, ctx.groups, [], ctx.lets,
+                              ctx.year, ctx.value_label)
+        if body is None and not self.tracking and resource_mapping.compiled is not None:
             # The generated builder checks every value as it goes; when it gives up, the
             # interpreter builds the resource again and fhirspec says what is wrong, and where.
             try:
@@ -492,11 +571,18 @@ class Conversion:
                 ctx = ctx.with_lets(None)
             body = resource_mapping.template.build(ctx, out, where) or {}
         self.errors.extend(out.errors)
+        if cache_key is not None and cached is None:
+            for note in ctx.notes:
+                self.ctx.warn(note)
         if not body:
             self.built[memo] = None
             return None
         resource = {"resourceType": resource_mapping.resource_type, **body}
-        resource_id, url = self.identity(resource_mapping, resource, ctx)
+        if found is None:
+            found = self.data_identity(resource_mapping, resource, ctx)
+            if cache_key is not None and found is not None and checked and not out.errors:
+                self.mappings.remember(cache_key, (orjson.dumps(body), found, tuple(ctx.notes)))
+        resource_id, url = found if found is not None else self.position_identity(resource_mapping)
         key = (resource_mapping.resource_type, resource_id)
         if key not in self.entries:
             if url.startswith(resource_mapping.resource_type + "/"):
@@ -509,6 +595,8 @@ class Conversion:
             self.outputs[key] = (out, resource_mapping, checked)
         reference = {"reference": f"urn:uuid:{resource_id}"}
         self.built[memo] = reference
+        if by_value is not None and found is not None:
+            self.built_from_value[by_value] = reference
         return reference
 
     def lets(self, mapping: ResourceMapping, ctx: Context, out: Output) -> Lets:
@@ -526,8 +614,9 @@ class Conversion:
             return None
         return self.build(name, ctx)
 
-    def identity(self, mapping: ResourceMapping, resource: dict, ctx: Context) -> tuple[str, str]:
-        """The resource's stable ID and its conditional-update URL."""
+    def data_identity(self, mapping: ResourceMapping, resource: dict, ctx: Context) -> tuple[str, str] | None:
+        """The resource's stable ID and its conditional-update URL from its data (its first
+        identifier, else its ``$key``); None when the data gives none (``position_identity``)."""
         kind = mapping.resource_type
         for identifier in resource.get("identifier", []) or []:
             value = identifier.get("value")
@@ -546,6 +635,10 @@ class Conversion:
             if any(parts):
                 resource_id = stable_id(kind, *parts)
                 return resource_id, f"{kind}/{resource_id}"
+        return None
+
+    def position_identity(self, mapping: ResourceMapping) -> tuple[str, str]:
+        kind = mapping.resource_type
         # No identity in the data: from the message's content and the resource's place in it, so
         # a resend or a replay updates in place, and no two different messages share an ID (not
         # even with the same sender and control ID, which senders do reuse).

@@ -194,3 +194,119 @@ def test_the_provenance_check_agrees_with_fhirspec(compiled, values):
     conversion.provenance(read_header(message))
     provenance = next(e["resource"] for e in conversion.entries.values() if "resource" in e)
     assert provenance_values_valid(provenance) == (fhirspec.problems(provenance) == [])
+
+
+# -- resources built once per value ---------------------------------------------------------------
+
+DFT_TWO_FT1 = ("MSH|^~\\&|A|B|C|D|20260101||DFT^P03|1|P|2.5\rPID|1||P1\r"
+               "FT1|1|T1||20260101|||C1^Code|||||||||||||DR7^Who\rNTE|1||{first}\r"
+               "FT1|2|T2||20260101|||C2^Code|||||||||||||DR7^Who\rNTE|1||{second}\r")
+
+
+def charge_mappings(directory: Path, practitioner: str) -> MappingSet:
+    write(directory, "message/DFT.yaml", "groups:\n  FT1: [NTE]\nresources:\n  - {resource: ChargeItem, from: 'FT1[*]'}\n")
+    write(directory, "resource/ChargeItem.yaml",
+          "resourceType: ChargeItem\nidentifier:\n  - value: FT1-2\nstatus: 'billable'\ncode:\n  text: FT1-7.2\n"
+          "subject:\n  $reference: Patient\n  $from: PID\nperformer:\n  - actor:\n      $reference: Practitioner\n"
+          "      $from: FT1-20\n")
+    write(directory, "resource/Patient.yaml", "resourceType: Patient\nidentifier:\n  - value: PID-3.1\n")
+    write(directory, "resource/Practitioner.yaml", practitioner)
+    return MappingSet(directory)
+
+
+def test_a_practitioner_read_only_from_its_field_is_built_once_for_every_ft1(tmp_path):
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                            "name:\n  - family: $.2\n")
+    assert mapping_set.resources["Practitioner"].reads == frozenset()
+    message = pipeline.read(DFT_TWO_FT1.format(first="a", second="b").encode())
+    conversion = Conversion(mapping_set, message, timezone.utc, now=NOW)
+    result = conversion.run(mapping_set.messages["DFT"])
+    practitioners = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
+    assert len(practitioners) == 1
+    assert [key[0] for key in conversion.built_from_value] == ["Practitioner"]
+
+
+def test_a_resource_that_reads_its_group_is_built_at_each_segment(tmp_path):
+    """The practitioner's birth date comes from the NTE of the FT1 at hand (the FT1's group): built
+    once for the first FT1 only, the second FT1's bad date would go unreported."""
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                            "birthDate: date(NTE-3)\n")
+    assert "NTE" in mapping_set.resources["Practitioner"].reads
+    message = pipeline.read(DFT_TWO_FT1.format(first="19600101", second="19601399").encode())
+    with pytest.raises(MappingError) as raised:
+        mapping_set.convert(message, "DFT")
+    assert any("month 13" in problem for problem in raised.value.problems), raised.value.problems
+
+
+def test_a_resource_without_an_identity_in_its_data_is_not_shared(tmp_path):
+    """Without an identifier or $key a resource's ID comes from its place in the message: two
+    FT1s naming the same practitioner by name only give two Practitioners, as before."""
+    mapping_set = charge_mappings(tmp_path, "resourceType: Practitioner\nname:\n  - family: $.2\n")
+    message = pipeline.read(DFT_TWO_FT1.format(first="a", second="b").encode())
+    result = mapping_set.convert(message, "DFT")
+    practitioners = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
+    assert len(practitioners) == 2
+
+
+# -- resources built from a value alone, kept across messages --------------------------------------
+
+def staff_mappings(directory: Path, practitioner: str) -> MappingSet:
+    write(directory, "message/SIU.yaml", "resources:\n  - {resource: Appointment, from: SCH}\n")
+    write(directory, "resource/Appointment.yaml",
+          "resourceType: Appointment\nidentifier:\n  - value: SCH-1.1\nstatus: 'proposed'\nparticipant:\n"
+          "  - $each: 'AIP[*]'\n    status: 'accepted'\n    actor:\n      $reference: Practitioner\n      $from: AIP-3\n")
+    write(directory, "resource/Practitioner.yaml", practitioner)
+    return MappingSet(directory)
+
+
+def siu(control: str, stamp: str = "20260101", staff: str = "DR7^Who^^^^491231") -> bytes:
+    return (f"MSH|^~\\&|A|B|C|D|{stamp}||SIU^S12|{control}|P|2.5\rSCH|{control}\r"
+            f"AIP|1||{staff}\r").encode()
+
+
+PRACTITIONER = "resourceType: Practitioner\nidentifier:\n  - value: $.1\nname:\n  - family: $.2\nbirthDate: date($.6)\n"
+
+
+def practitioner_of(result):
+    return next(e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner")
+
+
+def test_a_resource_from_a_value_alone_is_kept_and_given_with_its_warnings(tmp_path):
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    assert mapping_set.resources["Practitioner"].cacheable
+    assert not mapping_set.resources["Appointment"].cacheable  # it reads SCH and references others
+    first = mapping_set.convert(pipeline.read(siu("1")), "SIU")
+    assert len(mapping_set.built_cache) == 1
+    practitioner_of(first)["name"][0]["family"] = "changed in the first Bundle"
+    second = mapping_set.convert(pipeline.read(siu("2")), "SIU")
+    assert practitioner_of(second)["name"] == [{"family": "Who"}]  # its own copy, not the first's
+    assert practitioner_of(second)["birthDate"] == "2049-12-31"
+    warning = "AIP-3.6 '491231' has a two-digit year: read as 2049"
+    assert warning in first.warnings and warning in second.warnings
+
+
+def test_what_a_value_gives_is_kept_apart_by_the_message_year(tmp_path):
+    """A two-digit year is read near the message's own year: the same staff value in a 1990
+    message is not given what it gave in a 2026 one."""
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    recent = mapping_set.convert(pipeline.read(siu("1", "20260101")), "SIU")
+    older = mapping_set.convert(pipeline.read(siu("2", "19900101")), "SIU")
+    assert practitioner_of(recent)["birthDate"] == "2049-12-31"
+    assert practitioner_of(older)["birthDate"] == "1949-12-31"
+
+
+def test_a_bad_value_is_not_kept(tmp_path):
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    for control in ("1", "2"):
+        with pytest.raises(MappingError) as raised:
+            mapping_set.convert(pipeline.read(siu(control, staff="DR7^Who^^^^201399")), "SIU")
+        assert any("Practitioner.birthDate" in p for p in raised.value.problems)
+    assert mapping_set.built_cache == {}
+
+
+def test_a_resource_that_reads_a_segment_is_not_kept(tmp_path):
+    mapping_set = staff_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                           "name:\n  - family: $.2\n    given:\n      - MSH-4\n")
+    assert not mapping_set.resources["Practitioner"].cacheable
+    mapping_set.convert(pipeline.read(siu("1")), "SIU")
+    assert mapping_set.built_cache == {}
