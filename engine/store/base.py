@@ -354,8 +354,8 @@ class Journal(ABC):
     @abstractmethod
     def waiting_without_expected(self, after_id: int, limit: int) -> list[tuple[int, str]]:
         """(id, route) of messages waiting for conversion with no expected deliveries, after
-        ``after_id``, oldest first: those journaled before schema 8 kept them (and those whose
-        route orders nothing). A read."""
+        ``after_id``, oldest first: those journaled before schema 8, which kept none (and those
+        whose route's destinations order nothing). A read."""
 
     @abstractmethod
     def expect_deliveries(self, message_id: int, expected: list[tuple[str, str]]) -> int:

@@ -2,8 +2,8 @@
 
 Everything a message's story holds is copied with its IDs kept: messages (the exact bytes),
 identifiers, conversions, expected deliveries, deliveries, attempts, replays; free text is
-indexed on the way in. Each table goes in batches, oldest first, each batch one transaction, ``INSERT ... ON CONFLICT (key)
-DO UPDATE``: so a run that stops halfway is simply run again, and a second run after the node
+indexed on the way in. Each table goes in batches, oldest first, each batch one transaction,
+``INSERT ... ON CONFLICT (key) DO UPDATE``: so a run that stops halfway is simply run again, and a second run after the node
 went on working brings the later messages and every delivery's latest state. A row already in
 the target under the same ID but with another message (the cluster has received traffic of its
 own) stops the run before anything of that batch is written: migrate into an empty database, and

@@ -6,7 +6,8 @@ The schema is the same on both (the same tables and columns, so operators and sc
 journal): ``messages`` (one row per received frame, the exact bytes and the fields operators
 search by), ``message_ids`` (every identifier, for keyed search and ordering keys),
 ``conversions``, the outbox (``deliveries`` and their ``attempts``, and the
-``expected_deliveries`` of messages waiting for conversion), ``replays``, and the multi-worker tables: ``conversion_claims`` and ``jobs`` (see ``engine.store.base``). Times are
+``expected_deliveries`` of messages waiting for conversion), ``replays``, and the multi-worker
+tables: ``conversion_claims`` and ``jobs`` (see ``engine.store.base``). Times are
 ISO 8601 text in UTC (``engine.stamps.iso``) on both, so text order is time order and one query
 compares them on either.
 
@@ -392,12 +393,15 @@ class SqlJournal(ReconcileQueries, Journal):
             "JOIN messages w ON w.id = x.message_id WHERE w.status = 'accepted' GROUP BY x.destination")}
         if not waiting:
             return []
-        # From the few expected deliveries to the open deliveries with their keys (the open-keys index).
+        # From the few keys held (each from its oldest waiting message) to the open deliveries with
+        # them, through the open-keys index: never a walk of every pending delivery.
         held = dict(self._all(
-            "SELECT d.destination, count(DISTINCT d.id) FROM expected_deliveries x "
-            "JOIN messages w ON w.id = x.message_id AND w.status = 'accepted' "
-            "JOIN deliveries d ON d.destination = x.destination AND d.key = x.key AND d.message_id > x.message_id "
-            "AND d.state != 'delivered' AND d.state IN ('pending', 'retrying') GROUP BY d.destination"))
+            "SELECT k.destination, CAST(sum((SELECT count(*) FROM deliveries d "
+            "WHERE d.destination = k.destination AND d.key = k.key AND d.message_id > k.first "
+            "AND d.state != 'delivered' AND d.state IN ('pending', 'retrying'))) AS INTEGER) "
+            "FROM (SELECT x.destination, x.key, min(x.message_id) AS first FROM expected_deliveries x "
+            "JOIN messages w ON w.id = x.message_id WHERE w.status = 'accepted' GROUP BY x.destination, x.key) k "
+            "GROUP BY k.destination"))
         return [(destination, count, oldest, held.get(destination, 0))
                 for destination, (count, oldest) in sorted(waiting.items())]
 

@@ -71,6 +71,7 @@ def test_a_message_waiting_for_a_converter_holds_back_a_later_one_mapped_before_
     assert claim(journal, "erp-finance") == ["D1", "D2"]  # the SIU does not go to erp-finance
     [row] = [r for r in summary(journal) if r["destination"] == "fhir-main"]
     assert (row["pending"], row["unconverted"], row["held"]) == (1, 1, 1)
+    assert all(type(n) is int for row in journal.outbox_holds() for n in (row[1], row[3]))  # JSON, metrics
     [held] = [d for d in deliveries(journal, "fhir-main") if d["message_id"] == charge.message_id]
     assert held["waits_for"] == f"message {appointment.message_id} (same key, not converted yet)"
     assert held["key"] == FHIR_KEY
