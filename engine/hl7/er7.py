@@ -249,7 +249,7 @@ class Message:
     by CR, IDs repaired), for tools that are not as tolerant, such as structural validation.
     """
 
-    __slots__ = ("text", "seps", "segments", "warnings", "_by_name", "_groups")
+    __slots__ = ("text", "seps", "segments", "warnings", "_by_name", "_groups", "_scopes", "_header")
 
     def __init__(self, text: str, seps: Separators, segments: list[Segment], warnings: list[str] | None = None):
         self.text = text
@@ -258,6 +258,8 @@ class Message:
         self.warnings = warnings or []
         self._by_name = None
         self._groups = None
+        self._scopes = None  # (groups spec, {(kind, position): segments}): see ``scope``
+        self._header = None  # its Header, kept by engine.hl7.header.read_header: read once
 
     @property
     def normalized(self) -> str:
@@ -308,26 +310,45 @@ class Message:
         self._groups = (spec, found)
         return found
 
+    def scope(self, name: str, current: Segment | None = None, groups: dict | None = None) -> list[Segment]:
+        """Every segment named ``name`` as seen from ``current`` (see ``select``): with ``groups``,
+        those of the innermost group around ``current`` that ``name`` is a member of, else all of
+        them. Computed once per message, groups spec, kind and position: templates read the
+        same kinds from the same segment again and again."""
+        segments = self.all(name)
+        if not groups or current is None or not segments:
+            return segments
+        scopes = self._scopes
+        if scopes is None or scopes[0] is not groups:
+            scopes = self._scopes = (groups, {})
+        key = (name, current.position)
+        found = scopes[1].get(key)
+        if found is None:
+            found = segments
+            position = current.position
+            for head, end, members in reversed(self.groups(groups)):
+                if head <= position < end and name in members:
+                    found = [seg for seg in segments if head < seg.position < end]
+                    break
+            scopes[1][key] = found
+        return found
+
     def select(self, path: Path, current: Segment | None = None, groups: dict | None = None) -> list[Segment]:
         """The segments a path reads (see ``raw_values``).
 
         With ``groups`` (``Message.groups``), a path inside a segment's context reads the segments
         of the group that segment belongs to: from an AIP, ``AIS-4`` is the AIS of the AIP's own
         RGS group and ``NTE[*]`` the notes that follow the AIP. Kinds that are no member of any
-        group around ``current`` are read from the whole message.
+        group around ``current`` are read from the whole message. A segment index (``AIS[2]``)
+        counts in the whole message.
         """
         p = path
-        if current is not None and current.name == p.segment and p.segment_index is None and not p.every_segment:
+        index = p.segment_index
+        if index is not None:
+            return self.all(p.segment)[index - 1 : index] if index > 0 else []
+        if current is not None and current.name == p.segment and not p.every_segment:
             return [current]
-        segments = self.all(p.segment)
-        if groups and current is not None and p.segment_index is None and segments:
-            position = current.position
-            for head, end, members in reversed(self.groups(groups)):
-                if head <= position < end and p.segment in members:
-                    segments = [seg for seg in segments if head < seg.position < end]
-                    break
-        if p.segment_index is not None:
-            return segments[p.segment_index - 1 : p.segment_index] if p.segment_index > 0 else []
+        segments = self.scope(p.segment, current, groups)
         if segments and not p.every_segment:
             return segments[:1]
         return segments
