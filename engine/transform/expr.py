@@ -103,7 +103,7 @@ class Lets:
         self.values = values
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """What an expression sees: the message, the current segment and field value, and helpers.
 
@@ -122,6 +122,9 @@ class Context:
     lets: Lets | None = None
     year: int | None = None
     value_label: str | None = None  # the HL7 field ``value`` is (``FT1-11``), to name it in warnings
+    # ``value`` split into components, as (value, components): a datatype reads $.1, $.2, $.9.1...
+    # of one value. Kept with the value it was split from, so a changed ``value`` is split again.
+    components: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def at(self, segment=None, value=None, label=None) -> "Context":
         return Context(self.message, segment if segment is not None else self.segment, value, self.tz, self.tables,
@@ -260,7 +263,10 @@ def relative_first(text: str, decode: bool = True) -> Callable[[Context], "str |
         if not raw:
             return None
         seps = ctx.message.seps
-        pieces = raw.split(seps.component, number)
+        split = ctx.components
+        if split is None or split[0] is not raw:
+            split = ctx.components = (raw, raw.split(seps.component))
+        pieces = split[1]
         if len(pieces) < number:
             return None
         raw = pieces[number - 1]
@@ -301,8 +307,13 @@ def absolute_first(text: str, decode: bool = True) -> Callable[[Context], "str |
 
     def first(ctx):
         segment = ctx.segment
-        if index is not None or segment is None or segment.name != kind:
-            found = ctx.message.select(path, segment, ctx.groups)
+        if index is not None:
+            found = ctx.message.all(kind)
+            if not 0 < index <= len(found):
+                return None
+            segment = found[index - 1]
+        elif segment is None or segment.name != kind:
+            found = ctx.message.scope(kind, segment, ctx.groups)
             if not found:
                 return None
             segment = found[0]
@@ -337,6 +348,16 @@ def absolute_first(text: str, decode: bool = True) -> Callable[[Context], "str |
         return raw
 
     return first
+
+
+def _presence(kind: str, text: str) -> Callable[[Context], object]:
+    """Something true when the path (``kind``: path or rel) has a value."""
+    if kind == "rel":
+        return relative_first(text, decode=False)
+    path = _absolute_path(text)
+    if path.field is not None and not path.every_segment and not path.every_repetition:
+        return absolute_first(text, decode=False)
+    return absolute_raw(text)
 
 
 def raw_selector(text: str) -> Callable[[Context], list[str]]:
@@ -725,6 +746,18 @@ def currency(ctx, label: str, value):
     return None
 
 
+_NEEDS_NO_QUOTING = {}
+
+
+def uri_quote(text: str, safe: str = "") -> str:
+    """``urllib.parse.quote(text, safe=safe)``, without its encoding work for the text it leaves
+    as it is (letters, digits, ``_.-~`` and ``safe``): most codes and identifiers."""
+    plain = _NEEDS_NO_QUOTING.get(safe)
+    if plain is None:
+        plain = _NEEDS_NO_QUOTING[safe] = re.compile(f"[A-Za-z0-9_.~{re.escape(safe)}-]*")
+    return text if plain.fullmatch(text) else quote(text, safe=safe)
+
+
 def identifier_system(namespace, universal_id, universal_id_type):
     """A URI for an HD assigning authority: urn:oid: for ISO OIDs, the URI itself, else a URN of its name."""
     uid_type = (universal_id_type or "").upper()
@@ -735,14 +768,14 @@ def identifier_system(namespace, universal_id, universal_id_type):
     if universal_id and uid_type == "UUID":
         return f"urn:uuid:{universal_id}"
     name = namespace or universal_id
-    return f"urn:hl7bridge:assigner:{quote(name, safe='')}" if name else None
+    return f"urn:hl7bridge:assigner:{uri_quote(name)}" if name else None
 
 
 def urn(kind: str, name) -> str | None:
     """``urn:hl7bridge:KIND:NAME`` with NAME percent-encoded, so spaces and the like keep it a URI."""
     if name in (None, ""):
         return None
-    return f"urn:hl7bridge:{quote(str(kind), safe='')}:{quote(str(name).strip(), safe='')}"
+    return f"urn:hl7bridge:{uri_quote(str(kind))}:{uri_quote(str(name).strip())}"
 
 
 def notes(ctx, segments: list) -> list[str]:
@@ -818,6 +851,18 @@ class _Parser:
             alternatives.append(self.term())
         if len(alternatives) == 1:
             return alternatives[0]
+        if len(alternatives) == 2:
+            one, other = alternatives
+
+            def either(ctx):
+                value = one(ctx)
+                if value is None or value == "":
+                    value = other(ctx)
+                    if value is None or value == "":
+                        return None
+                return value
+
+            return either
 
         def first(ctx):
             for get in alternatives:
@@ -899,11 +944,12 @@ class _Parser:
         if name == "words":
             return lambda ctx: " ".join(str(v) for a in args if (v := a(ctx)) not in (None, "")) or None
         if name == "id":
-            return lambda ctx: stable_id(*(str(a(ctx) or "") for a in args))
+            return lambda ctx: stable_id(*[str(a(ctx) or "") for a in args])
         if name == "system":
             if len(args) != 3:
                 raise ExpressionError(f"system() takes namespace, universal ID and its type, in {self.text!r}")
-            return lambda ctx: identifier_system(*(a(ctx) for a in args))
+            namespace_of, universal_id_of, type_of = args
+            return lambda ctx: identifier_system(namespace_of(ctx), universal_id_of(ctx), type_of(ctx))
         if name not in FUNCTIONS:
             known = ", ".join(sorted([*FUNCTIONS, *SPECIAL]))
             raise ExpressionError(f"unknown function {name}() in {self.text!r}; known: {known}")
@@ -912,6 +958,8 @@ class _Parser:
             raise ExpressionError(f"{name}() takes {arity} argument(s), not {len(args)}, in {self.text!r}")
 
         first_label = labels[0] if labels and _PATHLIKE.match(labels[0]) else None
+        if len(args) == 1:
+            return self._apply_one(function, args[0], first_label)
 
         def apply(ctx):
             values = [a(ctx) for a in args]
@@ -923,6 +971,30 @@ class _Parser:
             return function(ctx, *values)
 
         return apply
+
+    @staticmethod
+    def _apply_one(function, argument, label) -> Getter:
+        """A function of one value (``dateTime(AIS-4)``): what ``apply`` does, for one argument."""
+        if label is None:
+            def apply_one(ctx):
+                value = argument(ctx)
+                if value is None or value == "":
+                    return None
+                return function(ctx, value)
+
+            return apply_one
+        relative = label.startswith("$")
+
+        def apply_sourced(ctx):
+            value = argument(ctx)
+            if value is None or value == "":
+                return None
+            if type(value) is str:
+                # The field it was read from, so a warning or an error can name it.
+                value = Sourced(value, ctx.value_label + label[1:] if relative and ctx.value_label else label)
+            return function(ctx, value)
+
+        return apply_sourced
 
     def _precise(self, args, labels) -> Getter:
         if not args:
@@ -975,9 +1047,9 @@ class _Parser:
 
         def lookup(ctx):
             value = value_of(ctx)
-            if value in (None, ""):
+            if value is None or value == "":
                 return None
-            return ctx.tables[table_name].lookup(str(value))
+            return ctx.tables[table_name].lookup(value if type(value) is str else str(value))
 
         return lookup
 
@@ -1007,16 +1079,21 @@ class _Parser:
         return join
 
     def condition(self) -> Callable[[Context], bool]:
+        path_kind, path_text = self.peek()
+        if path_kind not in ("path", "rel") or self.peek(1)[0] != "op":
+            path_kind = None  # not a path alone
         left = self.expression_for_condition()
         kind, op = self.peek()
         if kind != "op":
             raise ExpressionError(f"expected ==, !=, in, not in, matches, exists or missing after {self.text!r}")
         self.take()
         op = " ".join(op.split())
-        if op == "exists":
-            return lambda ctx: bool(left(ctx))
-        if op == "missing":
-            return lambda ctx: not left(ctx)
+        if op in ("exists", "missing"):
+            # Whether a path has a value needs no decoding: a value is there, decoded or not.
+            present = _presence(path_kind, path_text) if path_kind is not None else left
+            if op == "exists":
+                return lambda ctx: bool(present(ctx))
+            return lambda ctx: not present(ctx)
         if op in ("in", "not in"):
             wanted = self.literal_list()
             if op == "in":

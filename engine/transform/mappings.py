@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -38,7 +37,7 @@ from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
 from . import fhirspec
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
-                   plain, raw_selector, urn)
+                   plain, raw_selector, uri_quote, urn)
 from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
@@ -53,19 +52,33 @@ class MappingError(Hl7BridgeError):
         super().__init__("; ".join(problems))
 
 
+_LOOKUPS_KEPT = 4096  # codes a code map remembers the answer for
+
+
 @dataclass
 class CodeMap:
-    """A code map: HL7 codes to FHIR codes (or any text), with an optional default."""
+    """A code map: HL7 codes to FHIR codes (or any text), with an optional default.
+
+    A code is looked up as sent, then in upper case; the answer for each code is remembered (the
+    same few codes come in every message), so a code is normalised once."""
 
     name: str
     entries: dict
     default: str | None = None
+    _found: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def lookup(self, code: str):
+        found = self._found
+        if code in found:
+            return found[code]
         if code in self.entries:
-            return self.entries[code]
-        upper = code.upper()
-        return self.entries.get(upper, self.default)
+            value = self.entries[code]
+        else:
+            value = self.entries.get(code.upper(), self.default)
+        if len(found) >= _LOOKUPS_KEPT:
+            found.clear()
+        found[code] = value
+        return value
 
 
 @dataclass
@@ -518,7 +531,7 @@ class Conversion:
                 # Without a system, '|value' (FHIR token search: "no system"), so that a resource
                 # with the same value under some system is not taken for this one.
                 token = f"{system}|{value}"
-                return stable_id(kind, system, value), f"{kind}?identifier={quote(token, safe='|:/')}"
+                return stable_id(kind, system, value), f"{kind}?identifier={uri_quote(token, safe='|:/')}"
         if mapping.key:
             try:
                 parts = [str(plain(getter(ctx)) or "") for getter in mapping.key]

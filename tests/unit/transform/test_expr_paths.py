@@ -7,13 +7,17 @@ the segments, then the repetitions, components and sub-components, keep the non-
 decode the first.
 """
 
+from urllib.parse import quote
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.hl7.er7 import Message, component, parse, unescape
 from engine.hl7.paths import parse_path
+from engine.transform import mappings
 from engine.transform.expr import (Context, absolute_first, absolute_raw, compile_condition, compile_expression,
-                                   relative_first, relative_raw)
+                                   relative_first, relative_raw, uri_quote)
+from engine.transform.mappings import CodeMap
 
 GROUPS = {"RGS": frozenset({"AIS", "AIP", "NTE"}), "AIS": frozenset({"NTE"}), "AIP": frozenset({"NTE"})}
 
@@ -209,3 +213,30 @@ def test_a_message_built_from_another_ones_segments_starts_without_its_caches():
     message = Message(MESSAGE.text, MESSAGE.seps, list(MESSAGE.segments[:5]))  # no resource groups
     assert compile_expression("AIS-3.1")(Context(message, message.segments[3], groups=GROUPS)) is None
     assert compile_expression("AIS-3.1")(Context(MESSAGE, MESSAGE.all("AIP")[1], groups=GROUPS)) == "MR"
+
+
+def test_a_values_components_are_split_again_when_the_value_changes():
+    read_family, read_given = compile_expression("$.1"), compile_expression("$.2")
+    ctx = Context(MESSAGE, value="DOE^JANE")
+    assert (read_family(ctx), read_given(ctx)) == ("DOE", "JANE")
+    ctx.value = "ROE^RICHARD"  # the split of DOE^JANE is not used for another value
+    assert (read_family(ctx), read_given(ctx)) == ("ROE", "RICHARD")
+    assert read_given(ctx.at(value="SMITH")) is None
+    assert compile_expression("$.1.2")(ctx.at(value="A&B^C")) == "B"
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=20), st.sampled_from(["", "|:/"]))
+def test_uri_quote_is_urllib_quote(text, safe):
+    assert uri_quote(text, safe) == quote(text, safe=safe)
+
+
+def test_code_maps_remember_answers_as_looked_up_and_forget_when_full(monkeypatch):
+    table = CodeMap("status", {"Booked": "accepted", "BOOKED": "upper", "X": "x"}, "needs-action")
+    for _ in range(2):  # the second time from what it remembers
+        assert [table.lookup(code) for code in ("Booked", "booked", "BOOKED", "x", "Y", "")] == \
+            ["accepted", "upper", "upper", "x", "needs-action", "needs-action"]
+    monkeypatch.setattr(mappings, "_LOOKUPS_KEPT", 3)
+    table = CodeMap("status", {"A": "a"}, None)
+    assert [table.lookup(code) for code in ("a", "b", "c", "d", "a", "A")] == ["a", None, None, None, "a", "a"]
+    assert len(table._found) <= 3
