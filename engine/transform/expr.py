@@ -539,19 +539,78 @@ def format_datetime(moment: datetime, tz) -> str:
     return text.replace("+00:00", "Z") if moment.utcoffset() == timedelta(0) and tz is timezone.utc else text
 
 
+class _Noting:
+    """What reading a date/time needs of a context (the reference year, somewhere to warn), for
+    ``_converted``: the warnings are kept with the result."""
+
+    __slots__ = ("year", "notes")
+
+    def __init__(self, year: int):
+        self.year, self.notes = year, []
+
+    def reference_year(self) -> int:
+        return self.year
+
+    def warn(self, text: str):
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+@lru_cache(maxsize=4096)
+def _converted(convert, text: str, source: str | None, tz, utc: bool, year: int):
+    """``convert`` (``_fhir_datetime``...) of a text read from ``source``: (FHIR text, warnings,
+    None), or (None, warnings, what is wrong). A message reads the same few times (AIS-4 in every
+    participant, the start in start, requestedPeriod and the extension); each is worked out once.
+    ``utc`` is part of the key because UTC is written Z only for the ``timezone.utc`` object."""
+    noting = _Noting(year)
+    value = Sourced(text, source) if source is not None else text
+    try:
+        return convert(value, tz, noting), tuple(noting.notes), None
+    except DataError as exc:
+        return None, tuple(noting.notes), str(exc)
+
+
+def _remembered(convert, value, tz, ctx):
+    """``convert(value, tz, ctx)``, from ``_converted`` for text (warnings replayed into ``ctx``)."""
+    kind = type(value)
+    if ctx is None or (kind is not str and kind is not Sourced):
+        return convert(value, tz, ctx)
+    result, notes, error = _converted(convert, str(value), getattr(value, "source", None), tz, tz is timezone.utc,
+                                      ctx.reference_year())
+    for note in notes:
+        ctx.warn(note)
+    if error is not None:
+        raise DataError(error)
+    return result
+
+
 def fhir_date(value: str, ctx=None) -> str:
     """HL7 date (or the date of a date/time) to FHIR date, keeping its precision."""
-    return _dtm(ctx, value).date_text()
+    return _remembered(_fhir_date, value, None, ctx)
 
 
 def fhir_datetime(value: str, tz, ctx=None) -> str:
+    """HL7 date/time to FHIR dateTime, keeping its precision; without an offset, in ``tz``."""
+    return _remembered(_fhir_datetime, value, tz, ctx)
+
+
+def fhir_instant(value: str, tz, ctx=None) -> str:
+    """HL7 date/time to FHIR instant (a time of day is needed); without an offset, in ``tz``."""
+    return _remembered(_fhir_instant, value, tz, ctx)
+
+
+def _fhir_date(value, tz, ctx) -> str:
+    return _dtm(ctx, value).date_text()
+
+
+def _fhir_datetime(value, tz, ctx) -> str:
     dtm = _dtm(ctx, value)
     if not dtm.has_time:
         return dtm.date_text()
     return format_datetime(dtm.moment(tz), tz)
 
 
-def fhir_instant(value: str, tz, ctx=None) -> str:
+def _fhir_instant(value, tz, ctx) -> str:
     dtm = _dtm(ctx, value)
     if not dtm.has_time:
         where = f"{value.source} " if getattr(value, "source", None) else ""

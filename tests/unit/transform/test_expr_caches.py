@@ -1,6 +1,8 @@
-"""Paths compiled for their shape (``$.2``, ``AIP-3.1``, ``PID-3[2].1``...) read exactly what the
-general walk reads, and the per-message caches they use never leak from one message (or one group
-structure) into another.
+"""What expressions do to be fast must not change what they give: paths compiled for their shape
+(``$.2``, ``AIP-3.1``, ``PID-3[2].1``...) read exactly what the general walk reads; the caches (group
+lookups per message, a value's components, code map answers, date/time conversions) never leak from
+one message, value, group structure or time zone into another; warnings and errors come out the
+same every time.
 
 The reference here is the path walk as it was before paths were compiled for their shape: select
 the segments, then the repetitions, components and sub-components, keep the non-empty values,
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from engine.hl7.er7 import Message, component, parse, unescape
 from engine.hl7.paths import parse_path
 from engine.transform import mappings
-from engine.transform.expr import (Context, absolute_first, absolute_raw, compile_condition, compile_expression,
+from engine.transform.expr import (Context, DataError, absolute_first, absolute_raw, compile_condition, compile_expression,
                                    relative_first, relative_raw, uri_quote)
 from engine.transform.mappings import CodeMap
 
@@ -240,3 +242,35 @@ def test_code_maps_remember_answers_as_looked_up_and_forget_when_full(monkeypatc
     table = CodeMap("status", {"A": "a"}, None)
     assert [table.lookup(code) for code in ("a", "b", "c", "d", "a", "A")] == ["a", None, None, None, "a", "a"]
     assert len(table._found) <= 3
+
+
+def test_date_times_worked_out_once_give_the_same_result_warnings_and_errors_every_time():
+    from datetime import timedelta, timezone
+
+    message = parse("MSH|^~\\&|A|B|||20261201||SIU^S12|1|P|2.5\rAIS|1||X|261201093000~20261301|20261201093000Z\r")
+    for _ in range(2):
+        notes = []
+        ctx = Context(message, notes=notes)
+        assert compile_expression("dateTime(AIS-4)")(ctx) == "2026-12-01T09:30:00Z"
+        assert notes == ["AIS-4 '261201093000' has a two-digit year: read as 2026"]
+        # The same text read through another argument names that one.
+        assert compile_expression("dateTime(AIS-4 | AIS-5)")(Context(message, notes=(other := []))) == \
+            "2026-12-01T09:30:00Z"
+        assert other == ["AIS-4 | AIS-5 '261201093000' has a two-digit year: read as 2026"]
+        # UTC is written Z for the UTC time zone only, not for another (equal) zone at +00:00.
+        fixed = Context(message, tz=timezone(timedelta(0), "GMT"))
+        assert compile_expression("dateTime(AIS-5)")(fixed) == "2026-12-01T09:30:00+00:00"
+        assert compile_expression("dateTime(AIS-5)")(Context(message)) == "2026-12-01T09:30:00Z"
+        for text in ("dateTime(AIS-4[2])", "instant(AIS-4[2])"):
+            try:
+                compile_expression(text)(Context(message))
+            except DataError as exc:
+                assert str(exc) == "AIS-4[2] '20261301' is not a date/time: month 13 is not 01 to 12"
+            else:
+                raise AssertionError(f"{text} read a month 13")
+        try:
+            compile_expression("instant(MSH-7)")(Context(message))
+        except DataError as exc:
+            assert str(exc) == "MSH-7 '20261201' has no time of day; an instant needs one"
+        else:
+            raise AssertionError("an instant without a time of day")
