@@ -350,14 +350,9 @@ def absolute_first(text: str, decode: bool = True) -> Callable[[Context], "str |
     return first
 
 
-def _presence(kind: str, text: str) -> Callable[[Context], object]:
-    """Something true when the path (``kind``: path or rel) has a value."""
-    if kind == "rel":
-        return relative_first(text, decode=False)
-    path = _absolute_path(text)
-    if path.field is not None and not path.every_segment and not path.every_repetition:
-        return absolute_first(text, decode=False)
-    return absolute_raw(text)
+def _presence(kind: str, text: str) -> Callable[[Context], "str | None"]:
+    """The path's first raw value (``kind``: path or rel), or None when it has none."""
+    return relative_first(text, decode=False) if kind == "rel" else absolute_first(text, decode=False)
 
 
 def raw_selector(text: str) -> Callable[[Context], list[str]]:
@@ -1001,7 +996,15 @@ class _Parser:
         if name == "join":
             return self._join(args)
         if name == "words":
-            return lambda ctx: " ".join(str(v) for a in args if (v := a(ctx)) not in (None, "")) or None
+            def words(ctx):
+                found = []
+                for get in args:
+                    value = get(ctx)
+                    if value is not None and value != "":
+                        found.append(str(value))
+                return " ".join(found) or None
+
+            return words
         if name == "id":
             return lambda ctx: stable_id(*[str(a(ctx) or "") for a in args])
         if name == "system":
@@ -1148,11 +1151,15 @@ class _Parser:
         self.take()
         op = " ".join(op.split())
         if op in ("exists", "missing"):
-            # Whether a path has a value needs no decoding: a value is there, decoded or not.
-            present = _presence(path_kind, path_text) if path_kind is not None else left
+            if path_kind is not None:
+                # Whether a path has a value needs no decoding: a value is there, decoded or not.
+                present = _presence(path_kind, path_text)
+                if op == "exists":
+                    return lambda ctx: present(ctx) is not None
+                return lambda ctx: present(ctx) is None
             if op == "exists":
-                return lambda ctx: bool(present(ctx))
-            return lambda ctx: not present(ctx)
+                return lambda ctx: bool(left(ctx))
+            return lambda ctx: not left(ctx)
         if op in ("in", "not in"):
             wanted = self.literal_list()
             if op == "in":

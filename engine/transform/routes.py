@@ -63,16 +63,19 @@ class Route:
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
             return False
-        for wanted, actual in (
-            (self.versions, header.version),
-            (self.sending_applications, header.sending_application),
-            (self.sending_facilities, header.sending_facility),
-            (self.receiving_applications, header.receiving_application),
-            (self.receiving_facilities, header.receiving_facility),
-            (self.processing_ids, header.processing_id),
-        ):
-            if wanted and actual not in wanted:
-                return False
+        # Each MSH value is read only when the route asks for it.
+        if self.versions and header.version not in self.versions:
+            return False
+        if self.sending_applications and header.sending_application not in self.sending_applications:
+            return False
+        if self.sending_facilities and header.sending_facility not in self.sending_facilities:
+            return False
+        if self.receiving_applications and header.receiving_application not in self.receiving_applications:
+            return False
+        if self.receiving_facilities and header.receiving_facility not in self.receiving_facilities:
+            return False
+        if self.processing_ids and header.processing_id not in self.processing_ids:
+            return False
         return all(condition(ctx) for condition in self.where)
 
 

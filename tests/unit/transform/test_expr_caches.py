@@ -208,6 +208,10 @@ def test_conditions_read_every_value_of_a_path():
     assert compile_condition("PID-3[3] missing")(Context(MESSAGE))
     assert compile_condition("MSH-4 == 'NORTH&CLINIC'")(Context(MESSAGE))
     assert compile_condition("$.2 == 'S'")(Context(MESSAGE, value="x^S"))
+    for text, holds in (("NTE[*]-3 exists", True), ("ZZZ[*]-1 exists", False), ("ZZZ[*]-1 missing", True),
+                        ("NTE exists", True), ("ZZZ missing", True), ("PID-3[2].4 exists", True),
+                        ("PID-3[3].1 exists", False), ("$.2 exists", False), ("$.1 missing", False)):
+        assert compile_condition(text)(Context(MESSAGE, value="x")) is holds, text
 
 
 def test_a_message_built_from_another_ones_segments_starts_without_its_caches():
