@@ -363,6 +363,8 @@ def raw_selector(text: str) -> Callable[[Context], list[str]]:
         if not part:
             raise ExpressionError(f"empty alternative in {text!r}")
         getters.append(relative_raw(part) if part.startswith("$") else absolute_raw(part))
+    if len(getters) == 1:
+        return getters[0]
 
     def select(ctx: Context) -> list[str]:
         for get in getters:
