@@ -36,8 +36,9 @@ from ..errors import ConfigError, Hl7BridgeError
 from ..yamlconf import Section, load_yaml
 from ..stamps import stable_id
 from . import fhirspec
+from .codegen import RECHECK, compile_mappings, compute_lets
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
-                   plain, raw_selector, uri_quote, urn)
+                   plain, raw_selector, tokenize, uri_quote, urn)
 from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
@@ -89,6 +90,13 @@ class ResourceMapping:
     key: list = field(default_factory=list)  # getters for the ID when there is no identifier
     path: str = ""
     lets: list = field(default_factory=list)  # [(name, Expr)]: $let, in order
+    # The segment kinds its expressions read (datatypes included), None when not known: a resource
+    # that reads neither the kind of the segment it is built at nor a group member is the same
+    # built at any segment of that kind, so it is built once per value (``Conversion.build``).
+    reads: frozenset | None = None
+    # The generated builder (``codegen``): function(ctx, out) -> body, checking the values as it
+    # goes; raises when something needs the interpreter to say what is wrong.
+    compiled: object = None
 
     def node_at(self, element: tuple) -> Node | None:
         """The template node that builds ``element`` (('code',), ('participant', 'actor')), if any."""
@@ -181,6 +189,8 @@ class MappingSet:
             self.messages[path.stem] = self._message(path, names)
         self._check_names()
         check_structure(self)
+        for name, function in compile_mappings(self).items():
+            self.resources[name].compiled = function
         self.version = self._version()
 
     def _version(self) -> str:
@@ -248,7 +258,7 @@ class MappingSet:
                         raise ConfigError(f"$let.{name}: uses {later[0]!r}, which is defined below it", path, line,
                                           "a $let uses only the names defined above it") from None
                     raise error from None
-                lets.append((name, Expr(getter, Origin(str(path), line, f"{name}: {text}"), uses)))
+                lets.append((name, Expr(getter, Origin(str(path), line, f"{name}: {text}"), uses, text)))
         known = frozenset(n for n, _ in lets)
         key = []
         for text in data.get("$key", []) or []:
@@ -259,7 +269,9 @@ class MappingSet:
         body = type(data)({k: v for k, v in data.items() if k not in ("resourceType", "$key", "$let")})
         body.line, body.key_lines = data.line, data.key_lines
         template = compile_template(body, path, data.line, names, resource_type, segment, known)
-        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets)
+        texts = [*template.texts_read(self.datatypes), *(node.text for _, node in lets),
+                 *(data.get("$key", []) or [])]
+        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets, reads=segment_kinds(texts))
 
     def _message(self, path, names) -> MessageMapping:
         data = load_yaml(path)
@@ -357,6 +369,19 @@ class MappingSet:
                               strict=strict).run(message_mapping)
 
 
+def segment_kinds(texts) -> frozenset | None:
+    """The segment kinds a set of expressions reads (``PV1-19``, ``NTE[*]``), None when one cannot
+    be read (then nothing is assumed)."""
+    kinds = set()
+    for text in texts:
+        try:
+            tokens = tokenize(str(text))
+        except ExpressionError:
+            return None
+        kinds.update(token[:3] for kind, token in tokens if kind == "path")
+    return frozenset(kinds)
+
+
 def zone_of(name: str | None):
     if not name or name in ("UTC", "Z"):
         return timezone.utc
@@ -425,6 +450,11 @@ class Conversion:
         self.entries: dict[tuple[str, str], dict] = {}
         self.outputs: dict[tuple[str, str], Output] = {}
         self.built: dict[tuple, dict | None] = {}  # (mapping, segment, value) -> reference, each built once
+        # (mapping, segment kind, value, its field) -> reference, for resources that do not depend on
+        # which segment of that kind they are built at (the practitioner of every FT1) and whose ID
+        # comes from the data: built again they would give the same resource.
+        self.built_from_value: dict[tuple, dict] = {}
+        self.group_members: frozenset = frozenset()
         self.errors: list[str] = []
         self._fingerprint = None
 
@@ -436,6 +466,7 @@ class Conversion:
 
     def run(self, mapping: MessageMapping) -> Result:
         self.ctx.groups = mapping.groups or None
+        self.group_members = frozenset().union(*mapping.groups.values()) if mapping.groups else frozenset()
         self.ctx.reference_year()  # once, before contexts are derived from this one
         header = read_header(self.message)
         for rule in mapping.rules:
@@ -479,19 +510,40 @@ class Conversion:
         if memo in self.built:
             return self.built[memo]
         resource_mapping = self.mappings.resources[name]
+        by_value = None
+        segment, reads = ctx.segment, resource_mapping.reads
+        if segment is not None and reads is not None and segment.name not in reads and \
+                reads.isdisjoint(self.group_members):
+            by_value = (name, segment.name, ctx.value, ctx.value_label)
+            if by_value in self.built_from_value:
+                self.built[memo] = reference = self.built_from_value[by_value]
+                return reference
         out = Output(self.mappings, self, self.tracking)
-        where = (None, resource_mapping.resource_type)
-        if resource_mapping.lets:
-            ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
-        elif ctx.lets is not None:
-            ctx = ctx.with_lets(None)
-        body = resource_mapping.template.build(ctx, out, where) or {}
+        body, checked = None, False
+        if not self.tracking and resource_mapping.compiled is not None:
+            # The generated builder checks every value as it goes; when it gives up, the
+            # interpreter builds the resource again and fhirspec says what is wrong, and where.
+            try:
+                scoped = compute_lets(resource_mapping, ctx) if resource_mapping.lets else \
+                    (ctx.with_lets(None) if ctx.lets is not None else ctx)
+                body = resource_mapping.compiled(scoped, out) or {}
+                checked = True
+            except RECHECK:
+                body, out = None, Output(self.mappings, self, self.tracking)
+        if body is None:
+            where = (None, resource_mapping.resource_type)
+            if resource_mapping.lets:
+                ctx = ctx.with_lets(self.lets(resource_mapping, ctx, out))
+            elif ctx.lets is not None:
+                ctx = ctx.with_lets(None)
+            body = resource_mapping.template.build(ctx, out, where) or {}
         self.errors.extend(out.errors)
         if not body:
             self.built[memo] = None
             return None
         resource = {"resourceType": resource_mapping.resource_type, **body}
-        resource_id, url = self.identity(resource_mapping, resource, ctx)
+        found = self.data_identity(resource_mapping, resource, ctx)
+        resource_id, url = found if found is not None else self.position_identity(resource_mapping)
         key = (resource_mapping.resource_type, resource_id)
         if key not in self.entries:
             if url.startswith(resource_mapping.resource_type + "/"):
@@ -501,9 +553,11 @@ class Conversion:
                 "resource": resource,
                 "request": {"method": "PUT", "url": url},
             }
-            self.outputs[key] = (out, resource_mapping)
+            self.outputs[key] = (out, resource_mapping, checked)
         reference = {"reference": f"urn:uuid:{resource_id}"}
         self.built[memo] = reference
+        if by_value is not None and found is not None:
+            self.built_from_value[by_value] = reference
         return reference
 
     def lets(self, mapping: ResourceMapping, ctx: Context, out: Output) -> Lets:
@@ -521,8 +575,9 @@ class Conversion:
             return None
         return self.build(name, ctx)
 
-    def identity(self, mapping: ResourceMapping, resource: dict, ctx: Context) -> tuple[str, str]:
-        """The resource's stable ID and its conditional-update URL."""
+    def data_identity(self, mapping: ResourceMapping, resource: dict, ctx: Context) -> tuple[str, str] | None:
+        """The resource's stable ID and its conditional-update URL from its data (its first
+        identifier, else its ``$key``); None when the data gives none (``position_identity``)."""
         kind = mapping.resource_type
         for identifier in resource.get("identifier", []) or []:
             value = identifier.get("value")
@@ -541,6 +596,10 @@ class Conversion:
             if any(parts):
                 resource_id = stable_id(kind, *parts)
                 return resource_id, f"{kind}/{resource_id}"
+        return None
+
+    def position_identity(self, mapping: ResourceMapping) -> tuple[str, str]:
+        kind = mapping.resource_type
         # No identity in the data: from the message's content and the resource's place in it, so
         # a resend or a replay updates in place, and no two different messages share an ID (not
         # even with the same sender and control ID, which senders do reuse).
@@ -593,15 +652,18 @@ class Conversion:
         key = ("Provenance", resource_id)
         self.entries[key] = {"fullUrl": f"urn:uuid:{resource_id}", "resource": provenance,
                              "request": {"method": "PUT", "url": f"Provenance/{resource_id}"}}
-        self.outputs[key] = (None, None)
+        # Its shape is ours and fixed; only the values taken from the message need checking.
+        self.outputs[key] = (None, None, provenance_values_valid(provenance))
 
     def validate(self):
         """Check every resource's values (``fhirspec.problems``; the structure was checked when the
         mappings loaded), and with ``strict`` validate each with fhir.resources as well."""
         for key, entry in self.entries.items():
             resource = entry["resource"]
-            out, mapping = self.outputs[key]
-            found = [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
+            out, mapping, checked = self.outputs[key]
+            # A resource the generated builder made had its values checked as they were made.
+            found = [] if checked else \
+                [{"type": kind, "loc": loc, "msg": words} for loc, kind, words in fhirspec.problems(resource)]
             if self.strict and not found:
                 checked = resource
                 if resource["resourceType"] == "Provenance" and len(resource.get("target", [])) > 1:
@@ -644,6 +706,25 @@ class Conversion:
         }.get(kind)
         message = words or problem["msg"].replace("Value error, ", "")
         return message + (f" (from {origin})" if origin else "")
+
+
+def provenance_values_valid(provenance: dict) -> bool:
+    """Whether every value of a Provenance built by ``Conversion.provenance`` that comes from the
+    message (or could be empty) is a valid FHIR value; False sends it through ``fhirspec.problems``,
+    which says what is wrong. The rest (the targets, the agents' types, ``recorded``) is built
+    here from values that are valid by construction."""
+    checks = fhirspec.VALUE_CHECKS
+    values = [("uri", policy) for policy in provenance["policy"]]
+    values += [("string", agent["who"]["display"]) for agent in provenance["agent"]]
+    for coding in provenance.get("activity", {}).get("coding", ()):
+        values.append(("code", coding["code"]))
+    for entity in provenance.get("entity", ()):
+        identifier = entity["what"]["identifier"]
+        values += [("uri", identifier["system"]), ("string", identifier["value"]),
+                   ("string", entity["what"]["display"])]
+    if "occurredDateTime" in provenance:
+        values.append(("dateTime", provenance["occurredDateTime"]))
+    return all(checks[kind](value) is None for kind, value in values)
 
 
 class Invariant(str):

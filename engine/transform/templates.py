@@ -71,6 +71,22 @@ class Node:
     origin: Origin
     spreads = False  # an $each object: its items join the list it is in
 
+    def texts_read(self, datatypes: dict, seen: frozenset = frozenset()):
+        """Every expression, condition and selector text of this node and what it holds (the
+        datatype mappings it uses included), to tell which segments it reads."""
+        if isinstance(self, Expr):
+            yield self.text
+        for text in getattr(self, "texts", ()):
+            yield text
+        name = getattr(self, "datatype", None)
+        if name is not None and name in datatypes and name not in seen:
+            yield from datatypes[name].texts_read(datatypes, seen | {name})
+        children = list(getattr(self, "items", None) or []) + [c for _, c in getattr(self, "fields", None) or []]
+        if getattr(self, "value", None) is not None and isinstance(self.value, Node):
+            children.append(self.value)
+        for child in children:
+            yield from child.texts_read(datatypes, seen)
+
     def build(self, ctx: Context, out: "Output", where: tuple):
         raise NotImplementedError
 
@@ -84,9 +100,10 @@ class Const(Node):
 
 
 class Expr(Node):
-    def __init__(self, getter, origin, uses=()):
+    def __init__(self, getter, origin, uses=(), text: str | None = None):
         self.getter, self.origin = getter, origin
         self.uses = tuple(sorted(uses))  # the $let names it reads
+        self.text = text if text is not None else origin.source  # the expression as written
 
     def build(self, ctx, out, where):
         return plain(self.evaluate(ctx, out, where))
@@ -142,6 +159,7 @@ class Obj(Node):
         self.source_text = None  # the $from as written, to explain where a value comes from
         self.each_text = None  # the $each as written (the field each value is)
         self.value = None  # $value: the node of an object that gives one value (with $when)
+        self.texts: tuple = ()  # its $each, $when and $from as written (what they read)
 
     @property
     def simple(self) -> bool:
@@ -371,6 +389,7 @@ def _compile_object(value, path, line, tables, what, segment=None, lets=frozense
     obj = Obj(fields, origin, each=each, when=when, datatype=datatype, reference=reference, source=source)
     obj.source_text = value.get("$from")
     obj.each_text = value["$each"].split("[")[0] if isinstance(value.get("$each"), str) else None
+    obj.texts = tuple(value[key] for key in ("$each", "$when", "$from") if isinstance(value.get(key), str))
     if "$value" in value:
         others = [k for k in value if k not in ("$value", "$when")]
         if others:
