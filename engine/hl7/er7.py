@@ -315,15 +315,15 @@ class Message:
         those of the innermost group around ``current`` that ``name`` is a member of, else all of
         them. Computed once per message, groups spec, kind and position: templates read the
         same kinds from the same segment again and again."""
-        segments = self.all(name)
-        if not groups or current is None or not segments:
-            return segments
+        if not groups or current is None:
+            return self.all(name)
         scopes = self._scopes
         if scopes is None or scopes[0] is not groups:
             scopes = self._scopes = (groups, {})
         key = (name, current.position)
         found = scopes[1].get(key)
         if found is None:
+            segments = self.all(name)
             found = segments
             position = current.position
             for head, end, members in reversed(self.groups(groups)):

@@ -122,8 +122,9 @@ class Context:
     lets: Lets | None = None
     year: int | None = None
     value_label: str | None = None  # the HL7 field ``value`` is (``FT1-11``), to name it in warnings
-    # ``value`` split into components, as (value, components): a datatype reads $.1, $.2, $.9.1...
-    # of one value. Kept with the value it was split from, so a changed ``value`` is split again.
+    # ``value`` split into components, as (value, components, whether it has escape sequences): a
+    # datatype reads $.1, $.2, $.9.1... of one value. Kept with the value it was split from, so a
+    # changed ``value`` is split again.
     components: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def at(self, segment=None, value=None, label=None) -> "Context":
@@ -256,32 +257,60 @@ def relative_first(text: str, decode: bool = True) -> Callable[[Context], "str |
 
         return whole
     number = parts[0]
+    index = number - 1
     sub = parts[1] if len(parts) > 1 else None
+
+    if sub is None and decode:
+        # ``$.2``, the most read of all: a datatype's components.
+        def component_of(ctx):
+            raw = ctx.value
+            if not raw:
+                return None
+            split = ctx.components
+            if split is None or split[0] is not raw:
+                split = _components(ctx, raw)
+            pieces = split[1]
+            if len(pieces) < number:
+                return None
+            raw = pieces[index]
+            if not raw:
+                return None
+            if split[2]:
+                return unescape(raw, ctx.message.seps)
+            return raw
+
+        return component_of
 
     def part(ctx):
         raw = ctx.value
         if not raw:
             return None
-        seps = ctx.message.seps
         split = ctx.components
         if split is None or split[0] is not raw:
-            split = ctx.components = (raw, raw.split(seps.component))
+            split = _components(ctx, raw)
         pieces = split[1]
         if len(pieces) < number:
             return None
-        raw = pieces[number - 1]
+        raw = pieces[index]
         if sub is not None:
-            pieces = raw.split(seps.subcomponent, sub)
+            pieces = raw.split(ctx.message.seps.subcomponent, sub)
             if len(pieces) < sub:
                 return None
             raw = pieces[sub - 1]
         if not raw:
             return None
-        if decode and seps.escape and seps.escape in raw:
-            return unescape(raw, seps)
+        if decode and split[2]:
+            return unescape(raw, ctx.message.seps)
         return raw
 
     return part
+
+
+def _components(ctx: Context, raw: str) -> tuple:
+    """``ctx.components`` for ``raw``, its value: (raw, its components, whether it has escapes)."""
+    seps = ctx.message.seps
+    split = ctx.components = (raw, raw.split(seps.component), bool(seps.escape) and seps.escape in raw)
+    return split
 
 
 _UNREPEATED = ("MSH", "FHS", "BHS")  # their fields 1 and 2 are separators, never split
@@ -805,13 +834,26 @@ def currency(ctx, label: str, value):
 _NEEDS_NO_QUOTING = {}
 
 
+_QUOTED: dict = {}  # (text, safe) -> quoted: route names, facilities, assigners repeat
+_QUOTED_KEPT = 4096
+
+
 def uri_quote(text: str, safe: str = "") -> str:
     """``urllib.parse.quote(text, safe=safe)``, without its encoding work for the text it leaves
-    as it is (letters, digits, ``_.-~`` and ``safe``): most codes and identifiers."""
+    as it is (letters, digits, ``_.-~`` and ``safe``: most codes and identifiers), and remembered
+    for text seen before."""
+    key = (text, safe)
+    quoted = _QUOTED.get(key)
+    if quoted is not None:
+        return quoted
     plain = _NEEDS_NO_QUOTING.get(safe)
     if plain is None:
         plain = _NEEDS_NO_QUOTING[safe] = re.compile(f"[A-Za-z0-9_.~{re.escape(safe)}-]*")
-    return text if plain.fullmatch(text) else quote(text, safe=safe)
+    quoted = text if plain.fullmatch(text) else quote(text, safe=safe)
+    if len(_QUOTED) >= _QUOTED_KEPT:
+        _QUOTED.clear()
+    _QUOTED[key] = quoted
+    return quoted
 
 
 def identifier_system(namespace, universal_id, universal_id_type):

@@ -20,3 +20,14 @@ def test_stable_id_is_uuid5_of_the_parts(parts):
     made = stable_id(*parts)
     assert made == str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
     assert uuid.UUID(made).version == 5
+
+
+def test_remembered_ids_are_the_same_ids_and_the_memory_is_bounded(monkeypatch):
+    from engine import stamps
+
+    monkeypatch.setattr(stamps, "_MADE_KEPT", 3)
+    names = [("Practitioner", "urn:oid:1.2", str(n)) for n in range(10)]
+    for _ in range(2):
+        for parts in names:
+            assert stable_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+    assert len(stamps._MADE) <= 3

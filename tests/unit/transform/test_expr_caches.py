@@ -235,6 +235,18 @@ def test_a_values_components_are_split_again_when_the_value_changes():
 @given(st.text(max_size=20), st.sampled_from(["", "|:/"]))
 def test_uri_quote_is_urllib_quote(text, safe):
     assert uri_quote(text, safe) == quote(text, safe=safe)
+    assert uri_quote(text, safe) == quote(text, safe=safe)  # as remembered
+
+
+def test_quoting_is_remembered_per_text_and_safe_characters(monkeypatch):
+    from engine.transform import expr
+
+    monkeypatch.setattr(expr, "_QUOTED_KEPT", 2)
+    for _ in range(2):
+        assert uri_quote("a b/c") == "a%20b%2Fc"
+        assert uri_quote("a b/c", "|:/") == "a%20b/c"
+        assert uri_quote("NORTH") == "NORTH"
+    assert len(expr._QUOTED) <= 2
 
 
 def test_code_maps_remember_answers_as_looked_up_and_forget_when_full(monkeypatch):
