@@ -70,6 +70,12 @@ def _object_checker(kind: str):
     return check
 
 
+def _kept(value) -> bool:
+    """Whether a value is kept in FHIR JSON (as the interpreter decides: empty text, objects and
+    lists are dropped; False and 0 are values)."""
+    return value is not None and bool(value or type(value) not in _EMPTY_TYPES)
+
+
 class _Generator:
     """Writes the source of the functions of one mapping set. Every function takes the context
     and the ``Output`` (for ``$reference``) and returns what the node builds (None for nothing)."""
@@ -167,6 +173,10 @@ class _Generator:
         defined = fhirspec.definition_of_element(kind)
         for key, child in node.fields:
             element = defined.elements[key]
+            if isinstance(child, Const):
+                if _kept(child.value):  # known now: a constant is always there, or never
+                    out.append(f"{pad}{target}[{key!r}] = {self.name('const_', child.value)}")
+                continue
             value = self.value(child, element, out, pad)
             out.append(f"{pad}if {value} is not None and ({value} or type({value}) not in EMPTY):")
             out.append(f"{pad}    {target}[{key!r}] = {value}")
@@ -192,25 +202,32 @@ class _Generator:
         getter = self.name("get_", node.getter)
         var = self.name("v")
         out.append(f"{pad}{var} = {getter}(ctx)")
-        out.append(f"{pad}if type({var}) is Sourced:")
-        out.append(f"{pad}    {var} = str({var})")
-        out.append(f"{pad}elif type({var}) is Minutes:")
-        out.append(f"{pad}    {var} = int({var})")
-        kept = f"{var} is not None and ({var} or type({var}) not in EMPTY)"
+        out.append(f"{pad}if {var} is not None:")
+        out.append(f"{pad}    if type({var}) is Sourced:")
+        out.append(f"{pad}        {var} = str({var})")
+        out.append(f"{pad}    elif type({var}) is Minutes:")
+        out.append(f"{pad}        {var} = int({var})")
         check = fhirspec.VALUE_CHECKS.get(kind)
+        # The checks are total (a problem in words or None, whatever the value); an empty text is
+        # dropped, not checked, as the interpreter drops it.
         if check is not None:
-            out.append(f"{pad}if {kept} and {self.name('value_check_', check)}({var}) is not None:")
+            out.append(f"{pad}    if {self.name('value_check_', check)}({var}) is not None and "
+                       f"({var} or type({var}) not in EMPTY):")
         else:
             # An expression where FHIR wants an object: the structure check refuses it at load;
             # should one get here, the reference path says what is wrong.
-            out.append(f"{pad}if {kept}:")
-        out.append(f"{pad}    raise Recheck")
+            out.append(f"{pad}    if {var} or type({var}) not in EMPTY:")
+        out.append(f"{pad}        raise Recheck")
         return var
 
     def array(self, node: Array, element: fhirspec.Element, out: list, pad: str) -> str:
         var = self.name("items")
         out.append(f"{pad}{var} = []")
         for item in node.items:
+            if isinstance(item, Const) and not isinstance(item.value, dict):
+                if _kept(item.value):
+                    out.append(f"{pad}{var}.append({self.name('const_', item.value)})")
+                continue
             value = self.value(item, element, out, pad)
             if item.spreads:
                 one = self.name("one")

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -94,6 +95,10 @@ class ResourceMapping:
     # that reads neither the kind of the segment it is built at nor a group member is the same
     # built at any segment of that kind, so it is built once per value (``Conversion.build``).
     reads: frozenset | None = None
+    # Built from its value alone (it reads no segment, references no other resource), so what it
+    # gives for a value is kept across messages (``MappingSet.built_cache``): staff, places and
+    # equipment come back in message after message.
+    cacheable: bool = False
     # The generated builder (``codegen``): function(ctx, out) -> body, checking the values as it
     # goes; raises when something needs the interpreter to say what is wrong.
     compiled: object = None
@@ -153,6 +158,9 @@ class Result:
     warnings: list = field(default_factory=list)
 
 
+BUILT_CACHE_LIMIT = 20_000  # resources built from a value alone kept across messages (a few MB)
+
+
 class MappingSet:
     """Every mapping in a directory, compiled and cross-checked."""
 
@@ -163,6 +171,9 @@ class MappingSet:
         self.resources: dict[str, ResourceMapping] = {}
         self.messages: dict[str, MessageMapping] = {}
         self.version = ""
+        # (resource mapping, value, its field, separators, time zone, year two-digit years are read
+        # near) -> (body as JSON, ID and URL, warnings), for ``cacheable`` resource mappings.
+        self.built_cache: dict = {}
         self._load()
 
     # -- loading --------------------------------------------------------------------------------
@@ -271,7 +282,9 @@ class MappingSet:
         template = compile_template(body, path, data.line, names, resource_type, segment, known)
         texts = [*template.texts_read(self.datatypes), *(node.text for _, node in lets),
                  *(data.get("$key", []) or [])]
-        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets, reads=segment_kinds(texts))
+        reads = segment_kinds(texts)
+        return ResourceMapping(path.stem, resource_type, template, key, str(path), lets, reads=reads,
+                               cacheable=reads == frozenset() and not references(template, self.datatypes))
 
     def _message(self, path, names) -> MessageMapping:
         data = load_yaml(path)
@@ -341,6 +354,12 @@ class MappingSet:
     def datatype(self, name):
         return self.datatypes[name]
 
+    def remember(self, key: tuple, built: tuple):
+        """Keep a resource built from a value alone; the oldest goes beyond ``BUILT_CACHE_LIMIT``."""
+        if len(self.built_cache) >= BUILT_CACHE_LIMIT:
+            self.built_cache.pop(next(iter(self.built_cache)))
+        self.built_cache[key] = built
+
     def summary(self) -> dict:
         return {kind: sorted(getattr(self, attr)) for kind, attr in
                 (("message", "messages"), ("resource", "resources"), ("datatype", "datatypes"), ("codesystem", "tables"))}
@@ -367,6 +386,20 @@ class MappingSet:
             # Again, recording where every value came from, so each problem can name its origin.
             return Conversion(self, message, zone, tracking=True, route=route, now=now, version=version,
                               strict=strict).run(message_mapping)
+
+
+def references(node: Node, datatypes: dict, seen: frozenset = frozenset()) -> bool:
+    """Whether a template (with the datatypes it uses) builds a ``$reference`` to another resource."""
+    if getattr(node, "reference", None) is not None:
+        return True
+    name = getattr(node, "datatype", None)
+    if name is not None and name in datatypes and name not in seen and references(datatypes[name], datatypes,
+                                                                                 seen | {name}):
+        return True
+    children = list(getattr(node, "items", None) or []) + [c for _, c in getattr(node, "fields", None) or []]
+    if isinstance(getattr(node, "value", None), Node):
+        children.append(node.value)
+    return any(references(child, datatypes, seen) for child in children)
 
 
 def segment_kinds(texts) -> frozenset | None:
@@ -519,8 +552,21 @@ class Conversion:
                 self.built[memo] = reference = self.built_from_value[by_value]
                 return reference
         out = Output(self.mappings, self, self.tracking)
-        body, checked = None, False
-        if not self.tracking and resource_mapping.compiled is not None:
+        body, checked, found = None, False, None
+        cache_key = None
+        if resource_mapping.cacheable and not self.tracking and ctx.value is not None:
+            cache_key = (name, ctx.value, ctx.value_label, self.message.seps, ctx.tz, ctx.year)
+            cached = self.mappings.built_cache.get(cache_key)
+            if cached is not None:
+                body_json, found, notes = cached
+                body, checked = orjson.loads(body_json), True  # a copy of its own for this Bundle
+                for note in notes:
+                    ctx.warn(note)
+            else:
+                # Its warnings on a list of their own, to be kept with it (then added in order).
+                ctx = Context(ctx.message, ctx.segment, ctx.value, ctx.tz, ctx.tables, ctx.groups, [], ctx.lets,
+                              ctx.year, ctx.value_label)
+        if body is None and not self.tracking and resource_mapping.compiled is not None:
             # The generated builder checks every value as it goes; when it gives up, the
             # interpreter builds the resource again and fhirspec says what is wrong, and where.
             try:
@@ -538,11 +584,17 @@ class Conversion:
                 ctx = ctx.with_lets(None)
             body = resource_mapping.template.build(ctx, out, where) or {}
         self.errors.extend(out.errors)
+        if cache_key is not None and cached is None:
+            for note in ctx.notes:
+                self.ctx.warn(note)
         if not body:
             self.built[memo] = None
             return None
         resource = {"resourceType": resource_mapping.resource_type, **body}
-        found = self.data_identity(resource_mapping, resource, ctx)
+        if found is None:
+            found = self.data_identity(resource_mapping, resource, ctx)
+            if cache_key is not None and found is not None and checked and not out.errors:
+                self.mappings.remember(cache_key, (orjson.dumps(body), found, tuple(ctx.notes)))
         resource_id, url = found if found is not None else self.position_identity(resource_mapping)
         key = (resource_mapping.resource_type, resource_id)
         if key not in self.entries:

@@ -246,3 +246,67 @@ def test_a_resource_without_an_identity_in_its_data_is_not_shared(tmp_path):
     result = mapping_set.convert(message, "DFT")
     practitioners = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
     assert len(practitioners) == 2
+
+
+# -- resources built from a value alone, kept across messages --------------------------------------
+
+def staff_mappings(directory: Path, practitioner: str) -> MappingSet:
+    write(directory, "message/SIU.yaml", "resources:\n  - {resource: Appointment, from: SCH}\n")
+    write(directory, "resource/Appointment.yaml",
+          "resourceType: Appointment\nidentifier:\n  - value: SCH-1.1\nstatus: 'proposed'\nparticipant:\n"
+          "  - $each: 'AIP[*]'\n    status: 'accepted'\n    actor:\n      $reference: Practitioner\n      $from: AIP-3\n")
+    write(directory, "resource/Practitioner.yaml", practitioner)
+    return MappingSet(directory)
+
+
+def siu(control: str, stamp: str = "20260101", staff: str = "DR7^Who^^^^491231") -> bytes:
+    return (f"MSH|^~\\&|A|B|C|D|{stamp}||SIU^S12|{control}|P|2.5\rSCH|{control}\r"
+            f"AIP|1||{staff}\r").encode()
+
+
+PRACTITIONER = "resourceType: Practitioner\nidentifier:\n  - value: $.1\nname:\n  - family: $.2\nbirthDate: date($.6)\n"
+
+
+def practitioner_of(result):
+    return next(e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner")
+
+
+def test_a_resource_from_a_value_alone_is_kept_and_given_with_its_warnings(tmp_path):
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    assert mapping_set.resources["Practitioner"].cacheable
+    assert not mapping_set.resources["Appointment"].cacheable  # it reads SCH and references others
+    first = mapping_set.convert(pipeline.read(siu("1")), "SIU")
+    assert len(mapping_set.built_cache) == 1
+    practitioner_of(first)["name"][0]["family"] = "changed in the first Bundle"
+    second = mapping_set.convert(pipeline.read(siu("2")), "SIU")
+    assert practitioner_of(second)["name"] == [{"family": "Who"}]  # its own copy, not the first's
+    assert practitioner_of(second)["birthDate"] == "2049-12-31"
+    warning = "AIP-3.6 '491231' has a two-digit year: read as 2049"
+    assert warning in first.warnings and warning in second.warnings
+
+
+def test_what_a_value_gives_is_kept_apart_by_the_message_year(tmp_path):
+    """A two-digit year is read near the message's own year: the same staff value in a 1990
+    message is not given what it gave in a 2026 one."""
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    recent = mapping_set.convert(pipeline.read(siu("1", "20260101")), "SIU")
+    older = mapping_set.convert(pipeline.read(siu("2", "19900101")), "SIU")
+    assert practitioner_of(recent)["birthDate"] == "2049-12-31"
+    assert practitioner_of(older)["birthDate"] == "1949-12-31"
+
+
+def test_a_bad_value_is_not_kept(tmp_path):
+    mapping_set = staff_mappings(tmp_path, PRACTITIONER)
+    for control in ("1", "2"):
+        with pytest.raises(MappingError) as raised:
+            mapping_set.convert(pipeline.read(siu(control, staff="DR7^Who^^^^201399")), "SIU")
+        assert any("Practitioner.birthDate" in p for p in raised.value.problems)
+    assert mapping_set.built_cache == {}
+
+
+def test_a_resource_that_reads_a_segment_is_not_kept(tmp_path):
+    mapping_set = staff_mappings(tmp_path, "resourceType: Practitioner\nidentifier:\n  - value: $.1\n"
+                                           "name:\n  - family: $.2\n    given:\n      - MSH-4\n")
+    assert not mapping_set.resources["Practitioner"].cacheable
+    mapping_set.convert(pipeline.read(siu("1")), "SIU")
+    assert mapping_set.built_cache == {}
