@@ -35,7 +35,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable
 from zoneinfo import ZoneInfo
 
-from ..hl7.er7 import Message, Segment, component, unescape
+from ..hl7.er7 import Message, Segment, unescape
 from ..errors import PathError
 from ..hl7.paths import Path, parse_path
 from ..stamps import stable_id
