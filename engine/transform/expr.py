@@ -260,28 +260,8 @@ def relative_first(text: str, decode: bool = True) -> Callable[[Context], "str |
     index = number - 1
     sub = parts[1] if len(parts) > 1 else None
 
-    if sub is None and decode:
-        # ``$.2``, the most read of all: a datatype's components.
-        def component_of(ctx):
-            raw = ctx.value
-            if not raw:
-                return None
-            split = ctx.components
-            if split is None or split[0] is not raw:
-                split = _components(ctx, raw)
-            pieces = split[1]
-            if len(pieces) < number:
-                return None
-            raw = pieces[index]
-            if not raw:
-                return None
-            if split[2]:
-                return unescape(raw, ctx.message.seps)
-            return raw
-
-        return component_of
-
     def part(ctx):
+        # ``$.2``, the most read of all: a datatype's components, split once per value.
         raw = ctx.value
         if not raw:
             return None

@@ -63,20 +63,23 @@ class Route:
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
             return False
-        # Each MSH value is read only when the route asks for it.
-        if self.versions and header.version not in self.versions:
-            return False
-        if self.sending_applications and header.sending_application not in self.sending_applications:
-            return False
-        if self.sending_facilities and header.sending_facility not in self.sending_facilities:
-            return False
-        if self.receiving_applications and header.receiving_application not in self.receiving_applications:
-            return False
-        if self.receiving_facilities and header.receiving_facility not in self.receiving_facilities:
-            return False
-        if self.processing_ids and header.processing_id not in self.processing_ids:
-            return False
+        for filter_name, header_name in _HEADER_FILTERS:
+            wanted = getattr(self, filter_name)
+            # The MSH value is read only when the route asks for it.
+            if wanted and getattr(header, header_name) not in wanted:
+                return False
         return all(condition(ctx) for condition in self.where)
+
+
+# A route's filters on the MSH (``match`` keys) and the Header values they compare.
+_HEADER_FILTERS = (
+    ("versions", "version"),
+    ("sending_applications", "sending_application"),
+    ("sending_facilities", "sending_facility"),
+    ("receiving_applications", "receiving_application"),
+    ("receiving_facilities", "receiving_facility"),
+    ("processing_ids", "processing_id"),
+)
 
 
 class RouteTable:
