@@ -29,6 +29,8 @@ from ..errors import ParseError
 from .paths import Path, parse_path
 
 SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+# The segment IDs seen to be valid (at most 26 x 36 x 36 of them): most lines are checked by a lookup.
+_VALID_IDS: set[str] = set()
 _TERMINATORS = re.compile(r"(\r\n|\r|\n)")
 # What may stand before MSH and is dropped: a byte-order mark, MLLP framing (VT, FS), NUL, whitespace.
 _JUNK_BEFORE_MSH = "\ufeff\x0b\x1c\x00\t\r\n "
@@ -81,7 +83,8 @@ class Separators:
         field = header_line[3]
         if field.isalnum() or field in "\r\n ":
             raise ParseError(f"MSH-1 field separator {field!r} is not usable", "MSH-1")
-        encoding = header_line[4:].split(field, 1)[0]
+        end = header_line.find(field, 4)
+        encoding = header_line[4:end] if end >= 0 else header_line[4:]
         warnings = []
         truncation = ""
         if len(encoding) == 3:
@@ -513,7 +516,7 @@ def parse(text: str) -> Message:
     skipped = 0
     for number, line in enumerate(lines, start=1):
         # A segment ID is three upper-case letters or digits, then the field separator or the end.
-        if line[3:4] in (field_sep, "") and SEGMENT_ID.match(line[:3]):
+        if line[3:4] in (field_sep, "") and _is_segment_id(line[:3]):
             segments.append(Segment(line, seps, len(segments)))
             continue
         if set(line) <= only_separators:
@@ -532,6 +535,16 @@ def parse(text: str) -> Message:
         warnings.append(f"MSH-2 has a 5th character {seps.truncation!r} (the truncation character of HL7 v2.7 "
                         f"and later) in a v{version or '?'} message: ignored")
     return Message(original, seps, segments, warnings)
+
+
+def _is_segment_id(text: str) -> bool:
+    """Whether ``text`` is a segment ID (``SEGMENT_ID``), by a lookup for the IDs seen before."""
+    if text in _VALID_IDS:
+        return True
+    if SEGMENT_ID.match(text):
+        _VALID_IDS.add(text)
+        return True
+    return False
 
 
 def _repair_id(line: str, field_sep: str) -> tuple[str, str] | None:
