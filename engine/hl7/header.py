@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 from .er7 import DEFAULT_SEPARATORS, Message, Separators, unescape
 
@@ -31,19 +30,19 @@ class Header:
     # Why MSH-9 gives no trigger event, in words, when it does not ('' when it does).
     trigger_missing: str = ""
 
-    @cached_property
+    @property
     def sending_application(self) -> str:
         return hd_name(self.sending_application_raw, self.seps)
 
-    @cached_property
+    @property
     def sending_facility(self) -> str:
         return hd_name(self.sending_facility_raw, self.seps)
 
-    @cached_property
+    @property
     def receiving_application(self) -> str:
         return hd_name(self.receiving_application_raw, self.seps)
 
-    @cached_property
+    @property
     def receiving_facility(self) -> str:
         return hd_name(self.receiving_facility_raw, self.seps)
 
