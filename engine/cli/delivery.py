@@ -22,18 +22,25 @@ from .output import format_table
 def outbox(journal_path, destination, state, limit, as_json):
     """What is pending, retrying, dead and delivered, per destination; or the deliveries themselves.
 
+    Per destination, also how many messages waiting for conversion will be delivered there
+    (unconverted) and how many pending deliveries wait for them (held: an earlier message with
+    their ordering key is not converted yet). A listed delivery that something holds back says
+    what in waits_for: such a message, or an earlier delivery with its key that is not delivered.
+
     Example: hl7bridge outbox --destination fhir-main --state dead
     """
-    from ..delivery.outbox import summary
+    from ..delivery.outbox import deliveries, summary
 
     with_journal = open_journal(journal_path)
     try:
         if destination or state:
-            rows = with_journal.list_deliveries(destination, state, limit)
-            columns = ["id", "message_id", "control_id", "destination", "state", "attempts", "next_attempt_at", "last_error"]
+            rows = deliveries(with_journal, destination, state, limit)
+            columns = ["id", "message_id", "control_id", "destination", "state", "attempts", "next_attempt_at",
+                       "last_error", "waits_for"]
         else:
             rows = summary(with_journal)
-            columns = ["destination", "pending", "in_flight", "retrying", "dead", "delivered", "oldest_open"]
+            columns = ["destination", "pending", "in_flight", "retrying", "dead", "delivered", "oldest_open",
+                       "unconverted", "held"]
     finally:
         with_journal.close()
     if as_json:

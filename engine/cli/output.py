@@ -67,6 +67,8 @@ def detail_text(detail: dict) -> str:
         lines.append("")
         lines.append(f"delivery to {delivery['destination']}: {delivery_state(delivery)}"
                      + (f" ({delivery['reason']})" if delivery["reason"] else ""))
+        if delivery.get("waits_for"):
+            lines.append(f"  waits for {delivery['waits_for']}")
         for event in delivery["events"]:
             if event["kind"] == "replay":
                 lines.append(f"  {event['at']}  replayed by {event['who']}: {event['why']}"

@@ -1,7 +1,8 @@
 """Delivery: getting converted messages to FHIR servers, ERPs and files, at least once, in order per key.
 
 Owns the outbox rules (``outbox``: states, what an attempt came to, the next state and backoff,
-ordering keys, ``queue``, the one place deliveries are created), destinations (``destinations``),
+ordering keys and the expected deliveries of messages not mapped yet, ``queue``, the one place
+deliveries are created), destinations (``destinations``),
 the HTTP client every HTTP sender composes (``http``: TLS, auth incl. OAuth2, timeouts, what is
 transient), the senders (``senders``: FHIR, REST ERP, files; ``tryton``), finance events
 (``finance``), NDJSON files that survive a crash (``ndjson``), and the dispatcher.

@@ -8,8 +8,12 @@ with a next attempt time (exponential backoff with jitter, or the server's Retry
 permanent failure, or too many attempts, or too old, makes it ``dead`` until it is replayed.
 
 Ordering: deliveries with the same key (the same patient, or appointment, or account, as the
-destination says) to the same destination go out in the order they were created; a delivery that
-is not yet delivered (retrying or dead) holds back later ones with its key, and only those.
+destination says) to the same destination go out in the order their messages arrived (journal
+order), whichever way the messages were mapped. A delivery that is not yet delivered (retrying or
+dead) holds back later ones with its key, and only those; so does a message still waiting for a
+converter: it is journaled with its *expected* deliveries (``expected``: the destinations its
+route sends to, with their keys), which hold back later messages' deliveries with those keys
+until its conversion is recorded (mapped, or a mapping error: either releases them).
 """
 
 from __future__ import annotations
@@ -48,16 +52,37 @@ class Result:
     notice: str = ""  # something the operator should know even though it worked (logged; no content)
 
 
-def ordering_key(destination: Destination, ids: list[dict], message_id: int) -> str:
+ORDER_KINDS = {"patient": ("patient",), "appointment": ("filler_appointment", "placer_appointment"),
+               "account": ("account",)}
+
+
+def identifier_key(destination: Destination, ids: list[tuple[str, str, str]]) -> str | None:
+    """The key that orders deliveries for ``destination`` among messages: its ``order_by``
+    identifier (SCH-2 before SCH-1 for ``appointment``), or None when the destination orders no
+    messages together (``message``, ``none``) or the message has no such identifier. ``ids`` are
+    (kind, value, authority) in any order: with several of a kind (PID-3 repeats), the one that
+    sorts first by value and authority, so the key is the same whichever order they come in and
+    whether they are read from the message or from the journal."""
+    for kind in ORDER_KINDS.get(destination.order_by, ()):
+        found = [(value, authority or "") for k, value, authority in ids if k == kind]
+        if found:
+            value, authority = min(found)
+            return f"{kind}:{authority}|{value}" if authority else f"{kind}:{value}"
+    return None
+
+
+def ordering_key(destination: Destination, ids: list[tuple[str, str, str]], message_id: int) -> str:
     """The key that orders deliveries for ``destination``: its order_by identifier, else the message."""
-    wanted = {"patient": ("patient",), "appointment": ("filler_appointment", "placer_appointment"),
-              "account": ("account",)}.get(destination.order_by, ())
-    for kind in wanted:
-        for ident in ids:
-            if ident["kind"] == kind:
-                authority = ident.get("authority")
-                return f"{kind}:{authority}|{ident['value']}" if authority else f"{kind}:{ident['value']}"
-    return f"message:{message_id}"
+    return identifier_key(destination, ids) or f"message:{message_id}"
+
+
+def expected(destinations: list[Destination], ids: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(destination, key) of the deliveries a message waiting for conversion will be queued with,
+    for the destinations that order it with others (by its ``ids``): journaled with the message
+    (``Entry.expected``), they hold back later messages' deliveries with those keys until it is
+    converted. The same keys ``queue`` gives its deliveries then."""
+    keyed = [(d.name, identifier_key(d, ids)) for d in destinations]
+    return [(name, key) for name, key in keyed if key is not None]
 
 
 def queue(journal: Journal, message_id: int, destinations: list[Destination], now: datetime):
@@ -65,7 +90,7 @@ def queue(journal: Journal, message_id: int, destinations: list[Destination], no
     place deliveries are created (ingest, the converter and replay --remap all come here)."""
     if not destinations:
         return
-    ids = journal.message_identifiers(message_id)
+    ids = [(i["kind"], i["value"], i["authority"]) for i in journal.message_identifiers(message_id)]
     journal.create_deliveries(message_id, [(d.name, ordering_key(d, ids, message_id)) for d in destinations], now)
 
 
@@ -99,18 +124,50 @@ def finish(journal: Journal, delivery: Delivery, destination: Destination, resul
     return decided.state
 
 
-def summarize(counts: list[tuple[str, str, int, str | None]]) -> list[dict]:
+def summarize(counts: list[tuple[str, str, int, str | None]],
+              holds: list[tuple[str, int, str | None, int]] = ()) -> list[dict]:
     """Per destination: how many deliveries in each state, and the oldest undelivered, from
-    ``Journal.outbox_counts()`` rows."""
+    ``Journal.outbox_counts()`` rows; and from ``Journal.outbox_holds()`` rows, how many messages
+    waiting for conversion will be delivered there (``unconverted``, the oldest received at
+    ``oldest_unconverted``) and how many pending deliveries wait for them (``held``: an earlier
+    message with their key is not converted yet)."""
     table: dict[str, dict] = {}
+
+    def row(destination):
+        return table.setdefault(destination, {"destination": destination, **{s: 0 for s in STATES}, "oldest_open": None,
+                                              "unconverted": 0, "held": 0, "oldest_unconverted": None})
+
     for destination, state, count, oldest in counts:
-        entry = table.setdefault(destination, {"destination": destination, **{s: 0 for s in STATES}, "oldest_open": None})
+        entry = row(destination)
         entry[state] = count
         if state != DELIVERED and oldest and (entry["oldest_open"] is None or oldest < entry["oldest_open"]):
             entry["oldest_open"] = oldest
+    for destination, unconverted, oldest, held in holds:
+        entry = row(destination)
+        entry["unconverted"], entry["oldest_unconverted"], entry["held"] = unconverted, oldest, held
     return [table[name] for name in sorted(table)]
 
 
 def summary(journal: Journal) -> list[dict]:
     """The outbox per destination (``hl7bridge outbox``, the dashboard)."""
-    return summarize(journal.outbox_counts())
+    return summarize(journal.outbox_counts(), journal.outbox_holds())
+
+
+def waits_for(delivery: dict) -> str:
+    """What holds a listed delivery (``Journal.list_deliveries``) back, in words; "" when nothing
+    does (it is due, or not pending)."""
+    if delivery.get("waits_for_message") is not None:
+        return f"message {delivery['waits_for_message']} (same key, not converted yet)"
+    if delivery.get("waits_for_delivery") is not None:
+        return f"delivery {delivery['waits_for_delivery']} (same key, {delivery['waits_for_state']})"
+    return ""
+
+
+def deliveries(journal: Journal, destination: str | None = None, state: str | None = None,
+               limit: int = 50) -> list[dict]:
+    """Deliveries, newest first (``Journal.list_deliveries``), each with ``waits_for``: what holds
+    it back, in words (``hl7bridge outbox --destination``)."""
+    rows = journal.list_deliveries(destination, state, limit)
+    for row in rows:
+        row["waits_for"] = waits_for(row)
+    return rows

@@ -4,8 +4,10 @@
 and its ACK; for a route that ACKs after mapping, ``map_before_ack`` then runs the pipeline and
 finishes the row and the ACK (the listener runs that in a thread pool, never on the reactor).
 ``Ingestor.record`` journals a batch of prepared frames in one transaction (group commit),
-detecting duplicates (atomically across the nodes of a cluster: ``Journal.lock_keys``), and queues the deliveries of those mapped already. Only after that commit
-does the caller get the ACKs to send, so an ACK never promises a message the journal does not hold.
+detecting duplicates (atomically across the nodes of a cluster: ``Journal.lock_keys``), and queues the deliveries of those mapped already
+(those left to a converter get their expected deliveries instead, which hold their ordering keys).
+Only after that commit does the caller get the ACKs to send, so an ACK never promises a message the
+journal does not hold.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from ..delivery import outbox
 from ..hl7 import charset as charsets
 from ..hl7.ack import ACCEPT, ERROR, REJECT, AckError, ack_code, ack_wanted, build_ack
 from ..hl7.assess import AcceptPolicy, Assessment, assess, join_warnings
@@ -173,7 +176,10 @@ class Ingestor:
             elif route.ack_after == "mapping":
                 return Prepared(frame, None, None, assessment.header, mapping_route=route, received=now,
                                 assessment=assessment, project=project)
-        return self._finish(frame, now, assessment, outcome, error, status, route)
+        prepared = self._finish(frame, now, assessment, outcome, error, status, route)
+        if status == ACCEPTED and route is not None:  # for a converter: its keys hold later deliveries back
+            prepared.entry.expected = outbox.expected(project.destinations_of(route), prepared.entry.ids)
+        return prepared
 
     def map_before_ack(self, prepared: Prepared) -> Prepared:
         """Map a frame whose route ACKs after mapping, and finish its row and ACK (blocking: the
@@ -217,6 +223,8 @@ class Ingestor:
                     earlier = [(o.message_id, o.entry.ack, o.ack_code, o.entry.raw) for o in seen_in_batch.get(dedupe_key, [])]
                     earlier = journaled.get(dedupe_key, []) + earlier
                     policy = self._resend(prepared, earlier) if earlier else None
+                    if entry.status != ACCEPTED:
+                        entry.expected = []  # a resend, rejected or held: not converted, holds nothing
                 message_id = self.journal.insert(entry)
                 if prepared.converted is not None:
                     pipeline.record(self.journal, message_id, prepared.converted, entry.received_at, self.clock())

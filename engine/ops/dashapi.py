@@ -130,7 +130,7 @@ def summary(status: Status, body: dict, user: User):
     latency = status.ack_latency
 
     def read(journal):
-        return {**journal.traffic(since), "outbox": summarize(journal.outbox_counts())}
+        return {**journal.traffic(since), "outbox": summarize(journal.outbox_counts(), journal.outbox_holds())}
 
     def page(found):
         listeners = status.listeners()

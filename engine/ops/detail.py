@@ -13,6 +13,7 @@ from ..hl7.charset import decode
 from ..hl7.er7 import parse, unescape
 from ..errors import ParseError
 from ..hl7.standard import field_info, validate as validate_structure
+from ..delivery.outbox import waits_for
 from ..store.base import decode_notes
 
 SUMMARY_FIELDS = (
@@ -160,7 +161,8 @@ def delivery_stories(history: dict) -> list[dict]:
 
     ``attempts`` counts every attempt listed; ``attempts_since_replay`` the ones since the
     delivery was last queued again (what its retry limit counts); ``reason`` is its last error
-    with what the server said about it (an OperationOutcome's diagnostics, not only "HTTP 422").
+    with what the server said about it (an OperationOutcome's diagnostics, not only "HTTP 422");
+    ``waits_for`` what holds it back, if anything (an earlier message or delivery with its key).
     """
     stories = []
     replays = history.get("replays") or []
@@ -186,5 +188,6 @@ def delivery_stories(history: dict) -> list[dict]:
             "replayed": any(event["kind"] == "replay" for event in events),
             "next_attempt_at": delivery.get("next_attempt_at"), "delivered_at": delivery.get("delivered_at"),
             "last_error": delivery.get("last_error"), "reason": reason, "events": events,
+            "waits_for": waits_for(delivery),
         })
     return stories

@@ -13,6 +13,8 @@ Served at ``/metrics`` by ``engine.ops.webapi``. Names and labels (docs/operatio
     hl7bridge_deliveries_total{destination,outcome}      delivered, retrying, dead (per attempt result)
     hl7bridge_outbox_depth{destination,state}            pending, in_flight, retrying, dead now
     hl7bridge_outbox_oldest_age_seconds{destination}     age of the oldest undelivered delivery
+    hl7bridge_outbox_unconverted{destination}            messages a converter has still to map for it
+    hl7bridge_outbox_held{destination}                   pending deliveries that wait for those (per-key order)
     hl7bridge_file_torn_records_total{destination}       torn records set aside (file destinations)
     hl7bridge_file_already_written_total{destination}    retried deliveries found already in the file
     hl7bridge_reconcile_exceptions{kind,facility}        open scheduling-to-cash exceptions (last 30 days)
@@ -63,13 +65,15 @@ def _labels(**labels) -> str:
 def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts: dict,
            outbox_open: list[tuple[str, str, int, str | None]], now: datetime,
            sender_counts: dict | None = None, listeners: list | None = None,
-           configuration: dict | None = None, reconcile: dict | None = None) -> str:
+           configuration: dict | None = None, reconcile: dict | None = None,
+           outbox_holds: list[tuple[str, int, str | None, int]] = ()) -> str:
     """The whole /metrics page.
 
     ``delivery_counts`` maps (destination, outcome) to a count; ``outbox_open`` is rows of
     (destination, state, count, oldest created_at) for the states that are not delivered;
     ``listeners`` and ``configuration`` are what ``engine.ops.status.Status`` says of them;
-    ``reconcile`` is ``engine.reconcile.queue.gauges``.
+    ``reconcile`` is ``engine.reconcile.queue.gauges``; ``outbox_holds`` is rows of
+    ``Journal.outbox_holds()``.
     """
     lines = []
 
@@ -113,6 +117,11 @@ def render(counters, per_listener: dict, ack_latency: Histogram, delivery_counts
         age = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
         ages.append(f"hl7bridge_outbox_oldest_age_seconds{_labels(destination=destination)} {max(0.0, age):.3f}")
     metric("hl7bridge_outbox_oldest_age_seconds", "gauge", "Age of the oldest undelivered delivery.", ages)
+    metric("hl7bridge_outbox_unconverted", "gauge", "Messages waiting for a converter that will be delivered here.",
+           [f"hl7bridge_outbox_unconverted{_labels(destination=d)} {n}" for d, n, _, _ in outbox_holds])
+    metric("hl7bridge_outbox_held", "gauge",
+           "Pending deliveries held back until an earlier message with their key is converted.",
+           [f"hl7bridge_outbox_held{_labels(destination=d)} {n}" for d, _, _, n in outbox_holds])
     sender_counts = sender_counts or {}
     for counter, name, help_text in (
         ("torn_records_set_aside", "hl7bridge_file_torn_records_total",

@@ -62,13 +62,13 @@ def site_root(status: Status) -> Resource:
         def read(journal):
             if reconciled["at"] is None or (now - reconciled["at"]).total_seconds() >= RECONCILE_EVERY:
                 reconciled["gauges"], reconciled["at"] = gauges(journal, settings, erp, now), now
-            return journal.outbox_counts(open_only=True), reconciled["gauges"]
+            return journal.outbox_counts(open_only=True), reconciled["gauges"], journal.outbox_holds()
 
         def page(found):
-            open_outbox, reconcile = found
+            open_outbox, reconcile, holds = found
             text = render(status.counters, status.frames_by_listener, status.ack_latency,
                           status.delivery_outcomes(), open_outbox, now,
-                          status.sender_counters(), status.listeners(), status.configuration(), reconcile)
+                          status.sender_counters(), status.listeners(), status.configuration(), reconcile, holds)
             return 200, text
 
         return status.read(read).addCallback(page)

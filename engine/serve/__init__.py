@@ -113,7 +113,7 @@ class Engine:
             self.supervisor.add("text indexer", "engine.store.textindexer", location,
                                 "--interval", str(TEXT_INDEX_INTERVAL), "--parent", str(os.getpid()))
         # Converter processes (mapping for ack.after: commit routes), one per core by default:
-        # they share the work through their claims and journal it in arrival order.
+        # they share the work through their claims (per-key order: engine.delivery.outbox).
         self.converters = [f"converter-{n}" for n in range(1, settings.converters + 1)] if project is not None else []
         for name in self.converters:
             self.supervisor.add(name, "engine.transform.converter", "-",

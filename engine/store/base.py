@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
 
 # Message statuses (set at ingest, by routing and by mapping).
@@ -126,6 +126,10 @@ class Entry:
     route: str | None = None
     conversion: ConversionRecord | None = None  # when the route maps before the ACK
     acked_at: str | None = None
+    # When it waits for a converter: (destination, ordering key) of the deliveries its conversion
+    # will queue (engine.delivery.outbox.expected). Until its conversion is recorded they hold back
+    # later messages' deliveries with those keys, however those were mapped.
+    expected: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def patient_id(self) -> str | None:
@@ -301,8 +305,8 @@ class Journal(ABC):
 
     @abstractmethod
     def insert(self, entry: Entry) -> int:
-        """Store one entry, its identifiers and its conversion (if it has one), inside the
-        caller's transaction; returns its message ID."""
+        """Store one entry, its identifiers, its conversion (if it has one) and its expected
+        deliveries (``Entry.expected``), inside the caller's transaction; returns its message ID."""
 
     # -- writing: conversion --------------------------------------------------------------------------
 
@@ -343,7 +347,20 @@ class Journal(ABC):
     def record_conversion(self, message_id: int, record: ConversionRecord, update_status: bool = False,
                           route: str | None = None):
         """Store a message's conversion, replacing an earlier one, inside the caller's transaction;
-        with ``update_status`` the message takes the conversion's status, with ``route`` that route."""
+        with ``update_status`` the message takes the conversion's status, with ``route`` that route,
+        and its expected deliveries are gone (it no longer holds anything back: its deliveries, if
+        it has any now, do)."""
+
+    @abstractmethod
+    def waiting_without_expected(self, after_id: int, limit: int) -> list[tuple[int, str]]:
+        """(id, route) of messages waiting for conversion with no expected deliveries, after
+        ``after_id``, oldest first: those journaled before schema 8, which kept none (and those
+        whose route's destinations order nothing). A read."""
+
+    @abstractmethod
+    def expect_deliveries(self, message_id: int, expected: list[tuple[str, str]]) -> int:
+        """Add (destination, key) expected deliveries to a message while it still waits for
+        conversion, in one transaction; returns how many were added (none once it is converted)."""
 
     # -- the outbox ----------------------------------------------------------------------------------
 
@@ -364,9 +381,10 @@ class Journal(ABC):
 
     @abstractmethod
     def due_deliveries(self, destination: str, now: datetime, limit: int) -> list[Delivery]:
-        """Pending or retrying deliveries of ``destination`` whose time has come and that no earlier
-        undelivered delivery with the same key holds back, in order, with their Bundles. A read:
-        the dispatcher takes work with ``claim_deliveries``."""
+        """Pending or retrying deliveries of ``destination`` whose time has come and that nothing
+        earlier with the same key holds back, in order, with their Bundles: no undelivered delivery
+        of an earlier message, and no expected delivery of an earlier message still waiting for
+        conversion (``Entry.expected``). A read: the dispatcher takes work with ``claim_deliveries``."""
 
     @abstractmethod
     def claim_deliveries(self, destination: str, worker: str, now: datetime, limit: int, lease: float,
@@ -422,10 +440,19 @@ class Journal(ABC):
         ``open_only``, not the delivered ones), sorted by destination and state."""
 
     @abstractmethod
+    def outbox_holds(self) -> list[tuple[str, int, str | None, int]]:
+        """(destination, messages waiting for conversion with an expected delivery there, the
+        oldest one's received_at, pending or retrying deliveries they hold back) per destination
+        that has any, sorted by destination."""
+
+    @abstractmethod
     def list_deliveries(self, destination: str | None = None, state: str | None = None,
                         limit: int = 50) -> list[dict]:
         """Deliveries, newest first: id, message_id, control_id, destination, key, state, attempts,
-        created_at, next_attempt_at, last_error."""
+        created_at, next_attempt_at, last_error; and for a pending or retrying one what holds it
+        back, if anything: ``waits_for_message`` (the oldest earlier message with its key still
+        waiting for conversion), ``waits_for_delivery`` and ``waits_for_state`` (the oldest earlier
+        undelivered delivery with its key), else None."""
 
     @abstractmethod
     def replay(self, message_ids: list[int], destinations: list[str] | None, who: str, why: str,
@@ -463,7 +490,8 @@ class Journal(ABC):
 
     @abstractmethod
     def history(self, message_id: int) -> dict:
-        """What happened after ingest: {"deliveries": [... with "tries": [attempts]], "replays": [...]}."""
+        """What happened after ingest: {"deliveries": [... with "tries": [attempts]], "replays": [...]}; each
+        delivery with what holds it back as ``list_deliveries`` says it (``waits_for_message``, ...)."""
 
     @abstractmethod
     def deliveries_of(self, message_id: int) -> list[dict]:

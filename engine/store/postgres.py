@@ -38,7 +38,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..stamps import iso
 from .base import RESPONSE_KEPT, SCHEMA_VERSION, SYNCHRONOUS_MODES, Attempt, ConversionRecord, Delivery, Entry, NextState
-from .sql import INSERT_COLUMNS, SqlJournal
+from .sql import EXPECTED_DELIVERIES, HELD_FOR_CONVERSION, INSERT_COLUMNS, SqlJournal
 from .sql_reconcile import create_tables as create_reconcile_tables
 from .sqlite_text import searchable_text
 
@@ -228,7 +228,7 @@ class PostgresJournal(SqlJournal):
         return row[0] or 0
 
     def _migrate(self):
-        steps = {6: self._create_v6, 7: self._create_v7}
+        steps = {6: self._create_v6, 7: self._create_v7, 8: self._create_v8}
         with self.transaction():
             self._run("SELECT pg_advisory_xact_lock(?, 0)", LOCK_MIGRATION)  # nodes starting together migrate once
             version = self._version()
@@ -248,6 +248,11 @@ class PostgresJournal(SqlJournal):
         """Schema 7: the scheduling-to-cash record (engine.store.sql_reconcile), as on SQLite."""
         create_reconcile_tables(self._run, sqlite=False)
 
+    def _create_v8(self):
+        """Schema 8: the expected deliveries of messages waiting for conversion, as on SQLite."""
+        for statement in EXPECTED_DELIVERIES:
+            self._run(statement)
+
     # -- ingest ---------------------------------------------------------------------------------------
 
     def lock_keys(self, keys: list[tuple[str, str]]):
@@ -256,20 +261,24 @@ class PostgresJournal(SqlJournal):
             self._all("SELECT pg_advisory_xact_lock(?, k) FROM unnest(?::int[]) AS k", LOCK_DUPLICATE_KEY, hashed)
 
     def insert(self, entry: Entry) -> int:
-        """The message, its free-text document and its identifiers in one statement: one round
-        trip, where SQLite takes one per identifier."""
+        """The message, its free-text document, its identifiers and its expected deliveries in one
+        statement: one round trip, where SQLite takes one per identifier."""
         text = searchable_text(entry.raw, entry.charset).replace("\x00", " ")
         kinds, values, authorities = (list(column) for column in zip(*entry.ids)) if entry.ids else ([], [], [])
-        message_id = self._all(INSERT_MESSAGE_SQL, *self._entry_row(entry), text, kinds, values, authorities)[0][0]
+        destinations, keys = (list(column) for column in zip(*entry.expected)) if entry.expected else ([], [])
+        message_id = self._all(INSERT_MESSAGE_SQL, *self._entry_row(entry), text, kinds, values, authorities,
+                               destinations, keys)[0][0]
         if entry.conversion is not None:
             self.record_conversion(message_id, entry.conversion)
         return message_id
 
     def record_conversion(self, message_id: int, record: ConversionRecord, update_status: bool = False,
                           route: str | None = None):
-        """The conversion and the message's new status and route in one statement."""
+        """The conversion, the message's new status and route, and (with ``update_status``) the
+        end of its expected deliveries, in one statement."""
         self._all(RECORD_CONVERSION_SQL, message_id, record.route, record.status, record.converted_at, record.bundle,
-                  record.problems, route, record.status if update_status else None, message_id)
+                  record.problems, route, record.status if update_status else None, message_id, message_id,
+                  update_status)
 
     def claim_deliveries(self, destination: str, worker: str, now: datetime, limit: int, lease: float,
                          cluster_limit: int | None = None) -> list[Delivery]:
@@ -310,8 +319,8 @@ class PostgresJournal(SqlJournal):
         back to the file system only with VACUUM FULL, which locks the tables: an operator's call)."""
         if self._depth:
             raise RuntimeError("reclaim runs outside a transaction")
-        for table in ("attempts", "deliveries", "replays", "conversions", "conversion_claims", "message_ids",
-                      "messages_text", "messages"):
+        for table in ("attempts", "deliveries", "expected_deliveries", "replays", "conversions", "conversion_claims",
+                      "message_ids", "messages_text", "messages"):
             self._run(f"VACUUM {table}")
 
     def size(self) -> int:
@@ -323,20 +332,23 @@ def _reason(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-# The message, its free-text document and its identifiers (three arrays: kinds, values,
-# authorities) in one statement.
+# The message, its free-text document, its identifiers (three arrays: kinds, values,
+# authorities) and its expected deliveries (two arrays: destinations, keys) in one statement.
 INSERT_MESSAGE_SQL = (
     f"WITH m AS (INSERT INTO messages ({', '.join(INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)}) RETURNING id), "
     f"t AS (INSERT INTO messages_text (message_id, document) SELECT id, to_tsvector('{TEXT_CONFIG}', ?) FROM m), "
     "i AS (INSERT INTO message_ids (message_id, kind, value, authority) "
     "SELECT DISTINCT m.id, x.kind, x.value, x.authority FROM m, unnest(?::text[], ?::text[], ?::text[]) "
-    "AS x(kind, value, authority) ON CONFLICT DO NOTHING) "
+    "AS x(kind, value, authority) ON CONFLICT DO NOTHING), "
+    "e AS (INSERT INTO expected_deliveries (message_id, destination, key) "
+    "SELECT m.id, x.destination, x.key FROM m, unnest(?::text[], ?::text[]) AS x(destination, key)) "
     "SELECT id FROM m"
 )
 
-# A conversion, and (when given) the message's new route and status: (message ID, route, status,
-# converted_at, bundle, problems, the message's route or None, its status or None, message ID).
+# A conversion, and (when given) the message's new route and status, and the end of its expected
+# deliveries when it takes its status: (message ID, route, status, converted_at, bundle, problems,
+# the message's route or None, its status or None, message ID, message ID, whether it takes it).
 RECORD_CONVERSION_SQL = (
     "WITH c AS (INSERT INTO conversions (message_id, route, status, converted_at, bundle, problems) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET route = excluded.route, "
@@ -344,7 +356,8 @@ RECORD_CONVERSION_SQL = (
     "problems = excluded.problems RETURNING message_id), "
     "u AS (UPDATE messages m SET route = coalesce(r.route, m.route), status = coalesce(r.status, m.status) "
     "FROM (SELECT ?::text AS route, ?::text AS status) r WHERE m.id = ? "
-    "AND (r.route IS NOT NULL OR r.status IS NOT NULL)) "
+    "AND (r.route IS NOT NULL OR r.status IS NOT NULL)), "
+    "gone AS (DELETE FROM expected_deliveries WHERE message_id = ? AND ?::boolean) "
     "SELECT message_id FROM c"
 )
 
@@ -355,12 +368,15 @@ RECORD_CONVERSION_SQL = (
 # join before the LIMIT made this statement 3.6 ms of the database's time a delivery). OFFSET 0
 # keeps the key check a subplan probing the open-keys index by (destination, key, message) for each
 # candidate: as an anti-join, with statistics that lag a fast-growing outbox, the planner scanned
-# every open delivery of the destination for each candidate (29 ms, 11,000 buffers a claim).
+# every open delivery of the destination for each candidate (29 ms, 11,000 buffers a claim). The
+# hold of messages not converted yet is a subplan the same way, probing the expected deliveries'
+# (destination, key, message) index.
 CLAIM_DELIVERIES_SQL = (
     "WITH due AS (SELECT d.id, d.state FROM deliveries d "
     "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
     "AND e.message_id < d.message_id AND e.state != 'delivered' OFFSET 0) "
+    f"AND NOT EXISTS ({HELD_FOR_CONVERSION} OFFSET 0) "
     "ORDER BY d.next_attempt_at, d.id LIMIT ? FOR UPDATE OF d SKIP LOCKED), "
     "claimed AS (UPDATE deliveries SET state = 'in_flight', claimed_by = ?, lease_expires_at = ?, updated_at = ? "
     "FROM due WHERE deliveries.id = due.id RETURNING deliveries.*) "

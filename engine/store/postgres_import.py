@@ -1,9 +1,9 @@
 """``hl7bridge journal migrate``: a single node's SQLite journal into a cluster's PostgreSQL one.
 
 Everything a message's story holds is copied with its IDs kept: messages (the exact bytes),
-identifiers, conversions, deliveries, attempts, replays; free text is indexed on the way in. Each
-table goes in batches, oldest first, each batch one transaction, ``INSERT ... ON CONFLICT (key)
-DO UPDATE``: so a run that stops halfway is simply run again, and a second run after the node
+identifiers, conversions, expected deliveries, deliveries, attempts, replays; free text is
+indexed on the way in. Each table goes in batches, oldest first, each batch one transaction,
+``INSERT ... ON CONFLICT (key) DO UPDATE``: so a run that stops halfway is simply run again, and a second run after the node
 went on working brings the later messages and every delivery's latest state. A row already in
 the target under the same ID but with another message (the cluster has received traffic of its
 own) stops the run before anything of that batch is written: migrate into an empty database, and
@@ -25,6 +25,9 @@ TABLES = (
     ("messages", "id", ("id",) + INSERT_COLUMNS),
     ("message_ids", "message_id, kind, value, authority", ("message_id", "kind", "value", "authority")),
     ("conversions", "message_id", ("message_id", "route", "status", "converted_at", "bundle", "problems")),
+    # Messages still waiting for conversion, and what they hold back (a row a later run finds
+    # converted on the source stays behind here, but holds nothing: the message is no longer waiting).
+    ("expected_deliveries", "message_id, destination", ("message_id", "destination", "key")),
     ("deliveries", "id", ("id", "message_id", "destination", "key", "state", "attempts", "created_at",
                           "next_attempt_at", "updated_at", "last_error", "delivered_at", "claimed_by",
                           "lease_expires_at", "resumed")),
@@ -108,7 +111,7 @@ def verify(source, target: PostgresJournal) -> dict:
         expected = source._one(f"SELECT count(*) FROM {table}")[0]
         if table.startswith("rc_"):  # keyed by text: the target holds no rows of its own but copies
             present = target._one(f"SELECT count(*) FROM {table}")[0]
-        elif table == "message_ids" or table == "conversions":
+        elif table in ("message_ids", "conversions", "expected_deliveries"):
             top = source._one(f"SELECT max(message_id) FROM {table}")[0] or 0
             present = target._one(f"SELECT count(*) FROM {table} WHERE message_id <= ?", top)[0]
         else:

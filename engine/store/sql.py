@@ -5,8 +5,9 @@ schema and migrations, durability, free text and the few expressions that differ
 The schema is the same on both (the same tables and columns, so operators and scripts see one
 journal): ``messages`` (one row per received frame, the exact bytes and the fields operators
 search by), ``message_ids`` (every identifier, for keyed search and ordering keys),
-``conversions``, the outbox (``deliveries`` and their ``attempts``), ``replays``, and the
-multi-worker tables: ``conversion_claims`` and ``jobs`` (see ``engine.store.base``). Times are
+``conversions``, the outbox (``deliveries`` and their ``attempts``, and the
+``expected_deliveries`` of messages waiting for conversion), ``replays``, and the multi-worker
+tables: ``conversion_claims`` and ``jobs`` (see ``engine.store.base``). Times are
 ISO 8601 text in UTC (``engine.stamps.iso``) on both, so text order is time order and one query
 compares them on either.
 
@@ -63,10 +64,21 @@ CLAIM_CONVERSIONS_SQL = (
     "RETURNING message_id"
 )
 
+# What holds back delivery d: an earlier message with its key that waits for conversion (its
+# expected delivery to d's destination). Probes the (destination, key, message_id) index of a table
+# as small as the converters' backlog; the message's status is checked too, so a row left behind by
+# any path that converted a message without removing it could never hold a key for good.
+HELD_FOR_CONVERSION = (
+    "SELECT 1 FROM expected_deliveries x JOIN messages w ON w.id = x.message_id "
+    "WHERE x.destination = d.destination AND x.key = d.key AND x.message_id < d.message_id "
+    "AND w.status = 'accepted'"
+)
+
 # Due deliveries of a destination, in order: (destination, now, limit). A delivery waits while one
 # with its key for an earlier message is not delivered (pending, in flight on any node, retrying or
-# dead). Earlier by message, not by delivery: with several converters, a later message may be
-# converted (and its delivery created) before an earlier one.
+# dead), and while an earlier message with its key is not converted yet. Earlier by message, not
+# by delivery: a later message may be mapped (and its delivery created) before an earlier one, by
+# another converter or before its ACK (``ack.after: mapping``).
 DUE_SQL = (
     "SELECT d.id, d.message_id, d.destination, d.key, d.state, d.attempts, d.created_at, m.control_id, c.bundle, "
     "CASE WHEN m.duplicate_of IS NOT NULL THEN CAST(m.id AS TEXT) ELSE '' END, d.resumed != 0 "
@@ -75,6 +87,7 @@ DUE_SQL = (
     "WHERE d.destination = ? AND d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ? "
     "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key "
     "                AND e.message_id < d.message_id AND e.state != 'delivered') "
+    f"AND NOT EXISTS ({HELD_FOR_CONVERSION}) "
     "ORDER BY d.next_attempt_at, d.id LIMIT ?{lock}"
 )
 
@@ -86,6 +99,29 @@ TAKE_JOB_SQL = (
     "last_started_at = excluded.last_started_at "
     "WHERE (jobs.worker IS NULL OR jobs.lease_expires_at <= ?) "
     "AND (jobs.last_started_at IS NULL OR jobs.last_started_at <= ?) RETURNING name"
+)
+
+
+# The expected deliveries of messages waiting for conversion (schema 8, the same on both backends).
+EXPECTED_DELIVERIES = (
+    "CREATE TABLE expected_deliveries (message_id BIGINT NOT NULL REFERENCES messages(id), destination TEXT NOT NULL, "
+    "key TEXT NOT NULL, PRIMARY KEY (message_id, destination))",
+    "CREATE INDEX idx_expected_deliveries_key ON expected_deliveries (destination, key, message_id)",
+)
+
+# An expected delivery of a message waiting for conversion: (message ID, destination, key).
+EXPECT_SQL = "INSERT INTO expected_deliveries (message_id, destination, key) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+
+# What holds back a listed delivery d (when pending or retrying): the oldest earlier message with
+# its key waiting for conversion; the oldest earlier undelivered delivery with its key, and its state.
+_OPEN = "d.state IN ('pending', 'retrying')"
+_EARLIER = ("FROM deliveries e WHERE e.destination = d.destination AND e.key = d.key AND e.message_id < d.message_id "
+            "AND e.state != 'delivered' ORDER BY e.message_id LIMIT 1")
+WAITS_FOR = (
+    f"CASE WHEN {_OPEN} THEN ({HELD_FOR_CONVERSION.replace('SELECT 1', 'SELECT x.message_id')} "
+    "ORDER BY x.message_id LIMIT 1) END AS waits_for_message, "
+    f"CASE WHEN {_OPEN} THEN (SELECT e.id {_EARLIER}) END AS waits_for_delivery, "
+    f"CASE WHEN {_OPEN} THEN (SELECT e.state {_EARLIER}) END AS waits_for_state"
 )
 
 
@@ -174,6 +210,8 @@ class SqlJournal(ReconcileQueries, Journal):
             self._many(
                 "INSERT INTO message_ids (message_id, kind, value, authority) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(message_id, kind, value, authority) for kind, value, authority in entry.ids])
+        if entry.expected:
+            self._many(EXPECT_SQL, [(message_id, destination, key) for destination, key in entry.expected])
         return message_id
 
     # -- conversion -----------------------------------------------------------------------------------
@@ -224,11 +262,28 @@ class SqlJournal(ReconcileQueries, Journal):
         if route is not None or update_status:
             self._run("UPDATE messages SET route = coalesce(?, route), status = coalesce(?, status) WHERE id = ?",
                       route, record.status if update_status else None, message_id)
+        if update_status:
+            self._run("DELETE FROM expected_deliveries WHERE message_id = ?", message_id)
         self._run(
             "INSERT INTO conversions (message_id, route, status, converted_at, bundle, problems) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (message_id) DO UPDATE SET route = excluded.route, status = excluded.status, "
             "converted_at = excluded.converted_at, bundle = excluded.bundle, problems = excluded.problems",
             message_id, record.route, record.status, record.converted_at, record.bundle, record.problems)
+
+    def waiting_without_expected(self, after_id: int, limit: int) -> list[tuple[int, str]]:
+        return [tuple(row) for row in self._all(
+            "SELECT m.id, m.route FROM messages m WHERE m.status = 'accepted' AND m.route IS NOT NULL AND m.id > ? "
+            "AND NOT EXISTS (SELECT 1 FROM expected_deliveries x WHERE x.message_id = m.id) ORDER BY m.id LIMIT ?",
+            after_id, limit)]
+
+    def expect_deliveries(self, message_id: int, expected: list[tuple[str, str]]) -> int:
+        if not expected:
+            return 0
+        with self.transaction():
+            return sum(self._run(
+                "INSERT INTO expected_deliveries (message_id, destination, key) SELECT id, ?, ? FROM messages "
+                "WHERE id = ? AND status = 'accepted' AND route IS NOT NULL ON CONFLICT DO NOTHING",
+                destination, key, message_id) for destination, key in expected)
 
     # -- the outbox -----------------------------------------------------------------------------------
 
@@ -332,6 +387,24 @@ class SqlJournal(ReconcileQueries, Journal):
             f"SELECT destination, state, count(*), min(created_at) FROM deliveries {where}"
             "GROUP BY destination, state ORDER BY destination, state")]
 
+    def outbox_holds(self) -> list[tuple[str, int, str | None, int]]:
+        waiting = {destination: (count, oldest) for destination, count, oldest in self._all(
+            "SELECT x.destination, count(*), min(w.received_at) FROM expected_deliveries x "
+            "JOIN messages w ON w.id = x.message_id WHERE w.status = 'accepted' GROUP BY x.destination")}
+        if not waiting:
+            return []
+        # From the few keys held (each from its oldest waiting message) to the open deliveries with
+        # them, through the open-keys index: never a walk of every pending delivery.
+        held = dict(self._all(
+            "SELECT k.destination, CAST(sum((SELECT count(*) FROM deliveries d "
+            "WHERE d.destination = k.destination AND d.key = k.key AND d.message_id > k.first "
+            "AND d.state != 'delivered' AND d.state IN ('pending', 'retrying'))) AS INTEGER) "
+            "FROM (SELECT x.destination, x.key, min(x.message_id) AS first FROM expected_deliveries x "
+            "JOIN messages w ON w.id = x.message_id WHERE w.status = 'accepted' GROUP BY x.destination, x.key) k "
+            "GROUP BY k.destination"))
+        return [(destination, count, oldest, held.get(destination, 0))
+                for destination, (count, oldest) in sorted(waiting.items())]
+
     def list_deliveries(self, destination: str | None = None, state: str | None = None,
                         limit: int = 50) -> list[dict]:
         where, params = [], []
@@ -342,7 +415,7 @@ class SqlJournal(ReconcileQueries, Journal):
             where.append("d.state = ?")
             params.append(state)
         sql = ("SELECT d.id, d.message_id, m.control_id, d.destination, d.key, d.state, d.attempts, d.created_at, "
-               "d.next_attempt_at, d.last_error FROM deliveries d JOIN messages m ON m.id = d.message_id")
+               f"d.next_attempt_at, d.last_error, {WAITS_FOR} FROM deliveries d JOIN messages m ON m.id = d.message_id")
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY d.id DESC LIMIT ?"
@@ -409,8 +482,8 @@ class SqlJournal(ReconcileQueries, Journal):
 
     def history(self, message_id: int) -> dict:
         deliveries = self._rows(
-            "SELECT id, destination, key, state, attempts, created_at, next_attempt_at, delivered_at, "
-            "last_error FROM deliveries WHERE message_id = ? ORDER BY id", message_id)
+            "SELECT d.id, d.destination, d.key, d.state, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, "
+            f"d.last_error, {WAITS_FOR} FROM deliveries d WHERE d.message_id = ? ORDER BY d.id", message_id)
         for delivery in deliveries:
             delivery["tries"] = self._rows("SELECT started_at, duration_ms, outcome, status, response FROM attempts "
                                            "WHERE delivery_id = ? ORDER BY id", delivery["id"])
@@ -530,7 +603,8 @@ class SqlJournal(ReconcileQueries, Journal):
             self._forget_text(ids)
             self._run(f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE message_id IN "
                       f"({marks(ids)}))", *ids)
-            for table in ("deliveries", "replays", "conversions", "conversion_claims", "message_ids"):
+            for table in ("deliveries", "expected_deliveries", "replays", "conversions", "conversion_claims",
+                          "message_ids"):
                 self._run(f"DELETE FROM {table} WHERE message_id IN ({marks(ids)})", *ids)
             self._run(f"UPDATE messages SET duplicate_of = NULL WHERE duplicate_of IN ({marks(ids)})", *ids)
             self._run(f"DELETE FROM messages WHERE id IN ({marks(ids)})", *ids)

@@ -29,7 +29,7 @@ from pathlib import Path
 import sqlite_utils
 
 from .base import SCHEMA_VERSION, SYNCHRONOUS_MODES
-from .sql import SqlJournal, marks
+from .sql import EXPECTED_DELIVERIES, SqlJournal, marks
 from .sql_reconcile import create_tables as create_reconcile_tables
 from .sqlite_text import TextIndex, fts_query, text_index_path
 
@@ -91,7 +91,8 @@ class SqliteJournal(SqlJournal):
                 f"{self.path} was written by a newer hl7bridge (schema {version}); upgrade hl7bridge"
             )
         steps = {1: self._create_v1, 2: self._migrate_v2, 3: self._migrate_v3, 4: self._migrate_v4,
-                 5: self._migrate_v5, 6: self._migrate_v6, 7: self._migrate_v7}
+                 5: self._migrate_v5, 6: self._migrate_v6, 7: self._migrate_v7,
+                 8: self._migrate_v8}
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
                 steps[target]()
@@ -237,6 +238,15 @@ class SqliteJournal(SqlJournal):
         their links and acknowledged exceptions. Empty until ``hl7bridge reconcile --rebuild``
         fills it from the messages already journaled."""
         create_reconcile_tables(self._run, sqlite=True)
+
+    def _migrate_v8(self):
+        """Per-key order whichever way a message is mapped: the expected deliveries of messages
+        waiting for a converter (engine.store.sql, ``HELD_FOR_CONVERSION``). Clustered by message
+        (written with it, removed with its conversion), with the (destination, key, message) index
+        the claim probes. Messages already waiting get theirs from the converters as they start
+        (``waiting_without_expected``): the routes are not the journal's to know."""
+        for statement in EXPECTED_DELIVERIES:
+            self.conn.execute(statement + (" WITHOUT ROWID" if statement.startswith("CREATE TABLE") else ""))
 
     # -- the helpers engine.store.sql runs its statements through ---------------------------------
 

@@ -7,10 +7,13 @@ maps a message another holds: ``Journal.claim_conversions``), converts each with
 mapping, and journals the result (status ``mapped`` or ``mapping_error``, and the
 Bundle or the problems). A process and not a thread for the same reason as the text indexer:
 mapping is CPU work that must not take the GIL from the reactor; ``serve`` runs one per core by
-default (``conversion.workers``), each claiming its own batches. They map in parallel and journal
-in the order the messages arrived (``in_turn``), so deliveries are queued in that order and
-per-key delivery order holds. SIGHUP reloads the routes and mappings (``hl7bridge reload`` sends
-it to the engine, which passes it on).
+default (``conversion.workers``), each claiming its own batches. They map and journal in parallel,
+each batch as soon as it is mapped: per-key delivery order does not depend on the order
+conversions are journaled in, as a message waiting for conversion holds back later messages'
+deliveries with its keys until its own conversion is recorded (its expected deliveries,
+``engine.delivery.outbox``). So a converter that stops holds back only the keys of the messages
+it held. SIGHUP reloads the routes and mappings (``hl7bridge reload`` sends it to the engine,
+which passes it on).
 
     python -m engine.transform.converter JOURNAL [--config DIR] [--worker NAME] [--interval SECONDS]
 
@@ -30,6 +33,7 @@ import time
 from ..errors import ConfigError, ParseError
 from ..stamps import iso, utc_now
 from ..store import open_journal
+from ..delivery import outbox
 from ..store.base import MAPPING_ERROR, Journal
 from ..worker import WorkerSignals, parent_gone
 from . import pipeline
@@ -42,13 +46,11 @@ JOURNAL_VARIABLE = "HL7BRIDGE_JOURNAL"
 
 
 def convert_pending(journal: Journal, project: Project, batch: int = BATCH, worker: str = DEFAULT_WORKER,
-                    lease: float = LEASE, stop=lambda: False) -> int:
+                    lease: float = LEASE) -> int:
     """Claim up to ``batch`` waiting messages, convert them and journal the results (those whose
-    claim was still ``worker``'s) once every message before them is journaled; returns how many
-    were journaled. ``stop`` says when to give up waiting for the messages before them."""
+    claim was still ``worker``'s) in one transaction; returns how many were journaled."""
     if not journal.waiting_ids(1):
         return 0  # a read: an idle converter does not take the write lock from the engine to find nothing
-    claimed_at = time.monotonic()
     waiting = journal.claim_conversions(worker, batch, lease, utc_now())
     converted = []
     for message_id, raw, charset, route_name in waiting:
@@ -64,29 +66,6 @@ def convert_pending(journal: Journal, project: Project, batch: int = BATCH, work
         converted.append((message_id, route_name, result, now))
     if not converted:
         return 0
-    # Journal in arrival order: a batch may have gaps (another converter's claim took a message
-    # in its middle), so each round journals the part of it that is in turn and waits for the rest.
-    deadline, pause, journaled = claimed_at + lease * 0.9, 0.001, 0
-    while converted:
-        ready = in_turn(journal, [message_id for message_id, *_ in converted])
-        if ready:
-            journaled += _journal(journal, worker, converted[:ready])
-            converted, pause = converted[ready:], 0.001
-            continue
-        if time.monotonic() >= deadline or stop():
-            # The messages before these were not journaled in time (their converter died, or the
-            # engine is stopping): give these back, so that whoever converts them next (the oldest
-            # first, a dead worker's once its lease is over) journals them in order.
-            with journal.transaction():
-                journal.finish_conversions(worker, [message_id for message_id, *_ in converted])
-            break
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
-    return journaled
-
-
-def _journal(journal: Journal, worker: str, converted: list) -> int:
-    """Record conversions whose claims are still ``worker``'s, in one transaction; returns how many."""
     now = utc_now()
     with journal.transaction():
         held = set(journal.finish_conversions(worker, [message_id for message_id, *_ in converted]))
@@ -96,16 +75,24 @@ def _journal(journal: Journal, worker: str, converted: list) -> int:
     return len(held)
 
 
-def in_turn(journal: Journal, ids: list[int]) -> int:
-    """How many of ``ids`` (a batch's message IDs, ascending) may be journaled now: those before
-    the oldest message outside the batch that still waits for conversion (another converter is
-    mapping it). Conversions are journaled in the order the messages arrived, so their deliveries
-    are queued in that order and per-key delivery order holds however many converters there are.
-    Mapping runs in parallel; only journaling waits, and it takes a few milliseconds."""
-    ours = set(ids)
-    # The oldest len(ids) + 1 waiting messages hold every foreign one older than the batch's last.
-    foreign = next((message_id for message_id in journal.waiting_ids(len(ids) + 1) if message_id not in ours), None)
-    return len(ids) if foreign is None else sum(1 for message_id in ids if message_id < foreign)
+def expect_waiting(journal: Journal, project: Project, batch: int = 500) -> int:
+    """Give the messages waiting for conversion that have no expected deliveries theirs (those
+    journaled before schema 8 kept none): run by each converter as it
+    starts, before it converts anything, so they hold back later deliveries with their keys as
+    every message waiting for conversion does. Returns how many expected deliveries were added.
+    (One added just as another converter records the message's conversion holds nothing: the
+    hold is only ever that of a message still waiting.)"""
+    added, after = 0, 0
+    while True:
+        found = journal.waiting_without_expected(after, batch)
+        for message_id, route_name in found:
+            route = project.routes.get(route_name)
+            if route is not None:
+                ids = [(i["kind"], i["value"], i["authority"]) for i in journal.message_identifiers(message_id)]
+                added += journal.expect_deliveries(message_id, outbox.expected(project.destinations_of(route), ids))
+        if len(found) < batch:
+            return added
+        after = found[-1][0]
 
 
 def run(journal_path: str, config: str | None, interval: float, parent: int, worker: str = DEFAULT_WORKER,
@@ -120,13 +107,14 @@ def run(journal_path: str, config: str | None, interval: float, parent: int, wor
     # 'accepted' with a route, so they are simply converted again.
     journal = open_journal(journal_path, "normal", create=False)
     try:
+        expect_waiting(journal, project)
         while not signals.stop:
             if signals.take_reload():
                 try:
                     project = Project.load(config)
                 except ConfigError as exc:
                     print(f"hl7bridge converter: reload refused, keeping the running routes: {exc}", file=sys.stderr, flush=True)
-            done = convert_pending(journal, project, worker=worker, stop=lambda: signals.stop)
+            done = convert_pending(journal, project, worker=worker)
             if parent_gone(parent):
                 break
             if done < BATCH:

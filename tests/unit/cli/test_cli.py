@@ -251,14 +251,14 @@ def test_outbox_replay_and_stats_exact_output(journal_location):
 
     path, _ = dft_with_one_attempt(journal_location, Result(PERMANENT, 400, error="HTTP 400"))
     assert invoke("outbox", "--journal", path).output == (
-        "destination  pending  in_flight  retrying  dead  delivered  oldest_open\n"
-        "-----------  -------  ---------  --------  ----  ---------  ---------------------------\n"
-        "erp-finance  0        0          0         1     0          2026-11-24T06:00:00.000000Z\n"
-        "fhir-main    1        0          0         0     0          2026-11-24T06:00:00.000000Z\n"
+        "destination  pending  in_flight  retrying  dead  delivered  oldest_open                  unconverted  held\n"
+        "-----------  -------  ---------  --------  ----  ---------  ---------------------------  -----------  ----\n"
+        "erp-finance  0        0          0         1     0          2026-11-24T06:00:00.000000Z  0            0\n"
+        "fhir-main    1        0          0         0     0          2026-11-24T06:00:00.000000Z  0            0\n"
     )
     assert invoke("outbox", "--journal", path, "--state", "dead").output == (
-        "id  message_id  control_id  destination  state  attempts  next_attempt_at              last_error\n"
-        "--  ----------  ----------  -----------  -----  --------  ---------------------------  ----------\n"
+        "id  message_id  control_id  destination  state  attempts  next_attempt_at              last_error  waits_for\n"
+        "--  ----------  ----------  -----------  -----  --------  ---------------------------  ----------  ---------\n"
         "2   1           EC000501    erp-finance  dead   1         2026-11-24T06:00:00.000000Z  HTTP 400\n"
     )
     result = invoke("replay", "--journal", path, "--dead", "erp-finance", "--who", "ops", "--why", "fixed")

@@ -177,29 +177,27 @@ def test_many_workers_claiming_at_once_send_each_delivery_once(journal, project)
 
 def test_per_key_order_follows_the_messages_even_when_a_later_one_was_converted_first(journal, other, project):
     """Two converters: the later message of a patient is converted (and queued) before the earlier
-    one; the earlier message's delivery still goes first. (hl7bridge's converters journal in
-    arrival order, engine.transform.converter.in_turn, so b gives message 2 back rather than
-    journal it first; the store holds the order even for a writer that does not wait, such as a
-    node of an older version during an upgrade.)"""
-    from engine.stamps import iso, utc_now
-    from engine.transform import pipeline
+    one, which another converter still holds; the later delivery waits until the earlier message
+    is converted, and then behind its delivery. Another patient's delivery is not held."""
+    from engine.stamps import utc_now
     from engine.transform.converter import convert_pending
 
     first, second = receive(journal, project, [siu(1), siu(2)])  # the same patient
+    third = receive(journal, project, [siu(3).replace(b"|100234^^^NORTHCLINIC^MR~", b"|777^^^NORTHCLINIC^MR~", 1)])[0]
     claimed_first = journal.claim_conversions("a/converter", 1, 60, utc_now())  # a has message 1, slowly
     assert [w.id for w in claimed_first] == [first.message_id]
-    assert convert_pending(other, project, worker="b/converter", stop=lambda: True) == 0  # waits, gives it back
-    assert journal.list_deliveries() == []
-    [waiting] = other.claim_conversions("b/converter", 1, 60, utc_now())  # b journals message 2 without waiting
-    converted = pipeline.convert(project, pipeline.read(waiting.raw, waiting.charset), route_name=waiting.route)
-    with other.transaction():
-        assert other.finish_conversions("b/converter", [waiting.id]) == [second.message_id]
-        pipeline.record(other, waiting.id, converted, iso(utc_now()), utc_now(), update_status=True,
-                        route_name=waiting.route)
+    assert convert_pending(other, project, worker="b/converter") == 2  # b journals 2 and 3 at once
     later = utc_now() + timedelta(seconds=1)
-    [early] = journal.claim_deliveries("fhir-main", "node-a", later, 10, 30)
-    assert early.message_id == second.message_id  # nothing before it is queued yet
-    journal.recover_in_flight(later, "node-a")  # put it back (as if it had not been sent)
+    [due] = journal.claim_deliveries("fhir-main", "node-a", later, 10, 30)
+    assert due.message_id == third.message_id  # another patient: not held
+    [held] = [d for d in journal.list_deliveries("fhir-main") if d["message_id"] == second.message_id]
+    assert (held["state"], held["waits_for_message"], held["waits_for_delivery"]) == ("pending", first.message_id, None)
+    assert journal.outbox_holds() == [("fhir-main", 1, journal.get(first.message_id)["received_at"], 1)]
     assert convert_pending(journal, project, worker="a/converter") == 1  # now a records message 1
+    assert journal.outbox_holds() == []
     [due] = journal.claim_deliveries("fhir-main", "node-a", later, 10, 30)
     assert due.message_id == first.message_id  # message 2's delivery waits behind message 1's
+    [held] = [d for d in journal.list_deliveries("fhir-main") if d["message_id"] == second.message_id]
+    assert (held["waits_for_message"], held["waits_for_delivery"], held["waits_for_state"]) == (None, due.id, "in_flight")
+    assert finish(journal, due, DEST, Result(OK, 200), later, later) == "delivered"
+    assert [d.message_id for d in other.claim_deliveries("fhir-main", "node-b", later, 10, 30)] == [second.message_id]

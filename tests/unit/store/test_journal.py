@@ -93,6 +93,60 @@ def test_keyed_searches_use_indexes(sqlite_journal):
         assert "SCAN m" not in plan.replace("SCAN m USING INTEGER PRIMARY KEY", ""), plan
 
 
+def test_the_claim_probes_indexes_for_what_holds_a_key_back_on_sqlite(sqlite_journal):
+    from engine.store.sql import DUE_SQL
+
+    plan = [row[3] for row in sqlite_journal.conn.execute(
+        "EXPLAIN QUERY PLAN " + DUE_SQL.format(lock=""), ("fhir-main", "9999", 10))]
+    assert plan[0] == "SEARCH d USING INDEX idx_deliveries_due (destination=? AND next_attempt_at<?)"
+    assert "SEARCH e USING INDEX idx_deliveries_open_keys (destination=? AND key=? AND message_id<?)" in plan
+    assert ("SEARCH x USING COVERING INDEX idx_expected_deliveries_key (destination=? AND key=? AND message_id<?)"
+            in plan)
+    assert not [step for step in plan if step.startswith("SCAN")], plan
+
+
+def test_the_claim_probes_indexes_for_what_holds_a_key_back_on_postgresql(postgres_url):
+    """With a converters' backlog of 10,000 messages (analysed): each candidate probes the expected
+    deliveries' index, never scans them. (A small table is scanned: two pages cost less.)"""
+    from engine.store.postgres import CLAIM_DELIVERIES_SQL
+
+    pg = open_journal(postgres_url)
+    try:
+        with pg.transaction():
+            pg._run("INSERT INTO messages (id, received_at, status, raw, route) SELECT g, '2026', "
+                    "CASE WHEN g > 2000 THEN 'accepted' ELSE 'mapped' END, '', 'r' FROM generate_series(1, 12000) g")
+            pg._run("INSERT INTO deliveries (message_id, destination, key, state, created_at, next_attempt_at, updated_at) "
+                    "SELECT g, 'fhir-main', 'patient:' || (g % 500), 'pending', '2026', '2026', '2026' "
+                    "FROM generate_series(1, 2000) g")
+            pg._run("INSERT INTO expected_deliveries (message_id, destination, key) "
+                    "SELECT g, 'fhir-main', 'patient:' || (g % 500) FROM generate_series(2001, 12000) g")
+        pg._run("ANALYZE")
+        plan = "\n".join(row[0] for row in pg._all("EXPLAIN " + CLAIM_DELIVERIES_SQL, "fhir-main", "9999", 10, "node",
+                                                    "9999", "9999"))
+    finally:
+        pg.close()
+    assert "Index Only Scan using idx_expected_deliveries_key on expected_deliveries x" in plan, plan
+    assert "Index Only Scan using idx_deliveries_open_keys on deliveries e" in plan, plan
+    assert "Seq Scan on expected_deliveries" not in plan, plan
+
+
+def test_a_journal_of_schema_7_gains_the_expected_deliveries(tmp_path):
+    path = tmp_path / "j.db"
+    open_journal(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE expected_deliveries")
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    journal = open_journal(path)
+    try:
+        assert journal.conn.execute("PRAGMA user_version").fetchone()[0] == 8
+        assert journal.waiting_without_expected(0, 10) == [] and journal.outbox_holds() == []
+        assert "idx_expected_deliveries_key" in {r[0] for r in journal.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        journal.close()
+
+
 def test_sqlite_journal_is_wal_and_survives_reopen(tmp_path):
     path = tmp_path / "j.db"
     j = open_journal(path)
@@ -101,7 +155,7 @@ def test_sqlite_journal_is_wal_and_survives_reopen(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     reopened = open_journal(path, create=False)
     assert reopened.count() == 1
     reopened.close()

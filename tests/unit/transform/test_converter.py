@@ -103,10 +103,10 @@ def same_patient(count):
             for n in range(count)]
 
 
-def test_converters_map_in_parallel_but_journal_in_arrival_order(journal, project, tmp_path):
-    """Converter A holds the oldest messages; B, with later ones, maps them but waits to journal
-    them until A has, so the deliveries of one patient are queued (and sent) in arrival order. A
-    B that cannot wait gives its batch back rather than journal out of order."""
+def test_converters_journal_as_they_finish_and_an_earlier_message_holds_its_key(journal, project):
+    """Converter A holds the oldest messages; B journals later ones at once (it does not wait for
+    A), and their deliveries wait until A's messages are converted: one patient's deliveries go out
+    in arrival order whichever converter finishes first."""
     from engine.stamps import utc_now
     from engine.store import open_journal
 
@@ -116,36 +116,67 @@ def test_converters_map_in_parallel_but_journal_in_arrival_order(journal, projec
     try:
         held = journal.claim_conversions("node/converter-1", 2, 60, utc_now())  # A has the first two
         assert [w.id for w in held] == ids[:2]
-        stops = iter([False, False, True])
-        assert convert_pending(other, project, batch=2, worker="node/converter-2", stop=lambda: next(stops)) == 0
-        assert journal.list_deliveries() == []  # B journaled nothing, and gave its two back
-        assert convert_pending(journal, project, batch=2, worker="node/converter-1") == 2  # A: its own first
-        assert convert_pending(other, project, batch=2, worker="node/converter-2") == 2
+        assert convert_pending(other, project, batch=2, worker="node/converter-2") == 2  # B: 3 and 4, now
+        assert sorted(d["message_id"] for d in journal.list_deliveries()) == ids[2:]
+        assert journal.due_deliveries("fhir-main", utc_now(), 10) == []  # 1 and 2 are not converted yet
+        assert convert_pending(journal, project, batch=2, worker="node/converter-1") == 2
     finally:
         other.close()
-    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
-    assert [d["message_id"] for d in deliveries] == ids
-    assert len({d["key"] for d in deliveries}) == 1
+    assert [d.message_id for d in journal.due_deliveries("fhir-main", utc_now(), 10)] == ids[:1]
 
 
-def test_a_batch_with_a_gap_journals_what_is_in_turn_and_waits_for_the_rest(journal, project):
-    """Two converters claiming at once can each get a batch with the other's message in its middle
-    (SKIP LOCKED passes over a row being claimed): a holds 1 and 3, b holds 2. a journals 1, not 3
-    before 2, so the deliveries stay in arrival order."""
+def test_a_converter_that_stops_holds_back_only_the_keys_of_what_it_held(journal, project):
+    """A converter claims a message and dies: later messages of that patient wait (until its claim
+    expires and another converter converts it); another patient's go out."""
+    from datetime import timedelta
+
     from engine.stamps import utc_now
 
     ingestor = Ingestor(journal, project=project)
-    ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(3)]
-    assert [w.id for w in journal.claim_conversions("node/other", 1, 60, utc_now())] == ids[:1]
-    assert [w.id for w in journal.claim_conversions("node/converter-2", 1, 60, utc_now())] == ids[1:2]
+    first, second = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(2)]
+    stranger = SIU.replace(b"NC000123", b"NC999999", 1).replace(b"|100234^^^NORTHCLINIC^MR~", b"|555^^^NORTHCLINIC^MR~", 1)
+    third = ingestor.ingest([Frame(stranger)])[0].message_id
+    journal.claim_conversions("node/converter-1", 1, 60, utc_now())  # and then it dies
+    assert convert_pending(journal, project, worker="node/converter-2") == 2
+    assert [d.message_id for d in journal.due_deliveries("fhir-main", utc_now(), 10)] == [third]
+    assert convert_pending(journal, project, worker="node/converter-2") == 0  # the dead one's claim lasts
+    # A minute on, the dead one's lease is over: converter-2 takes the message over and converts it.
+    later = utc_now() + timedelta(seconds=61)
+    assert [w.id for w in journal.claim_conversions("node/converter-2", 10, 60, later)] == [first]
+    assert convert_pending(journal, project, worker="node/converter-2") == 1  # its own claim
+    assert sorted(d.message_id for d in journal.due_deliveries("fhir-main", utc_now(), 10)) == [first, third]
+
+
+def test_a_message_that_cannot_be_mapped_releases_its_key(journal, project):
+    from engine.stamps import utc_now
+
+    ingestor = Ingestor(journal, project=project)
+    bad, good = same_patient(2)
+    first = ingestor.ingest([Frame(bad.replace(b"|19840312|", b"|1984-03-12|", 1))])[0].message_id
+    second = ingestor.ingest([Frame(good)])[0].message_id
+    journal.claim_conversions("node/converter-1", 1, 60, utc_now())  # the bad one, still being mapped
+    assert convert_pending(journal, project, worker="node/converter-2") == 1
+    assert journal.due_deliveries("fhir-main", utc_now(), 10) == []
     with journal.transaction():
-        journal.finish_conversions("node/other", ids[:1])  # 1 is free again; 2 stays b's
-    stops = iter([True])
-    assert convert_pending(journal, project, batch=2, worker="node/converter-1", stop=lambda: next(stops)) == 1
-    assert [d["message_id"] for d in journal.list_deliveries()] == ids[:1]  # 1 journaled, 3 given back
-    assert convert_pending(journal, project, batch=2, worker="node/converter-2") == 2  # b: 2, then 3
-    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
-    assert [d["message_id"] for d in deliveries] == ids
+        journal.finish_conversions("node/converter-1", [first])  # converter-1 gives it up
+    assert convert_pending(journal, project, worker="node/converter-2") == 1
+    assert journal.get(first)["status"] == MAPPING_ERROR
+    assert [d.message_id for d in journal.due_deliveries("fhir-main", utc_now(), 10)] == [second]
+
+
+def test_messages_journaled_before_expected_deliveries_get_them_when_a_converter_starts(journal, project):
+    """A journal upgraded to schema 8 with messages still waiting: they kept no expected
+    deliveries; a converter gives them theirs before it converts anything."""
+    from engine.transform.converter import expect_waiting
+
+    ingestor = Ingestor(journal, project=project)
+    ids = [ingestor.ingest([Frame(raw)])[0].message_id for raw in same_patient(3)]
+    journal._run("DELETE FROM expected_deliveries")  # as a journal of schema 7 left them
+    assert journal.waiting_without_expected(0, 10) == [(i, "clinic-scheduling") for i in ids]
+    assert expect_waiting(journal, project, batch=2) == 3
+    assert journal.waiting_without_expected(0, 10) == []
+    assert journal.outbox_holds()[0][:2] == ("fhir-main", 3)
+    assert expect_waiting(journal, project) == 0
 
 
 def test_three_converters_share_the_work_and_convert_each_message_once(journal, project):
@@ -174,5 +205,13 @@ def test_three_converters_share_the_work_and_convert_each_message_once(journal, 
     for thread in threads:
         thread.join()
     assert sum(done.values()) == count and journal.count(MAPPED) == count
-    deliveries = sorted(journal.list_deliveries(), key=lambda d: d["id"])
-    assert [d["message_id"] for d in deliveries] == ids  # one each, queued in arrival order
+    assert sorted(d["message_id"] for d in journal.list_deliveries()) == ids  # one each
+    # Whichever converter journaled them, they go out in arrival order, one at a time (one patient).
+    from engine.stamps import utc_now
+
+    sent = []
+    while due := journal.due_deliveries("fhir-main", utc_now(), 10):
+        assert len(due) == 1
+        sent.append(due[0].message_id)
+        journal._run("UPDATE deliveries SET state = 'delivered' WHERE id = ?", due[0].id)
+    assert sent == ids

@@ -36,6 +36,7 @@ function deliveriesTab(d) {
   return d.deliveries.map(x => el('div', {class: 'delivery'},
     el('h3', {class: 'state-' + x.state}, deliveryTitle(x)),
     x.reason ? el('p', {class: x.state === 'delivered' ? 'note' : 'err'}, x.reason) : null,
+    x.waits_for ? el('p', {class: 'warn waits-for'}, 'waits for ' + x.waits_for) : null,
     x.events.map(e => e.kind === 'replay'
       ? el('p', {class: 'note'}, e.at + '  replayed by ' + e.who + ': ' + e.why + (e.remapped ? ' (mapped again)' : ''))
       : el('div', {class: 'attempt'},

@@ -14,6 +14,10 @@ async function refresh() {
     ['destination', o => o.destination], ['pending', o => o.pending], ['in flight', o => o.in_flight],
     ['retrying', o => o.retrying], ['dead', o => o.dead], ['delivered', o => o.delivered],
     ['oldest undelivered', o => o.oldest_open || ''],
+    // Messages a converter has still to map for this destination, and the deliveries of later
+    // messages with the same ordering key that wait for them (per-key order).
+    ['not converted yet', o => o.unconverted ? o.unconverted + ' (oldest ' + o.oldest_unconverted + ')' : 0],
+    ['held for them', o => o.held],
   ], s.outbox, o => o.dead ? 'dead' : null));
   put('overview-listeners', table('overview-listeners', [
     ['listener', l => el('a', {href: '#listeners'}, l.name)], ['address', l => l.address || ''],
