@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from hashlib import sha1
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -47,11 +48,32 @@ def _base36(number: int) -> str:
 
 
 ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d0b-4c55-9a7e-4b1d0c9e2f31")
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
 
 
 def stable_id(*parts: str) -> str:
-    """A UUID derived from the parts: the same identifiers always give the same resource ID."""
-    return str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))
+    """A UUID derived from the parts: the same identifiers always give the same resource ID.
+
+    ``str(uuid.uuid5(ID_NAMESPACE, "|".join(parts)))``, written out (RFC 4122 version 5: SHA-1 of
+    the namespace and the name, version and variant bits set) without building a ``UUID``: a
+    message's resources need a dozen or more of these. The IDs of the last few thousand names are
+    remembered."""
+    name = "|".join(parts)
+    made = _MADE.get(name)
+    if made is None:
+        digest = bytearray(sha1(_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
+        digest[6] = (digest[6] & 0x0F) | 0x50
+        digest[8] = (digest[8] & 0x3F) | 0x80
+        h = digest.hex()
+        made = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        if len(_MADE) >= _MADE_KEPT:
+            _MADE.clear()
+        _MADE[name] = made
+    return made
+
+
+_MADE: dict = {}  # name -> ID: staff, places and equipment come back in message after message
+_MADE_KEPT = 4096
 
 
 _AGO_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -29,6 +29,8 @@ from ..errors import ParseError
 from .paths import Path, parse_path
 
 SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+# The segment IDs seen to be valid (at most 26 x 36 x 36 of them): most lines are checked by a lookup.
+_VALID_IDS: set[str] = set()
 _TERMINATORS = re.compile(r"(\r\n|\r|\n)")
 # What may stand before MSH and is dropped: a byte-order mark, MLLP framing (VT, FS), NUL, whitespace.
 _JUNK_BEFORE_MSH = "\ufeff\x0b\x1c\x00\t\r\n "
@@ -81,7 +83,8 @@ class Separators:
         field = header_line[3]
         if field.isalnum() or field in "\r\n ":
             raise ParseError(f"MSH-1 field separator {field!r} is not usable", "MSH-1")
-        encoding = header_line[4:].split(field, 1)[0]
+        end = header_line.find(field, 4)
+        encoding = header_line[4:end] if end >= 0 else header_line[4:]
         warnings = []
         truncation = ""
         if len(encoding) == 3:
@@ -249,7 +252,7 @@ class Message:
     by CR, IDs repaired), for tools that are not as tolerant, such as structural validation.
     """
 
-    __slots__ = ("text", "seps", "segments", "warnings", "_by_name", "_groups")
+    __slots__ = ("text", "seps", "segments", "warnings", "_by_name", "_groups", "_scopes", "_header")
 
     def __init__(self, text: str, seps: Separators, segments: list[Segment], warnings: list[str] | None = None):
         self.text = text
@@ -258,6 +261,8 @@ class Message:
         self.warnings = warnings or []
         self._by_name = None
         self._groups = None
+        self._scopes = None  # (groups spec, {(kind, position): segments}): see ``scope``
+        self._header = None  # its Header, kept by engine.hl7.header.read_header: read once
 
     @property
     def normalized(self) -> str:
@@ -308,26 +313,45 @@ class Message:
         self._groups = (spec, found)
         return found
 
+    def scope(self, name: str, current: Segment | None = None, groups: dict | None = None) -> list[Segment]:
+        """Every segment named ``name`` as seen from ``current`` (see ``select``): with ``groups``,
+        those of the innermost group around ``current`` that ``name`` is a member of, else all of
+        them. Computed once per message, groups spec, kind and position: templates read the
+        same kinds from the same segment again and again."""
+        if not groups or current is None:
+            return self.all(name)
+        scopes = self._scopes
+        if scopes is None or scopes[0] is not groups:
+            scopes = self._scopes = (groups, {})
+        key = (name, current.position)
+        found = scopes[1].get(key)
+        if found is None:
+            segments = self.all(name)
+            found = segments
+            position = current.position
+            for head, end, members in reversed(self.groups(groups)):
+                if head <= position < end and name in members:
+                    found = [seg for seg in segments if head < seg.position < end]
+                    break
+            scopes[1][key] = found
+        return found
+
     def select(self, path: Path, current: Segment | None = None, groups: dict | None = None) -> list[Segment]:
         """The segments a path reads (see ``raw_values``).
 
         With ``groups`` (``Message.groups``), a path inside a segment's context reads the segments
         of the group that segment belongs to: from an AIP, ``AIS-4`` is the AIS of the AIP's own
         RGS group and ``NTE[*]`` the notes that follow the AIP. Kinds that are no member of any
-        group around ``current`` are read from the whole message.
+        group around ``current`` are read from the whole message. A segment index (``AIS[2]``)
+        counts in the whole message.
         """
         p = path
-        if current is not None and current.name == p.segment and p.segment_index is None and not p.every_segment:
+        index = p.segment_index
+        if index is not None:
+            return self.all(p.segment)[index - 1 : index] if index > 0 else []
+        if current is not None and current.name == p.segment and not p.every_segment:
             return [current]
-        segments = self.all(p.segment)
-        if groups and current is not None and p.segment_index is None and segments:
-            position = current.position
-            for head, end, members in reversed(self.groups(groups)):
-                if head <= position < end and p.segment in members:
-                    segments = [seg for seg in segments if head < seg.position < end]
-                    break
-        if p.segment_index is not None:
-            return segments[p.segment_index - 1 : p.segment_index] if p.segment_index > 0 else []
+        segments = self.scope(p.segment, current, groups)
         if segments and not p.every_segment:
             return segments[:1]
         return segments
@@ -492,7 +516,7 @@ def parse(text: str) -> Message:
     skipped = 0
     for number, line in enumerate(lines, start=1):
         # A segment ID is three upper-case letters or digits, then the field separator or the end.
-        if line[3:4] in (field_sep, "") and SEGMENT_ID.match(line[:3]):
+        if line[3:4] in (field_sep, "") and _is_segment_id(line[:3]):
             segments.append(Segment(line, seps, len(segments)))
             continue
         if set(line) <= only_separators:
@@ -511,6 +535,16 @@ def parse(text: str) -> Message:
         warnings.append(f"MSH-2 has a 5th character {seps.truncation!r} (the truncation character of HL7 v2.7 "
                         f"and later) in a v{version or '?'} message: ignored")
     return Message(original, seps, segments, warnings)
+
+
+def _is_segment_id(text: str) -> bool:
+    """Whether ``text`` is a segment ID (``SEGMENT_ID``), by a lookup for the IDs seen before."""
+    if text in _VALID_IDS:
+        return True
+    if SEGMENT_ID.match(text):
+        _VALID_IDS.add(text)
+        return True
+    return False
 
 
 def _repair_id(line: str, field_sep: str) -> tuple[str, str] | None:

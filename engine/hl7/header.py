@@ -114,7 +114,14 @@ def read_message_type(raw: str, seps: Separators) -> tuple[str, str, str, list[s
 
 
 def read_header(message: Message) -> Header:
-    """Read the MSH of a parsed message into a ``Header``."""
+    """Read the MSH of a parsed message into a ``Header`` (once: the message keeps it)."""
+    if message._header is not None:
+        return message._header
+    message._header = header = _read_header(message)
+    return header
+
+
+def _read_header(message: Message) -> Header:
     msh = message.segments[0]
     seps = message.seps
 

@@ -57,21 +57,22 @@ class Moment:
 @lru_cache(maxsize=4096)
 def read_time(value: str, zone) -> Moment | None:
     """An HL7 DTM (``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]``) read in ``zone`` when it carries no
-    offset; None when it is empty or not a time."""
+    offset; None when it is empty or not a time (an impossible date or offset, such as ``-3000``,
+    or a moment that falls outside the years 1 to 9999 in UTC)."""
     match = _TS.match(value.strip()) if value else None
     if not match:
         return None
     year, month, day, hour, minute, second, sign, oh, om = match.groups()
     try:
         local = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
-    except ValueError:
+        if sign:
+            offset = timedelta(hours=int(oh), minutes=int(om)) * (1 if sign == "+" else -1)
+            moment = local.replace(tzinfo=dt_timezone(offset))
+        else:
+            moment = local.replace(tzinfo=zone)
+        return Moment(iso(moment), local.date().isoformat())
+    except (ValueError, OverflowError):
         return None
-    if sign:
-        offset = timedelta(hours=int(oh), minutes=int(om)) * (1 if sign == "+" else -1)
-        moment = local.replace(tzinfo=dt_timezone(offset))
-    else:
-        moment = local.replace(tzinfo=zone)
-    return Moment(iso(moment), local.date().isoformat())
 
 
 @dataclass(frozen=True)

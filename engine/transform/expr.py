@@ -35,9 +35,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable
 from zoneinfo import ZoneInfo
 
-from ..hl7.er7 import Message, Segment, component, unescape
+from ..hl7.er7 import Message, Segment, unescape
 from ..errors import PathError
-from ..hl7.paths import parse_path
+from ..hl7.paths import Path, parse_path
 from ..stamps import stable_id
 
 
@@ -103,7 +103,7 @@ class Lets:
         self.values = values
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """What an expression sees: the message, the current segment and field value, and helpers.
 
@@ -122,6 +122,10 @@ class Context:
     lets: Lets | None = None
     year: int | None = None
     value_label: str | None = None  # the HL7 field ``value`` is (``FT1-11``), to name it in warnings
+    # ``value`` split into components, as (value, components, whether it has escape sequences): a
+    # datatype reads $.1, $.2, $.9.1... of one value. Kept with the value it was split from, so a
+    # changed ``value`` is split again.
+    components: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def at(self, segment=None, value=None, label=None) -> "Context":
         return Context(self.message, segment if segment is not None else self.segment, value, self.tz, self.tables,
@@ -186,24 +190,31 @@ Getter = Callable[[Context], "str | None"]
 RawGetter = Callable[[Context], list]
 
 
-def relative_raw(text: str) -> Callable[[Context], list[str]]:
-    """``$``, ``$.2``, ``$.2.1``: the value the template is applied to, or its components."""
+def _relative_parts(text: str) -> tuple[int, ...]:
+    """The component (and sub-component) numbers of ``$``, ``$.2``, ``$.2.1``."""
     match = re.fullmatch(r"\$((?:\.\d+){0,2})", text)
     if not match:
         old = re.match(r"\$-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2}", text)
         if old:
             raise OldSegmentNotation(old.group(0), text)
         raise ExpressionError(f"{text!r} is not a path of the current value; write $, $.2 or $.2.1")
-    parts = [int(p) for p in match.group(1).split(".")[1:]] if match.group(1) else []
+    return tuple(int(p) for p in match.group(1).split(".")[1:]) if match.group(1) else ()
+
+
+def _absolute_path(text: str) -> Path:
+    try:
+        return parse_path(text)
+    except PathError as exc:
+        raise ExpressionError(str(exc)) from None
+
+
+def relative_raw(text: str) -> Callable[[Context], list[str]]:
+    """``$``, ``$.2``, ``$.2.1``: the value the template is applied to, or its components."""
+    first = relative_first(text, decode=False)
 
     def get(ctx: Context) -> list[str]:
-        raw = ctx.value or ""
-        if parts:
-            seps = ctx.message.seps
-            raw = component(raw, parts[0], seps.component)
-            if len(parts) > 1:
-                raw = component(raw, parts[1], seps.subcomponent)
-        return [raw] if raw != "" else []
+        raw = first(ctx)
+        return [raw] if raw is not None else []
 
     return get
 
@@ -211,11 +222,146 @@ def relative_raw(text: str) -> Callable[[Context], list[str]]:
 def absolute_raw(text: str) -> Callable[[Context], list[str]]:
     """A path: ``SCH-1.1``; one without a segment index reads the current segment when it names
     that segment's kind (``AIP-3`` inside ``$each: AIP[*]``)."""
-    try:
-        path = parse_path(text)
-    except PathError as exc:
-        raise ExpressionError(str(exc)) from None
+    path = _absolute_path(text)
+    if path.field is not None and not path.every_segment and not path.every_repetition:
+        # One segment, one repetition: at most one value.
+        first = absolute_first(text, decode=False)
+
+        def get(ctx: Context) -> list[str]:
+            raw = first(ctx)
+            return [raw] if raw is not None else []
+
+        return get
     return lambda ctx: [v for v in ctx.message.raw_values(path, ctx.segment, ctx.groups) if v != ""]
+
+
+# The first value of a path, compiled for its shape: what an expression reads most (``$.2``,
+# ``AIP-3.1``) costs one closure call, without the lists and the general path walk of
+# ``Message.raw_values``. Each gives the same as the first non-empty value of ``relative_raw`` /
+# ``absolute_raw`` (decoded with ``decode``), or None.
+
+
+def relative_first(text: str, decode: bool = True) -> Callable[[Context], "str | None"]:
+    """The value ``$``, ``$.2`` or ``$.2.1`` reads (decoded with ``decode``), None when empty."""
+    parts = _relative_parts(text)
+    if not parts:
+        if not decode:
+            return lambda ctx: ctx.value or None
+
+        def whole(ctx):
+            raw = ctx.value
+            if not raw:
+                return None
+            seps = ctx.message.seps
+            return unescape(raw, seps) if seps.escape and seps.escape in raw else raw
+
+        return whole
+    number = parts[0]
+    index = number - 1
+    sub = parts[1] if len(parts) > 1 else None
+
+    def part(ctx):
+        # ``$.2``, the most read of all: a datatype's components, split once per value.
+        raw = ctx.value
+        if not raw:
+            return None
+        split = ctx.components
+        if split is None or split[0] is not raw:
+            split = _components(ctx, raw)
+        pieces = split[1]
+        if len(pieces) < number:
+            return None
+        raw = pieces[index]
+        if sub is not None:
+            pieces = raw.split(ctx.message.seps.subcomponent, sub)
+            if len(pieces) < sub:
+                return None
+            raw = pieces[sub - 1]
+        if not raw:
+            return None
+        if decode and split[2]:
+            return unescape(raw, ctx.message.seps)
+        return raw
+
+    return part
+
+
+def _components(ctx: Context, raw: str) -> tuple:
+    """``ctx.components`` for ``raw``, its value: (raw, its components, whether it has escapes)."""
+    seps = ctx.message.seps
+    split = ctx.components = (raw, raw.split(seps.component), bool(seps.escape) and seps.escape in raw)
+    return split
+
+
+_UNREPEATED = ("MSH", "FHS", "BHS")  # their fields 1 and 2 are separators, never split
+
+
+def absolute_first(text: str, decode: bool = True) -> Callable[[Context], "str | None"]:
+    """The first non-empty value a path reads (decoded with ``decode``), or None."""
+    path = _absolute_path(text)
+    if path.field is None or path.every_segment or path.every_repetition:
+        # Whole segments, or every occurrence: the general walk, first non-empty value.
+        def walk(ctx):
+            seps = ctx.message.seps
+            for raw in ctx.message.raw_values(path, ctx.segment, ctx.groups):
+                if raw != "":
+                    return unescape(raw, seps) if decode else raw
+            return None
+
+        return walk
+    kind, number, index = path.segment, path.field, path.segment_index
+    repetition = path.repetition or 1
+    split_repetitions = not (kind in _UNREPEATED and number <= 2)
+    component_number, sub = path.component, path.subcomponent
+
+    def first(ctx):
+        segment = ctx.segment
+        if index is not None:
+            found = ctx.message.all(kind)
+            if not 0 < index <= len(found):
+                return None
+            segment = found[index - 1]
+        elif segment is None or segment.name != kind:
+            found = ctx.message.scope(kind, segment, ctx.groups)
+            if not found:
+                return None
+            segment = found[0]
+        fields = segment.fields
+        if number >= len(fields):
+            return None
+        raw = fields[number]
+        if not raw:
+            return None
+        seps = ctx.message.seps
+        if split_repetitions:
+            pieces = raw.split(segment.seps.repetition, repetition)
+            if len(pieces) < repetition:
+                return None
+            raw = pieces[repetition - 1]
+        elif repetition != 1:
+            return None
+        if component_number is not None:
+            pieces = raw.split(seps.component, component_number)
+            if len(pieces) < component_number:
+                return None
+            raw = pieces[component_number - 1]
+            if sub is not None:
+                pieces = raw.split(seps.subcomponent, sub)
+                if len(pieces) < sub:
+                    return None
+                raw = pieces[sub - 1]
+        if not raw:
+            return None
+        if decode and seps.escape and seps.escape in raw:
+            return unescape(raw, seps)
+        return raw
+
+    return first
+
+
+def _presence(kind: str, text: str) -> Callable[[Context], "str | None"]:
+    """The path's first raw value (``kind``: path or rel), or None when it has none."""
+    return relative_first(text, decode=False) if kind == "rel" else absolute_first(text, decode=False)
 
 
 def raw_selector(text: str) -> Callable[[Context], list[str]]:
@@ -226,6 +372,8 @@ def raw_selector(text: str) -> Callable[[Context], list[str]]:
         if not part:
             raise ExpressionError(f"empty alternative in {text!r}")
         getters.append(relative_raw(part) if part.startswith("$") else absolute_raw(part))
+    if len(getters) == 1:
+        return getters[0]
 
     def select(ctx: Context) -> list[str]:
         for get in getters:
@@ -397,19 +545,78 @@ def format_datetime(moment: datetime, tz) -> str:
     return text.replace("+00:00", "Z") if moment.utcoffset() == timedelta(0) and tz is timezone.utc else text
 
 
+class _Noting:
+    """What reading a date/time needs of a context (the reference year, somewhere to warn), for
+    ``_converted``: the warnings are kept with the result."""
+
+    __slots__ = ("year", "notes")
+
+    def __init__(self, year: int):
+        self.year, self.notes = year, []
+
+    def reference_year(self) -> int:
+        return self.year
+
+    def warn(self, text: str):
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+@lru_cache(maxsize=4096)
+def _converted(convert, text: str, source: str | None, tz, utc: bool, year: int):
+    """``convert`` (``_fhir_datetime``...) of a text read from ``source``: (FHIR text, warnings,
+    None), or (None, warnings, what is wrong). A message reads the same few times (AIS-4 in every
+    participant, the start in start, requestedPeriod and the extension); each is worked out once.
+    ``utc`` is part of the key because UTC is written Z only for the ``timezone.utc`` object."""
+    noting = _Noting(year)
+    value = Sourced(text, source) if source is not None else text
+    try:
+        return convert(value, tz, noting), tuple(noting.notes), None
+    except DataError as exc:
+        return None, tuple(noting.notes), str(exc)
+
+
+def _remembered(convert, value, tz, ctx):
+    """``convert(value, tz, ctx)``, from ``_converted`` for text (warnings replayed into ``ctx``)."""
+    kind = type(value)
+    if ctx is None or (kind is not str and kind is not Sourced):
+        return convert(value, tz, ctx)
+    result, notes, error = _converted(convert, str(value), getattr(value, "source", None), tz, tz is timezone.utc,
+                                      ctx.reference_year())
+    for note in notes:
+        ctx.warn(note)
+    if error is not None:
+        raise DataError(error)
+    return result
+
+
 def fhir_date(value: str, ctx=None) -> str:
     """HL7 date (or the date of a date/time) to FHIR date, keeping its precision."""
-    return _dtm(ctx, value).date_text()
+    return _remembered(_fhir_date, value, None, ctx)
 
 
 def fhir_datetime(value: str, tz, ctx=None) -> str:
+    """HL7 date/time to FHIR dateTime, keeping its precision; without an offset, in ``tz``."""
+    return _remembered(_fhir_datetime, value, tz, ctx)
+
+
+def fhir_instant(value: str, tz, ctx=None) -> str:
+    """HL7 date/time to FHIR instant (a time of day is needed); without an offset, in ``tz``."""
+    return _remembered(_fhir_instant, value, tz, ctx)
+
+
+def _fhir_date(value, tz, ctx) -> str:
+    return _dtm(ctx, value).date_text()
+
+
+def _fhir_datetime(value, tz, ctx) -> str:
     dtm = _dtm(ctx, value)
     if not dtm.has_time:
         return dtm.date_text()
     return format_datetime(dtm.moment(tz), tz)
 
 
-def fhir_instant(value: str, tz, ctx=None) -> str:
+def _fhir_instant(value, tz, ctx) -> str:
     dtm = _dtm(ctx, value)
     if not dtm.has_time:
         where = f"{value.source} " if getattr(value, "source", None) else ""
@@ -604,6 +811,31 @@ def currency(ctx, label: str, value):
     return None
 
 
+_NEEDS_NO_QUOTING = {}
+
+
+_QUOTED: dict = {}  # (text, safe) -> quoted: route names, facilities, assigners repeat
+_QUOTED_KEPT = 4096
+
+
+def uri_quote(text: str, safe: str = "") -> str:
+    """``urllib.parse.quote(text, safe=safe)``, without its encoding work for the text it leaves
+    as it is (letters, digits, ``_.-~`` and ``safe``: most codes and identifiers), and remembered
+    for text seen before."""
+    key = (text, safe)
+    quoted = _QUOTED.get(key)
+    if quoted is not None:
+        return quoted
+    plain = _NEEDS_NO_QUOTING.get(safe)
+    if plain is None:
+        plain = _NEEDS_NO_QUOTING[safe] = re.compile(f"[A-Za-z0-9_.~{re.escape(safe)}-]*")
+    quoted = text if plain.fullmatch(text) else quote(text, safe=safe)
+    if len(_QUOTED) >= _QUOTED_KEPT:
+        _QUOTED.clear()
+    _QUOTED[key] = quoted
+    return quoted
+
+
 def identifier_system(namespace, universal_id, universal_id_type):
     """A URI for an HD assigning authority: urn:oid: for ISO OIDs, the URI itself, else a URN of its name."""
     uid_type = (universal_id_type or "").upper()
@@ -614,14 +846,14 @@ def identifier_system(namespace, universal_id, universal_id_type):
     if universal_id and uid_type == "UUID":
         return f"urn:uuid:{universal_id}"
     name = namespace or universal_id
-    return f"urn:hl7bridge:assigner:{quote(name, safe='')}" if name else None
+    return f"urn:hl7bridge:assigner:{uri_quote(name)}" if name else None
 
 
 def urn(kind: str, name) -> str | None:
     """``urn:hl7bridge:KIND:NAME`` with NAME percent-encoded, so spaces and the like keep it a URI."""
     if name in (None, ""):
         return None
-    return f"urn:hl7bridge:{quote(str(kind), safe='')}:{quote(str(name).strip(), safe='')}"
+    return f"urn:hl7bridge:{uri_quote(str(kind))}:{uri_quote(str(name).strip())}"
 
 
 def notes(ctx, segments: list) -> list[str]:
@@ -697,6 +929,18 @@ class _Parser:
             alternatives.append(self.term())
         if len(alternatives) == 1:
             return alternatives[0]
+        if len(alternatives) == 2:
+            one, other = alternatives
+
+            def either(ctx):
+                value = one(ctx)
+                if value is None or value == "":
+                    value = other(ctx)
+                    if value is None or value == "":
+                        return None
+                return value
+
+            return either
 
         def first(ctx):
             for get in alternatives:
@@ -721,13 +965,7 @@ class _Parser:
             return lambda ctx: number
         if kind in ("path", "rel"):
             self.take()
-            select = relative_raw(text) if kind == "rel" else absolute_raw(text)
-
-            def value(ctx):
-                values = select(ctx)
-                return unescape(values[0], ctx.message.seps) if values else None
-
-            return value
+            return relative_first(text) if kind == "rel" else absolute_first(text)
         if kind == "name":
             if self.peek(1) == ("punct", "("):
                 return self.call()
@@ -782,13 +1020,22 @@ class _Parser:
         if name == "join":
             return self._join(args)
         if name == "words":
-            return lambda ctx: " ".join(str(v) for a in args if (v := a(ctx)) not in (None, "")) or None
+            def words(ctx):
+                found = []
+                for get in args:
+                    value = get(ctx)
+                    if value is not None and value != "":
+                        found.append(str(value))
+                return " ".join(found) or None
+
+            return words
         if name == "id":
-            return lambda ctx: stable_id(*(str(a(ctx) or "") for a in args))
+            return lambda ctx: stable_id(*[str(a(ctx) or "") for a in args])
         if name == "system":
             if len(args) != 3:
                 raise ExpressionError(f"system() takes namespace, universal ID and its type, in {self.text!r}")
-            return lambda ctx: identifier_system(*(a(ctx) for a in args))
+            namespace_of, universal_id_of, type_of = args
+            return lambda ctx: identifier_system(namespace_of(ctx), universal_id_of(ctx), type_of(ctx))
         if name not in FUNCTIONS:
             known = ", ".join(sorted([*FUNCTIONS, *SPECIAL]))
             raise ExpressionError(f"unknown function {name}() in {self.text!r}; known: {known}")
@@ -797,6 +1044,8 @@ class _Parser:
             raise ExpressionError(f"{name}() takes {arity} argument(s), not {len(args)}, in {self.text!r}")
 
         first_label = labels[0] if labels and _PATHLIKE.match(labels[0]) else None
+        if len(args) == 1:
+            return self._apply_one(function, args[0], first_label)
 
         def apply(ctx):
             values = [a(ctx) for a in args]
@@ -808,6 +1057,30 @@ class _Parser:
             return function(ctx, *values)
 
         return apply
+
+    @staticmethod
+    def _apply_one(function, argument, label) -> Getter:
+        """A function of one value (``dateTime(AIS-4)``): what ``apply`` does, for one argument."""
+        if label is None:
+            def apply_one(ctx):
+                value = argument(ctx)
+                if value is None or value == "":
+                    return None
+                return function(ctx, value)
+
+            return apply_one
+        relative = label.startswith("$")
+
+        def apply_sourced(ctx):
+            value = argument(ctx)
+            if value is None or value == "":
+                return None
+            if type(value) is str:
+                # The field it was read from, so a warning or an error can name it.
+                value = Sourced(value, ctx.value_label + label[1:] if relative and ctx.value_label else label)
+            return function(ctx, value)
+
+        return apply_sourced
 
     def _precise(self, args, labels) -> Getter:
         if not args:
@@ -860,9 +1133,9 @@ class _Parser:
 
         def lookup(ctx):
             value = value_of(ctx)
-            if value in (None, ""):
+            if value is None or value == "":
                 return None
-            return ctx.tables[table_name].lookup(str(value))
+            return ctx.tables[table_name].lookup(value if type(value) is str else str(value))
 
         return lookup
 
@@ -892,15 +1165,24 @@ class _Parser:
         return join
 
     def condition(self) -> Callable[[Context], bool]:
+        path_kind, path_text = self.peek()
+        if path_kind not in ("path", "rel") or self.peek(1)[0] != "op":
+            path_kind = None  # not a path alone
         left = self.expression_for_condition()
         kind, op = self.peek()
         if kind != "op":
             raise ExpressionError(f"expected ==, !=, in, not in, matches, exists or missing after {self.text!r}")
         self.take()
         op = " ".join(op.split())
-        if op == "exists":
-            return lambda ctx: bool(left(ctx))
-        if op == "missing":
+        if op in ("exists", "missing"):
+            if path_kind is not None:
+                # Whether a path has a value needs no decoding: a value is there, decoded or not.
+                present = _presence(path_kind, path_text)
+                if op == "exists":
+                    return lambda ctx: present(ctx) is not None
+                return lambda ctx: present(ctx) is None
+            if op == "exists":
+                return lambda ctx: bool(left(ctx))
             return lambda ctx: not left(ctx)
         if op in ("in", "not in"):
             wanted = self.literal_list()

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -40,7 +39,7 @@ from ..stamps import stable_id
 from . import fhirspec
 from .codegen import RECHECK, compile_mappings, compute_lets
 from .expr import (Context, DataError, ExpressionError, Lets, compile_condition, compile_expression, fhir_datetime,
-                   plain, raw_selector, tokenize, urn)
+                   plain, raw_selector, tokenize, uri_quote, urn)
 from .structure import check_structure
 from .templates import Array, Expr, Node, Obj, Origin, Output, compile_template, expression_error
 from .templates import _each as each_selector
@@ -55,19 +54,33 @@ class MappingError(Hl7BridgeError):
         super().__init__("; ".join(problems))
 
 
+_LOOKUPS_KEPT = 4096  # codes a code map remembers the answer for
+
+
 @dataclass
 class CodeMap:
-    """A code map: HL7 codes to FHIR codes (or any text), with an optional default."""
+    """A code map: HL7 codes to FHIR codes (or any text), with an optional default.
+
+    A code is looked up as sent, then in upper case; the answer for each code is remembered (the
+    same few codes come in every message), so a code is normalised once."""
 
     name: str
     entries: dict
     default: str | None = None
+    _found: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def lookup(self, code: str):
+        found = self._found
+        if code in found:
+            return found[code]
         if code in self.entries:
-            return self.entries[code]
-        upper = code.upper()
-        return self.entries.get(upper, self.default)
+            value = self.entries[code]
+        else:
+            value = self.entries.get(code.upper(), self.default)
+        if len(found) >= _LOOKUPS_KEPT:
+            found.clear()
+        found[code] = value
+        return value
 
 
 @dataclass
@@ -625,7 +638,7 @@ class Conversion:
                 # Without a system, '|value' (FHIR token search: "no system"), so that a resource
                 # with the same value under some system is not taken for this one.
                 token = f"{system}|{value}"
-                return stable_id(kind, system, value), f"{kind}?identifier={quote(token, safe='|:/')}"
+                return stable_id(kind, system, value), f"{kind}?identifier={uri_quote(token, safe='|:/')}"
         if mapping.key:
             try:
                 parts = [str(plain(getter(ctx)) or "") for getter in mapping.key]

@@ -63,17 +63,23 @@ class Route:
     def matches(self, header: Header, ctx: Context) -> bool:
         if self.messages and header.message_type not in self.messages and header.message_code not in self.messages:
             return False
-        for wanted, actual in (
-            (self.versions, header.version),
-            (self.sending_applications, header.sending_application),
-            (self.sending_facilities, header.sending_facility),
-            (self.receiving_applications, header.receiving_application),
-            (self.receiving_facilities, header.receiving_facility),
-            (self.processing_ids, header.processing_id),
-        ):
-            if wanted and actual not in wanted:
+        for filter_name, header_name in _HEADER_FILTERS:
+            wanted = getattr(self, filter_name)
+            # The MSH value is read only when the route asks for it.
+            if wanted and getattr(header, header_name) not in wanted:
                 return False
         return all(condition(ctx) for condition in self.where)
+
+
+# A route's filters on the MSH (``match`` keys) and the Header values they compare.
+_HEADER_FILTERS = (
+    ("versions", "version"),
+    ("sending_applications", "sending_application"),
+    ("sending_facilities", "sending_facility"),
+    ("receiving_applications", "receiving_application"),
+    ("receiving_facilities", "receiving_facility"),
+    ("processing_ids", "processing_id"),
+)
 
 
 class RouteTable:

@@ -176,3 +176,14 @@ def test_corpus_edge_escaped_delimiters():
 def test_corpus_leading_space_control_id_is_kept():
     text = (corpus_dir() / "hapifhir-hapi-hl7v2/NewPipeParserTest__testNestedRepeatingGroups.hl7").read_text()
     assert parse(text).value("MSH-10") == " 38762"
+
+
+def test_segment_ids_are_checked_the_same_when_seen_before():
+    # The second time an ID is read it comes from what was seen (er7._VALID_IDS): same verdicts.
+    for _ in range(2):
+        message = parse("MSH|^~\\&|A|B|||20261201||SIU^S12|1|P|2.5\rZX1|a\rPID|1\r")
+        assert [seg.name for seg in message.segments] == ["MSH", "ZX1", "PID"]
+        with pytest.raises(ParseError, match="segment 2 does not start with a valid segment ID"):
+            parse("MSH|^~\\&|A|B|||20261201||SIU^S12|1|P|2.5\r1AB|x\r")
+        repaired = parse("MSH|^~\\&|A|B|||20261201||SIU^S12|1|P|2.5\rpid|1\r")
+        assert repaired.segments[1].name == "PID" and repaired.warnings == ["segment 2 ID 'pid' read as 'PID'"]

@@ -73,6 +73,16 @@ def test_times_without_an_offset_are_read_in_the_routes_zone():
     assert read_time("2026-07-01", CHICAGO) is None and read_time("", CHICAGO) is None
 
 
+def test_impossible_offsets_and_moments_outside_the_calendar_are_no_time():
+    # Found by the generated variants (test_fast_validation): an FT1-4 of 0001-3000 stopped the
+    # whole conversion with Python's own error instead of being no time.
+    assert read_time("0001-3000", CHICAGO) is None  # an offset of -30 hours
+    assert read_time("202607011200+2400", CHICAGO) is None
+    assert read_time("00010101+2300", CHICAGO) is None  # before the year 1 in UTC
+    assert read_time("99991231235959-2300", CHICAGO) is None  # after 9999 in UTC
+    assert read_time("202607011200-2300", CHICAGO).at == "2026-07-02T11:00:00.000000Z"
+
+
 EVENTS = [
     {"message_id": 1, "occurred_at": "2026-11-01T10:00:00Z", "status": "booked", "start_at": "2026-11-05T15:00:00Z",
      "start_day": "2026-11-05", "patient_id": "P1", "visit_id": "V1"},

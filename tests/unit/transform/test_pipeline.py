@@ -125,3 +125,15 @@ def test_structure_validation_sees_the_message_as_read(config):
     sloppy = sloppy.replace(b"^~\\&", b"^~&", 1).replace(b"\rPID|", b"\rpid|", 1)
     converted = pipeline.convert(project, pipeline.read(sloppy))
     assert converted.status == MAPPED, converted.problems
+
+
+def test_an_impossible_time_zone_offset_is_a_mapping_error_not_a_crash():
+    # FT1-4 with an offset of -30 hours: the workflow facts take it as no time, the mapping says why.
+    dft = (EXAMPLES / "dft_p03.hl7").read_bytes().replace(b"|20261208|20261208173000-0600|CD",
+                                                         b"|0001-3000|20261208173000-0600|CD")
+    converted = pipeline.convert(Project.load(ROOT), pipeline.read(dft))
+    assert converted.status == MAPPING_ERROR
+    assert converted.problems == ["ChargeItem.occurrenceDateTime: FT1-4.1 '0001-3000' has the offset -3000, which is "
+                                  f"not a time zone offset (+/-HHMM, hours 00 to 23) (from {ROOT}/"
+                                  "mappings/resource/ChargeItem.yaml:32 (dateTime(FT1-4.1)))"]
+    assert [charge.service_at for charge in converted.facts.charges][:2] == ["2026-12-08T15:30:00.000000Z", None]
