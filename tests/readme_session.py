@@ -43,6 +43,9 @@ MASKS = [
     (re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d UTC\b"), "2026-08-26 06:10 UTC"),  # cutoffs
     (re.compile(r"\b\d+ ms\b"), "3 ms"),
     (re.compile(r"127\.0\.0\.1:(?!2575\b|9102\b)\d+"), "127.0.0.1:34216"),  # the sender's own port
+    # A delivery's ID in an outbox listing (id, message_id, control_id ...): the SIU's delivery is
+    # queued by a converter, the DFT's (mapped before its ACK) at once, in whichever order comes.
+    (re.compile(r"(?m)^\d+(?= +\d+ +[A-Z]{2}\d{6} )"), "2"),
 ]
 
 

@@ -27,3 +27,6 @@ def test_masks_and_rendering_keep_what_matters():
     assert normalize("at 2027-01-02T03:04:05.123456Z in 12 ms from 127.0.0.1:41234 to 127.0.0.1:2575") == (
         "at 2026-11-24T06:10:29.000000Z in 3 ms from 127.0.0.1:34216 to 127.0.0.1:2575")
     assert normalize("HBMX0HWCET000002") == "HBMWUAPRMT000001" and normalize("AA") == "AA"
+    assert normalize("3   2           EC000501    erp-finance  delivered") == \
+        "2   2           EC000501    erp-finance  delivered"  # the delivery's ID, not the message's
+    assert normalize("4   2026-11-29T07:03:21.539100Z  NC000123") == "4   2026-11-24T06:10:29.000000Z  NC000123"
