@@ -25,11 +25,7 @@ from engine.transform import fhirspec, mappings as mappings_module, pipeline
 from engine.hl7.header import read_header
 from engine.transform.mappings import Conversion, MappingError, MappingSet, provenance_values_valid
 from engine.transform.project import Project
-from test_fast_validation import VALUES, variants
-
-ROOT = Path(__file__).resolve().parents[3]
-NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
-SAMPLES = sorted(EXAMPLES.glob("*.hl7"))
+from test_fast_validation import NOW, ROOT, SAMPLES, VALUES, variants
 
 
 @pytest.fixture(scope="module")
