@@ -11,7 +11,7 @@ and a generated function must read as the mapping it came from.
 from __future__ import annotations
 
 import linecache
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 
 import pytest
