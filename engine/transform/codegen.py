@@ -101,10 +101,11 @@ class _Generator:
         """The function building a resource's body (the dict after resourceType)."""
         return self.function(mapping.template, mapping.resource_type, f"resource {mapping.name}", top=True)
 
-    def function(self, node: Obj, kind: str, what: str, top: bool = False, merged_check: bool = True) -> str:
+    def function(self, node: Obj, kind: str, what: str, top: bool = False, merged_check: bool = True,
+                 name: str | None = None) -> str:
         """A function building one object node of FHIR type ``kind`` (with its $when, $value,
         $datatype or $reference; without its $each, which the caller loops)."""
-        name = self.name("build_")
+        name = name or self.name("build_")
         body: list[str] = []
         self.object_body(node, kind, body, "    ", merged_check)
         self.functions.append(f"def {name}(ctx, out):  # {what}: {node.origin.path}:{node.origin.line}\n"
@@ -116,10 +117,11 @@ class _Generator:
         required elements are checked where it is used, with the keys added beside it."""
         key = (datatype, kind)
         if key not in self.datatype_functions:
-            template = self.mappings.datatypes[datatype]
-            self.datatype_functions[key] = None  # a datatype using itself is refused at load; be safe
-            self.datatype_functions[key] = self.function(template, kind, f"datatype {datatype} as {kind}",
-                                                         merged_check=False)
+            # Named before its body is written: a datatype may use itself on a component
+            # (``$from: $.4``), which ends where the component is empty, as in the interpreter.
+            name = self.datatype_functions[key] = self.name("build_")
+            self.function(self.mappings.datatypes[datatype], kind, f"datatype {datatype} as {kind}",
+                          merged_check=False, name=name)
         return self.datatype_functions[key]
 
     # -- statements -------------------------------------------------------------------------------

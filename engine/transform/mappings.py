@@ -344,10 +344,7 @@ class MappingSet:
         while stack:
             node, path = stack.pop()
             yield node, path
-            for child in getattr(node, "items", None) or []:
-                stack.append((child, path))
-            for _, child in getattr(node, "fields", None) or []:
-                stack.append((child, path))
+            stack.extend((child, path) for child in node.children())
 
     # -- using ----------------------------------------------------------------------------------
 
@@ -388,18 +385,9 @@ class MappingSet:
                               strict=strict).run(message_mapping)
 
 
-def references(node: Node, datatypes: dict, seen: frozenset = frozenset()) -> bool:
+def references(node: Node, datatypes: dict) -> bool:
     """Whether a template (with the datatypes it uses) builds a ``$reference`` to another resource."""
-    if getattr(node, "reference", None) is not None:
-        return True
-    name = getattr(node, "datatype", None)
-    if name is not None and name in datatypes and name not in seen and references(datatypes[name], datatypes,
-                                                                                 seen | {name}):
-        return True
-    children = list(getattr(node, "items", None) or []) + [c for _, c in getattr(node, "fields", None) or []]
-    if isinstance(getattr(node, "value", None), Node):
-        children.append(node.value)
-    return any(references(child, datatypes, seen) for child in children)
+    return any(getattr(one, "reference", None) is not None for one in node.nodes(datatypes))
 
 
 def segment_kinds(texts) -> frozenset | None:

@@ -71,21 +71,30 @@ class Node:
     origin: Origin
     spreads = False  # an $each object: its items join the list it is in
 
-    def texts_read(self, datatypes: dict, seen: frozenset = frozenset()):
-        """Every expression, condition and selector text of this node and what it holds (the
-        datatype mappings it uses included), to tell which segments it reads."""
-        if isinstance(self, Expr):
-            yield self.text
-        for text in getattr(self, "texts", ()):
-            yield text
+    def children(self) -> list:
+        """The nodes directly under this one: list items, elements, a ``$value``."""
+        found = list(getattr(self, "items", None) or []) + [c for _, c in getattr(self, "fields", None) or []]
+        value = getattr(self, "value", None)
+        if isinstance(value, Node):
+            found.append(value)
+        return found
+
+    def nodes(self, datatypes: dict, seen: frozenset = frozenset()):
+        """This node and every node under it, through the datatype mappings it uses."""
+        yield self
         name = getattr(self, "datatype", None)
         if name is not None and name in datatypes and name not in seen:
-            yield from datatypes[name].texts_read(datatypes, seen | {name})
-        children = list(getattr(self, "items", None) or []) + [c for _, c in getattr(self, "fields", None) or []]
-        if getattr(self, "value", None) is not None and isinstance(self.value, Node):
-            children.append(self.value)
-        for child in children:
-            yield from child.texts_read(datatypes, seen)
+            yield from datatypes[name].nodes(datatypes, seen | {name})
+        for child in self.children():
+            yield from child.nodes(datatypes, seen)
+
+    def texts_read(self, datatypes: dict):
+        """Every expression, condition and selector text of this node and what it holds (the
+        datatype mappings it uses included), to tell which segments it reads."""
+        for node in self.nodes(datatypes):
+            if isinstance(node, Expr):
+                yield node.text
+            yield from getattr(node, "texts", ())
 
     def build(self, ctx: Context, out: "Output", where: tuple):
         raise NotImplementedError
