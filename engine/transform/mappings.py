@@ -149,6 +149,11 @@ class MessageMapping:
     path: str
     groups: dict = field(default_factory=dict)  # head segment -> the segment kinds that belong to it
 
+    @property
+    def group_members(self) -> frozenset:
+        """Every segment kind that belongs to some group (read in a group, it depends on which)."""
+        return frozenset().union(*self.groups.values())
+
 
 @dataclass
 class Result:
@@ -198,6 +203,8 @@ class MappingSet:
             self.resources[path.stem] = self._resource(path, names, segments.get(path.stem))
         for path in self._files("message"):
             self.messages[path.stem] = self._message(path, names)
+        # Per message mapping, worked out once here rather than for every conversion.
+        self.group_members = {name: mapping.group_members for name, mapping in self.messages.items()}
         self._check_names()
         check_structure(self)
         for name, function in compile_mappings(self).items():
@@ -487,7 +494,7 @@ class Conversion:
 
     def run(self, mapping: MessageMapping) -> Result:
         self.ctx.groups = mapping.groups or None
-        self.group_members = frozenset().union(*mapping.groups.values()) if mapping.groups else frozenset()
+        self.group_members = self.mappings.group_members[mapping.name]
         self.ctx.reference_year()  # once, before contexts are derived from this one
         header = read_header(self.message)
         for rule in mapping.rules:
